@@ -1,0 +1,67 @@
+"""The feddem ClientApp: Flower message handlers around the site logic in `client.site`.
+
+A site's clean refusal or failure (bad data, wrong checksum, ...) comes back as a `failure` record with the reason,
+so the server can report it and go on with the other sites.
+"""
+
+import logging
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import SiteContext, evaluate_merged, fine_tune, stored_vector
+from client.upload import upload_weighted_vector
+from common import messages as M
+from common.config import RunConfig
+from common.errors import FeddemError
+from common.vectors import vector_from_record
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+log = logging.getLogger("feddem.site")
+
+app = ClientApp()
+
+
+def _split(result: dict) -> RecordDict:
+    """Strings go in the `site` ConfigRecord, numbers in the `metrics` MetricRecord."""
+    text = {k: v for k, v in result.items() if isinstance(v, str)}
+    numbers = {k: v for k, v in result.items() if not isinstance(v, str)}
+    return RecordDict({M.SITE: ConfigRecord(text), M.METRICS: MetricRecord(numbers)})
+
+
+def _handle(msg: Message, context: Context, work) -> Message:
+    try:
+        site = SiteContext.from_node_config(dict(context.node_config))
+        cfg = RunConfig.from_record(dict(msg.content.config_records[M.CONFIG]))
+        base = msg.content.config_records[M.BASE]
+        content = work(msg, site, cfg, str(base["model-ref"]), str(base["model-checksum"]))
+    except FeddemError as exc:
+        log.error("site refused or failed: %s", exc)
+        content = RecordDict({M.FAILURE: ConfigRecord({"reason": str(exc)})})
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    def work(msg, site, cfg, ref, checksum):
+        return _split(fine_tune(cfg, site, ref, checksum, context.run_id))
+
+    return _handle(msg, context, work)
+
+
+@app.train("upload")
+def upload(msg: Message, context: Context) -> Message:
+    def work(msg, site, cfg, ref, checksum):
+        weight = float(msg.content.config_records[M.WEIGHT]["weight"])
+        return RecordDict({M.VECTOR: upload_weighted_vector(stored_vector(site, context.run_id), weight)})
+
+    return _handle(msg, context, work)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    def work(msg, site, cfg, ref, checksum):
+        aggregate = vector_from_record(msg.content.array_records[M.AGGREGATE])
+        return _split(evaluate_merged(cfg, site, ref, checksum, aggregate))
+
+    return _handle(msg, context, work)

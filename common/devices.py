@@ -1,0 +1,17 @@
+"""Choosing the torch device a site trains on: auto (CUDA when present), cpu or cuda."""
+
+import torch
+
+from common.errors import FeddemError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name not in DEVICES:
+        raise FeddemError(f"unknown device '{name}': choose one of {', '.join(DEVICES)}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FeddemError("device 'cuda' was asked for but torch sees no CUDA GPU (use --device cpu or auto)")
+    return torch.device(name)

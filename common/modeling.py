@@ -1,0 +1,88 @@
+"""Loading the base causal LM: the embedded tiny Llama built from a config, a local HF folder, or a hub name.
+
+Also the model checksum that sites compare with the run config before they train.
+"""
+
+import hashlib
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+
+from common.errors import FeddemError
+from common.tokenizer import build_byte_tokenizer
+
+# The embedded default: a ~1M-parameter Llama-style model over the byte tokenizer (259 tokens).
+TINY_LLAMA = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """The config of the embedded default model (overrides change any field, e.g. for smaller test models)."""
+    tok = build_byte_tokenizer()
+    fields = dict(TINY_LLAMA, **overrides)
+    return LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **fields,
+    )
+
+
+def build_model(config: LlamaConfig, seed: int) -> PreTrainedModel:
+    """A randomly initialised causal LM from a config, deterministic in the seed."""
+    torch.manual_seed(seed)
+    config._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _is_local(ref: str) -> bool:
+    return Path(ref).expanduser().exists() or ref.startswith((".", "/", "~"))
+
+
+def load_model(ref: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a causal LM from a local HF folder or a hub name, with a clear error when it cannot be found."""
+    if _is_local(ref):
+        path = Path(ref).expanduser()
+        if not (path / "config.json").is_file():
+            raise FeddemError(f"model folder '{ref}' does not exist or has no config.json (not a Hugging Face model)")
+        ref = str(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FeddemError(
+            f"could not load model '{ref}': not a local model folder, and not loadable from the hub "
+            f"(no network here, or no such model): {first}"
+        ) from None
+
+
+def load_tokenizer(ref: str):
+    """The tokenizer saved with a model (local folder or hub name)."""
+    try:
+        return AutoTokenizer.from_pretrained(str(Path(ref).expanduser()) if _is_local(ref) else ref)
+    except (OSError, ValueError) as exc:
+        raise FeddemError(f"could not load the tokenizer of model '{ref}': {exc}") from None
+
+
+def model_checksum(model: torch.nn.Module) -> str:
+    """SHA-256 over the model's parameters (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

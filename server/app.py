@@ -1,0 +1,37 @@
+"""The feddem ServerApp. `app` serves `flwr run` (settings from the run config); `build_server_app` lets
+`feddem simulate` pass its settings directly and collect the result."""
+
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig
+from common.errors import FeddemError
+from server.workflow import run_dem
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def build_server_app(overrides: dict | None = None, outcome: dict | None = None) -> ServerApp:
+    """A ServerApp running one DEM run. With `outcome`, the result or the FeddemError is stored there instead of
+    raised, so a caller can report it without a traceback."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            cfg = RunConfig.from_record(dict(context.run_config) | (overrides or {}))
+            result = run_dem(grid, cfg, context.run_id)
+        except FeddemError as exc:
+            if outcome is None:
+                raise
+            outcome["error"] = str(exc)
+            return
+        if outcome is not None:
+            outcome["result"] = result
+
+    return app
+
+
+app = build_server_app()

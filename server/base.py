@@ -1,0 +1,27 @@
+"""Resolving the run's base model on the server: the cached embedded default, or the user's folder/hub name."""
+
+import logging
+
+import torch
+
+from common.base_model import BaseSettings, ensure_embedded_base
+from common.config import RunConfig
+from common.devices import resolve_device
+
+log = logging.getLogger("feddem.server")
+
+
+def resolve_base_ref(cfg: RunConfig) -> str:
+    """The model reference the sites load: `cfg.model`, or the embedded base (pre-trained and cached if needed)."""
+    if cfg.model:
+        return cfg.model
+    settings = BaseSettings(steps=cfg.base_steps, seed=cfg.seed)
+    every = max(1, settings.steps // 5)
+
+    def on_step(step: int, loss: float) -> None:
+        if step % every == 0:
+            log.info("embedded base pre-training: step %d/%d, loss %.4f", step, settings.steps, loss)
+
+    device = resolve_device(cfg.device)
+    with torch.random.fork_rng(devices=[]):
+        return str(ensure_embedded_base(settings, device, on_step=on_step))

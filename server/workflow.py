@@ -1,0 +1,187 @@
+"""The DEM workflow over Flower's Grid: setup, local training, weighting, aggregation, merge, evaluation, export.
+
+Each stage sends one message per site and waits for the replies. A site that fails or refuses is recorded with
+its reason and the run goes on with the others; the run fails loudly when no site is left.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common import messages as M
+from common.config import RunConfig
+from common.data import list_shards
+from common.errors import FeddemError
+from common.modeling import load_model, load_tokenizer, model_checksum
+from common.paths import feddem_home
+from common.vectors import Vector, add_into, apply_vector, check_vector, parameters_of, save_vector, vector_from_record, vector_to_record
+from common.weighting import SiteReport, compute_weights
+from server.base import resolve_base_ref
+from server.report import build_report, write_report
+
+log = logging.getLogger("feddem.server")
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    report: dict = field(default_factory=dict)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Checks that need no site: the data spec provides enough shards for the sites."""
+    cfg.validate()
+    shards = list_shards(cfg.data)
+    if cfg.sites > len(shards):
+        raise FeddemError(
+            f"--sites {cfg.sites} is more than the {len(shards)} shard(s) that data '{cfg.data}' provides "
+            f"({', '.join(shards)}): one site per shard"
+        )
+
+
+def _out_dir(cfg: RunConfig, run_id: int) -> Path:
+    if cfg.out_dir:
+        return Path(cfg.out_dir).expanduser().resolve()
+    return feddem_home() / "runs" / f"{datetime.now():%Y%m%d-%H%M%S}-{run_id}"
+
+
+def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= wanted:
+            return nodes[:wanted]
+        if time.monotonic() > deadline:
+            raise FeddemError(f"only {len(nodes)} of {wanted} sites connected within {timeout:.0f} s")
+        time.sleep(1.0)
+
+
+class Stage:
+    """Send one message per node, collect the replies, split them into results and failures."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, base: ConfigRecord):
+        self.grid, self.cfg, self.base = grid, cfg, base
+        self.failures: dict[str, str] = {}
+
+    def run(self, name: str, message_type: str, per_node: dict[int, RecordDict]) -> dict[int, RecordDict]:
+        messages = []
+        for node, content in per_node.items():
+            content[M.CONFIG] = ConfigRecord(self.cfg.to_record())
+            content[M.BASE] = self.base
+            messages.append(Message(content, dst_node_id=node, message_type=message_type))
+        log.info("%s: %d site(s)", name, len(messages))
+        replies = self.grid.send_and_receive(messages, timeout=self.cfg.timeout)
+        ok: dict[int, RecordDict] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.failures[f"node-{node}"] = f"{name}: {_last_line(reply.error.reason)}"
+            elif M.FAILURE in reply.content.config_records:
+                self.failures[f"node-{node}"] = f"{name}: {reply.content.config_records[M.FAILURE]['reason']}"
+            else:
+                ok[node] = reply.content
+        for node in set(per_node) - set(ok):
+            self.failures.setdefault(f"node-{node}", f"{name}: no reply within {self.cfg.timeout:.0f} s")
+        for who, why in self.failures.items():
+            log.warning("%s failed: %s", who, why)
+        if not ok:
+            raise FeddemError(f"{name}: no site succeeded ({'; '.join(self.failures.values())})")
+        return ok
+
+
+def _last_line(reason: str) -> str:
+    """The useful end of a remote traceback: its last non-empty line."""
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    return lines[-1][:500] if lines else "unknown error"
+
+
+def _site_record(content: RecordDict) -> dict:
+    return dict(content.config_records[M.SITE]) | dict(content.metric_records[M.METRICS])
+
+
+def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
+    """One DEM round; writes the merged model, report.json and report.png to the run folder."""
+    timings: dict[str, float] = {}
+    started = tick = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        timings[name] = round(now - tick, 3)
+        tick = now
+
+    preflight(cfg)
+    out = _out_dir(cfg, run_id)
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("run folder: %s", out)
+
+    model_ref = resolve_base_ref(cfg)
+    base_model = load_model(model_ref)
+    checksum = model_checksum(base_model)
+    base_params = parameters_of(base_model)
+    base_info = {"ref": model_ref, "checksum": checksum, "parameters": sum(t.numel() for t in base_params.values())}
+    lap("setup")
+
+    nodes = _wait_for_nodes(grid, cfg.sites, cfg.timeout)
+    stage = Stage(grid, cfg, ConfigRecord({"model-ref": model_ref, "model-checksum": checksum}))
+
+    trained = stage.run("local fine-tuning", M.TRAIN, {n: RecordDict() for n in nodes})
+    sites = {node: _site_record(content) for node, content in trained.items()}
+    for s in sites.values():
+        log.info("%s (%s): base loss %.4f -> local %.4f", s["site"], s["domain"], s["base_loss"], s["local_loss"])
+    lap("train")
+
+    order = sorted(sites, key=lambda n: sites[n]["site"])
+    reports = [SiteReport(sites[n]["site"], sites[n]["domain"], int(sites[n]["examples"]), int(sites[n]["tokens"]),
+                          float(sites[n]["train_loss"])) for n in order]
+    weights = dict(zip(order, compute_weights(cfg.weighting, reports)))
+    log.info("weights (%s): %s", cfg.weighting, {sites[n]["site"]: round(w, 4) for n, w in weights.items()})
+    lap("weighting")
+
+    uploads = stage.run("upload", M.UPLOAD, {n: RecordDict({M.WEIGHT: ConfigRecord({"weight": w})})
+                                             for n, w in weights.items()})
+    aggregate: Vector = {}
+    for node, content in uploads.items():
+        vector = vector_from_record(content.array_records[M.VECTOR])
+        check_vector(vector, base_params, f"upload of {sites[node]['site']}")
+        add_into(aggregate, vector)
+    used = {sites[n]["site"]: weights[n] for n in uploads}
+    if len(uploads) < len(weights):  # renormalise what arrived so the weights keep their sum
+        scale = sum(weights.values()) / sum(used.values())
+        for t in aggregate.values():
+            t.mul_(scale)
+        used = {k: w * scale for k, w in used.items()}
+        log.warning("%d upload(s) missing: weights renormalised over the others", len(weights) - len(uploads))
+    lap("aggregate")
+
+    apply_vector(base_model, aggregate)
+    evaluated = stage.run("evaluation", M.EVALUATE,
+                          {n: RecordDict({M.AGGREGATE: vector_to_record(aggregate)}) for n in uploads})
+    merged = {}
+    for content in evaluated.values():
+        record = _site_record(content)
+        merged[record["site"]] = float(record["merged_loss"])
+    lap("evaluate")
+
+    model_dir = out / "model"
+    base_model.save_pretrained(model_dir)
+    load_tokenizer(model_ref).save_pretrained(model_dir)
+    save_vector(aggregate, out / "aggregate.safetensors", metadata={"weights": str(used)})
+    lap("export")
+    timings["total"] = round(time.perf_counter() - started, 3)
+
+    trained_sites = [sites[n] for n in order]
+    report = build_report(cfg.to_record(), base_info, trained_sites, used, merged,
+                          {k: v for k, v in stage.failures.items()}, timings, aggregation="plain")
+    write_report(report, out)
+    for s in trained_sites:
+        if s["site"] in merged:
+            log.info("%-10s base %.4f  local %.4f  merged %.4f (nats/token)", s["domain"], s["base_loss"],
+                     s["local_loss"], merged[s["site"]])
+    log.info("done in %.1f s: %s", timings["total"], out)
+    return RunResult(out, report)
