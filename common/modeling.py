@@ -7,7 +7,7 @@ import hashlib
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
 from common.errors import FeddemError
 from common.tokenizer import build_byte_tokenizer
@@ -49,21 +49,31 @@ def _is_local(ref: str) -> bool:
     return Path(ref).expanduser().exists() or ref.startswith((".", "/", "~"))
 
 
-def load_model(ref: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a causal LM from a local HF folder or a hub name, with a clear error when it cannot be found."""
+def _load(loader, ref: str, **kwargs):
+    """Call a `from_pretrained` on a local folder or hub name; a missing model becomes a clear FeddemError."""
     if _is_local(ref):
         path = Path(ref).expanduser()
         if not (path / "config.json").is_file():
             raise FeddemError(f"model folder '{ref}' does not exist or has no config.json (not a Hugging Face model)")
         ref = str(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, attn_implementation="sdpa")
+        return loader(ref, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FeddemError(
             f"could not load model '{ref}': not a local model folder, and not loadable from the hub "
             f"(no network here, or no such model): {first}"
         ) from None
+
+
+def check_model_ref(ref: str) -> None:
+    """Fail early, without loading weights, when `ref` names no loadable model."""
+    _load(AutoConfig.from_pretrained, ref)
+
+
+def load_model(ref: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a causal LM from a local HF folder or a hub name, with a clear error when it cannot be found."""
+    return _load(AutoModelForCausalLM.from_pretrained, ref, dtype=dtype, attn_implementation="sdpa")
 
 
 def load_tokenizer(ref: str):

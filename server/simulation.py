@@ -4,6 +4,9 @@ import os
 
 from common.config import RunConfig
 from common.errors import FeddemError
+from common.data import SyntheticSizes, load_shard
+from common.modeling import check_model_ref
+from server.base import resolve_base_ref
 from server.workflow import RunResult, preflight
 
 
@@ -28,9 +31,18 @@ def backend_config(cfg: RunConfig) -> dict:
     }
 
 
+def check_local_inputs(cfg: RunConfig) -> None:
+    """In simulation the sites' data and the base are on this machine: check them all before starting Ray, and
+    build the embedded base here (with progress) so the ServerApp finds it cached."""
+    for index in range(cfg.sites):
+        load_shard(cfg.data, index, SyntheticSizes(cfg.train_examples, cfg.eval_examples, cfg.seed))
+    check_model_ref(resolve_base_ref(cfg))
+
+
 def simulate(cfg: RunConfig) -> RunResult:
     """Run one DEM run with `cfg.sites` virtual sites; raises FeddemError with the reason if it fails."""
     preflight(cfg)
+    check_local_inputs(cfg)
     loopback_environment()
     from flwr.simulation import run_simulation
 

@@ -1,0 +1,31 @@
+"""Shared fixtures: an isolated FEDDEM_HOME and a tiny pre-trained base model, built once per test session."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never reach a hub, and keep Ray and Flower on loopback.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_BASE_STEPS = 30  # a short pre-training: the regime where a 20-step fine-tune clearly helps every domain
+
+
+@pytest.fixture(scope="session")
+def feddem_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("feddem-home")
+    os.environ["FEDDEM_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_base(feddem_home) -> Path:
+    """The embedded base with a short pre-training, cached in the session's FEDDEM_HOME."""
+    from common.base_model import BaseSettings, ensure_embedded_base
+
+    return ensure_embedded_base(BaseSettings(steps=TINY_BASE_STEPS), torch.device("cpu"), home=feddem_home)

@@ -1,0 +1,78 @@
+"""The run config (one definition for CLI, flwr run-config and messages), weighting, and the report schema."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import RunConfig
+from common.errors import FeddemError
+from common.weighting import WEIGHTINGS, SiteReport, compute_weights
+from server.report import REPORT_KEYS, build_report, plot_report, read_report, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_flwr_run_config_defaults_match_run_config():
+    app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    defaults = RunConfig().to_record()
+    for key, value in app_config.items():
+        assert key in defaults, f"pyproject run-config key '{key}' is not a RunConfig field"
+        assert value == defaults[key], key
+    assert RunConfig.from_record(app_config) == RunConfig()
+
+
+def test_record_round_trip_and_coercion():
+    cfg = RunConfig(sites=3, lr=3e-4, lora=True, weighting="size")
+    assert RunConfig.from_record(cfg.to_record()) == cfg
+    assert RunConfig.from_record({"steps": "5", "lora": "true", "lr": 1}).steps == 5
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"bogus": 1}, "unknown run-config key 'bogus'"),
+    ({"steps": "many"}, "'steps' must be a int"),
+    ({"steps": 2.5}, "'steps' must be a int"),
+    ({"lora": "maybe"}, "must be true or false"),
+    ({"steps": 0}, "steps must be at least 1"),
+    ({"lr": -1.0}, "lr must be positive"),
+    ({"weighting": "magic"}, "unknown weighting 'magic'"),
+    ({"device": "tpu"}, "unknown device 'tpu'"),
+])
+def test_malformed_config_is_named(record, message):
+    with pytest.raises(FeddemError, match=message):
+        RunConfig.from_record(record)
+
+
+def _sites():
+    return [SiteReport("a", "x", 10, 100), SiteReport("b", "y", 10, 300)]
+
+
+def test_uniform_and_size_weights():
+    assert set(WEIGHTINGS) >= {"uniform", "size"}
+    assert compute_weights("uniform", _sites()) == [0.5, 0.5]
+    assert compute_weights("size", _sites()) == [0.25, 0.75]
+    with pytest.raises(FeddemError, match="every site reported 0 tokens"):
+        compute_weights("size", [SiteReport("a", "x", 0, 0)])
+    with pytest.raises(FeddemError, match="no site reported"):
+        compute_weights("uniform", [])
+
+
+def test_report_schema_and_plot(tmp_path):
+    sites = [
+        {"site": "site-0", "domain": "code", "examples": 10, "tokens": 300, "heldout_examples": 2, "train_loss": 1.0,
+         "base_loss": 1.2, "local_loss": 0.9},
+        {"site": "site-1", "domain": "prose", "examples": 12, "tokens": 320, "heldout_examples": 2, "train_loss": 1.1,
+         "base_loss": 1.4, "local_loss": 1.0},
+    ]
+    report = build_report({"weighting": "uniform"}, {"ref": "m"}, sites, {"site-0": 0.5, "site-1": 0.5},
+                          {"site-0": 1.0, "site-1": 1.3}, {}, {"total": 1.0}, "plain")
+    write_report(report, tmp_path)
+    loaded = read_report(tmp_path)
+    assert all(k in loaded for k in REPORT_KEYS)
+    assert loaded["sites"][1] == {k: sites[1][k] for k in ("site", "domain", "examples", "tokens",
+                                                          "heldout_examples", "train_loss")}
+    assert loaded["eval"]["merged"]["prose"]["loss"] == 1.3
+    assert loaded["eval"]["base"]["code"]["perplexity"] == pytest.approx(2.718281828 ** 1.2)
+    assert loaded["eval"]["local"]["code"]["loss"] == 0.9
+    png = (tmp_path / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

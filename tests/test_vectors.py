@@ -1,0 +1,99 @@
+"""Distribution vectors: extract/apply round trips, the merge formula, LoRA vectors, storage, bad input."""
+
+import copy
+
+import pytest
+import torch
+
+from common.errors import FeddemError
+from common.modeling import build_model, tiny_llama_config
+from common.vectors import (
+    apply_vector, check_vector, extract_lora_vector, extract_vector, load_vector, parameters_of, save_vector,
+    vector_from_record, vector_to_record, weighted_sum,
+)
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+
+
+def _perturbed(model, seed, scale=1e-2):
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return other
+
+
+@pytest.fixture
+def base():
+    return build_model(tiny_llama_config(**SMALL), seed=0)
+
+
+def test_extract_then_apply_round_trips_exactly(base):
+    tuned = _perturbed(base, 1)
+    vector = extract_vector(tuned, parameters_of(base))
+    rebuilt = copy.deepcopy(base)
+    apply_vector(rebuilt, vector)
+    for (name, p), q in zip(rebuilt.named_parameters(), tuned.parameters()):
+        assert torch.equal(p, q) or torch.allclose(p, q, atol=0, rtol=1e-6), name
+    assert any(v.abs().max() > 0 for v in vector.values())
+
+
+def test_merge_equals_the_formula(base):
+    base_params = parameters_of(base)
+    tuned = [_perturbed(base, s) for s in (1, 2, 3)]
+    vectors = [extract_vector(m, base_params) for m in tuned]
+    weights = [0.5, 0.3, -0.2]
+    merged = copy.deepcopy(base)
+    apply_vector(merged, weighted_sum(vectors, weights))
+    for name, p in merged.named_parameters():
+        expected = base_params[name] + sum(w * (dict(m.named_parameters())[name].detach() - base_params[name])
+                                           for w, m in zip(weights, tuned))
+        torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_lora_vector_is_the_dense_update_peft_merges(base):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():  # B starts at zero: give the adapters a non-trivial value
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    vector = extract_lora_vector(peft_model)
+    assert vector and all(name.endswith("proj.weight") for name in vector)
+    assert all(torch.linalg.matrix_rank(t) <= 4 for t in vector.values())
+    merged_by_peft = copy.deepcopy(peft_model).merge_and_unload()
+    rebuilt = copy.deepcopy(base)
+    apply_vector(rebuilt, vector)
+    for (name, p), q in zip(rebuilt.named_parameters(), merged_by_peft.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_save_load_and_record_round_trip(base, tmp_path):
+    vector = extract_vector(_perturbed(base, 5), parameters_of(base))
+    save_vector(vector, tmp_path / "v.safetensors", metadata={"site": "a"})
+    loaded = load_vector(tmp_path / "v.safetensors")
+    assert loaded.keys() == vector.keys() and all(torch.equal(loaded[k], vector[k]) for k in vector)
+    via_record = vector_from_record(vector_to_record(vector))
+    assert all(torch.equal(via_record[k], vector[k]) for k in vector)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bad_vectors_are_named(base):
+    ref = parameters_of(base)
+    name = next(iter(ref))
+    good = {name: torch.zeros_like(ref[name])}
+    check_vector(good, ref, "site-x")
+    with pytest.raises(FeddemError, match="site-x: unknown parameter 'bogus'"):
+        check_vector({"bogus": torch.zeros(2)}, ref, "site-x")
+    with pytest.raises(FeddemError, match="has shape"):
+        check_vector({name: torch.zeros(3)}, ref, "site-x")
+    with pytest.raises(FeddemError, match="dtype torch.float64"):
+        check_vector({name: torch.zeros_like(ref[name], dtype=torch.float64)}, ref, "site-x")
+    bad = torch.zeros_like(ref[name])
+    bad.view(-1)[0] = float("nan")
+    with pytest.raises(FeddemError, match="NaN"):
+        check_vector({name: bad}, ref, "site-x")
+    with pytest.raises(FeddemError, match="does not exist"):
+        load_vector("/nonexistent/v.safetensors")
