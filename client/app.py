@@ -1,7 +1,8 @@
 """The feddem ClientApp: Flower message handlers around the site logic in `client.site`.
 
-A site's clean refusal or failure (bad data, wrong checksum, ...) comes back as a `failure` record with the reason,
-so the server can report it and go on with the other sites.
+A site's clean refusal or failure (bad data, wrong checksum, a privacy-guard refusal, ...) comes back as a `failure`
+record with the reason, so the server can report it and go on with the other sites. The four `query.sa_*` handlers
+are the site's side of secure aggregation (`client.secure_upload`); `train.upload` is the plain path.
 """
 
 import logging
@@ -9,6 +10,7 @@ import logging
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secure_upload
 from client.site import SiteContext, evaluate_merged, fine_tune, stored_vector
 from client.upload import upload_weighted_vector
 from common import messages as M
@@ -44,7 +46,10 @@ def _handle(msg: Message, context: Context, work) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     def work(msg, site, cfg, ref, checksum):
-        return _split(fine_tune(cfg, site, ref, checksum, context.run_id))
+        content = _split(fine_tune(cfg, site, ref, checksum, context.run_id))
+        # the vector's parameter names (not its values): the server needs them to lay out a secure sum
+        content[M.LAYOUT] = ConfigRecord({"names": secure_upload.vector_layout(site, context.run_id)})
+        return content
 
     return _handle(msg, context, work)
 
@@ -65,3 +70,33 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _split(evaluate_merged(cfg, site, ref, checksum, aggregate))
 
     return _handle(msg, context, work)
+
+
+def _secure_stage(msg: Message, context: Context) -> Message:
+    """One stage of secure aggregation; the round's secret state stays in `context.state`."""
+    stage = secure_upload.STAGES[msg.metadata.message_type]
+
+    def work(msg, site, cfg, ref, checksum):
+        return stage(site, cfg, dict(context.node_config), context.run_id, msg.content, context.state)
+
+    return _handle(msg, context, work)
+
+
+@app.query("sa_keys")
+def sa_keys(msg: Message, context: Context) -> Message:
+    return _secure_stage(msg, context)
+
+
+@app.query("sa_share")
+def sa_share(msg: Message, context: Context) -> Message:
+    return _secure_stage(msg, context)
+
+
+@app.query("sa_masked")
+def sa_masked(msg: Message, context: Context) -> Message:
+    return _secure_stage(msg, context)
+
+
+@app.query("sa_unmask")
+def sa_unmask(msg: Message, context: Context) -> Message:
+    return _secure_stage(msg, context)

@@ -21,7 +21,7 @@ from common.paths import feddem_home
 from common.tokenizer import build_byte_tokenizer
 from common.training import TrainSettings, train_causal_lm
 
-EMBEDDED_VERSION = 1  # bump when the model, tokenizer, mixture or loop changes what a key produces
+EMBEDDED_VERSION = 2  # bump when the model, tokenizer, mixture or loop changes what a key produces
 
 
 @dataclass

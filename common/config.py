@@ -4,9 +4,12 @@ The same names (kebab-case) are used by `feddem simulate` options, by `[tool.flw
 and in the ConfigRecord the server sends to the sites.
 """
 
+import math
 from dataclasses import dataclass, field, fields
 
 from common.errors import FeddemError
+
+AGGREGATIONS = ("secure", "plain")  # how the weighted vectors reach the server
 
 
 def _opt(default, help_text: str, **extra):
@@ -21,7 +24,7 @@ class RunConfig:
     train_examples: int = _opt(2000, "synthetic domains: train examples per site")
     eval_examples: int = _opt(200, "synthetic domains: held-out examples per site")
     steps: int = _opt(200, "local fine-tuning steps per site")
-    lr: float = _opt(1e-4, "peak learning rate of local fine-tuning (warm-up then cosine decay)")
+    lr: float = _opt(3e-4, "peak learning rate of local fine-tuning (warm-up then cosine decay)")
     batch_size: int = _opt(16, "sequences per micro-batch")
     seq_len: int = _opt(128, "tokens per training sequence")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
@@ -34,6 +37,16 @@ class RunConfig:
     base_steps: int = _opt(300, "embedded model only: pre-training steps of the cached base")
     out_dir: str = _opt("", "run folder for the merged model and report; empty = $FEDDEM_HOME/runs/<time>")
     timeout: float = _opt(3600.0, "seconds to wait for the sites at each stage")
+    aggregation: str = _opt("secure", "how weighted vectors reach the server: 'secure' (SecAgg+: the server "
+                            "learns only the sum) or 'plain' (each site's weighted vector in the clear)")
+    clip: float = _opt(1.0, "secure aggregation: bound on each element of w_i * d_i; larger elements are clipped "
+                       "at the site (the count is reported)")
+    min_peers: int = _opt(2, "secure aggregation: a site refuses unless at least this many OTHER sites are in "
+                          "the aggregation")
+    weight_min: float = _opt(0.0, "secure aggregation: a site refuses a weight below this")
+    weight_max: float = _opt(1.0, "secure aggregation: a site refuses a weight above this")
+    secagg_threshold: int = _opt(0, "secure aggregation: sites needed to unmask the sum (Shamir threshold); "
+                                 "0 = max(2, ceil(2n/3)) of the n sites that trained")
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -74,6 +87,32 @@ class RunConfig:
             raise FeddemError(f"unknown weighting '{self.weighting}': choose one of {', '.join(WEIGHTINGS)}")
         if self.device not in DEVICES:
             raise FeddemError(f"unknown device '{self.device}': choose one of {', '.join(DEVICES)}")
+        self._validate_aggregation()
+
+    def _validate_aggregation(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise FeddemError(f"unknown aggregation '{self.aggregation}': choose one of {', '.join(AGGREGATIONS)}")
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise FeddemError(f"clip must be a positive finite number, got {self.clip}")
+        if self.min_peers < 1:
+            raise FeddemError(f"min-peers must be at least 1 (a sum of one site is that site's vector), "
+                              f"got {self.min_peers}")
+        if not (math.isfinite(self.weight_min) and math.isfinite(self.weight_max)):
+            raise FeddemError(f"weight-min/weight-max must be finite, got {self.weight_min}/{self.weight_max}")
+        if self.weight_min > self.weight_max:
+            raise FeddemError(f"weight-min ({self.weight_min}) is larger than weight-max ({self.weight_max})")
+        if self.secagg_threshold != 0 and not 2 <= self.secagg_threshold <= self.sites:
+            raise FeddemError(f"secagg-threshold must be 0 (automatic) or between 2 and sites ({self.sites}), "
+                              f"got {self.secagg_threshold}")
+        if self.aggregation == "secure" and self.sites - 1 < self.min_peers:
+            raise FeddemError(f"secure aggregation with min-peers {self.min_peers} needs at least "
+                              f"{self.min_peers + 1} sites, got --sites {self.sites} (or use --aggregation plain)")
+
+    def threshold_for(self, participants: int) -> int:
+        """The Shamir threshold for an aggregation over `participants` sites (see `secagg-threshold`)."""
+        if self.secagg_threshold:
+            return self.secagg_threshold
+        return max(2, math.ceil(2 * participants / 3))
 
 
 def _coerce(key: str, value, kind: type):

@@ -133,10 +133,10 @@ def load_shard(spec: str, index: int, sizes: SyntheticSizes) -> Shard:
 
 
 def general_mixture(train_examples: int, seed: int) -> list[str]:
-    """The base model's pre-training text: every built-in domain, with examples unseen by the sites' shards."""
+    """The base model's pre-training text: every built-in domain in its general (part-vocabulary) form."""
     texts = []
     for name in DOMAINS:
-        texts += make_domain(name, train_examples, 0, seed=10_000 + seed)[0]
+        texts += make_domain(name, train_examples, 0, seed=seed, general=True)[0]
     return texts
 
 

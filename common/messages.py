@@ -12,3 +12,14 @@ WEIGHT = "weight"  # ConfigRecord: weight (upload request)
 VECTOR = "vector"  # ArrayRecord: the weighted vector (upload reply)
 AGGREGATE = "aggregate"  # ArrayRecord: sum_i w_i d_i (evaluate request)
 FAILURE = "failure"  # ConfigRecord: reason, when a site refuses or fails cleanly
+
+# Secure aggregation (SecAgg+ over the Message API; see client/secure_upload.py and server/secure_aggregation.py)
+SA_KEYS = "query.sa_keys"  # stage 1: round parameters + this site's id and weight -> the site's two public keys
+SA_SHARE = "query.sa_share"  # stage 2: everyone's public keys -> encrypted Shamir shares for the peers
+SA_MASKED = "query.sa_masked"  # stage 3: the shares routed to this site -> its masked, quantized w_i * d_i
+SA_UNMASK = "query.sa_unmask"  # stage 4: survivors and dropped sites -> shares that remove the masks
+LAYOUT = "layout"  # ConfigRecord (train reply): names of the vector's parameters, sorted
+SA_PARAMS = "sa-params"  # ConfigRecord: SecAggParams.to_dict()
+SA_ROUND = "sa-round"  # ConfigRecord: this site's client id, weight, the vector's parameter names
+SA = "sa"  # ConfigRecord: the stage's payload (keys, shares, survivors...) both ways
+MASKED = "masked"  # ArrayRecord: the masked ring vector in chunks named by their ring offset

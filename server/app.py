@@ -11,6 +11,10 @@ from common.errors import FeddemError
 from server.workflow import run_dem
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
+# The root logger at INFO would also show httpx's line for every request; under `flwr run` the ServerApp process
+# pushes its logs to the SuperLink over HTTP, so each push would log (and push) one more line.
+for _noisy in ("httpx", "httpcore"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
 def build_server_app(overrides: dict | None = None, outcome: dict | None = None) -> ServerApp:

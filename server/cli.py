@@ -5,13 +5,13 @@ import logging
 import sys
 from dataclasses import fields
 
-from common.config import RunConfig
+from common.config import AGGREGATIONS, RunConfig
 from common.devices import DEVICES
 from common.errors import FeddemError
 from common.weighting import WEIGHTINGS
 
 RENAMED = {"out_dir": "out"}  # option names that differ from the run-config key
-CHOICES = {"weighting": list(WEIGHTINGS), "device": list(DEVICES)}
+CHOICES = {"weighting": list(WEIGHTINGS), "device": list(DEVICES), "aggregation": list(AGGREGATIONS)}
 METAVARS = {"model": "NAME_OR_DIR", "data": "SPEC", "out_dir": "DIR", "sites": "N"}
 
 

@@ -12,10 +12,12 @@ def _loss_entry(loss: float) -> dict:
 
 
 def build_report(config: dict, base: dict, sites: list[dict], weights: dict, merged: dict, failures: dict,
-                 timings: dict, aggregation: str) -> dict:
-    """The report as a dict. `sites` holds each site's metadata incl. base_loss/local_loss; `merged` site -> loss."""
+                 timings: dict, aggregation: str, aggregation_details: dict | None = None) -> dict:
+    """The report as a dict. `sites` holds each site's metadata incl. base_loss/local_loss; `merged` site -> loss.
+    `aggregation` is "secure" or "plain"; `aggregation_details` (secure: error bound, threshold, dropped sites,
+    requested vs effective weights) goes under `secure_aggregation`."""
     by_domain = {s["domain"]: s for s in sites}
-    return {
+    report = {
         "config": config,
         "base_model": base,
         "aggregation": aggregation,
@@ -23,7 +25,7 @@ def build_report(config: dict, base: dict, sites: list[dict], weights: dict, mer
             {k: s[k] for k in ("site", "domain", "examples", "tokens", "heldout_examples", "train_loss")}
             for s in sites
         ],
-        "weights": weights,
+        "weights": dict(sorted(weights.items())),
         "eval": {
             "unit": "nats per token",
             "base": {d: _loss_entry(s["base_loss"]) for d, s in by_domain.items()},
@@ -33,6 +35,9 @@ def build_report(config: dict, base: dict, sites: list[dict], weights: dict, mer
         "failures": failures,
         "timings": timings,
     }
+    if aggregation_details is not None:
+        report["secure_aggregation"] = aggregation_details
+    return report
 
 
 def write_report(report: dict, out_dir: Path) -> None:

@@ -1,7 +1,9 @@
 """The DEM workflow over Flower's Grid: setup, local training, weighting, aggregation, merge, evaluation, export.
 
 Each stage sends one message per site and waits for the replies. A site that fails or refuses is recorded with
-its reason and the run goes on with the others; the run fails loudly when no site is left.
+its reason and the run goes on with the others; the run fails loudly when no site is left. The weighted vectors
+reach the server by secure aggregation (`server.secure_aggregation`, default) or, with `aggregation = plain`, in
+the clear (`plain_aggregate`).
 """
 
 import logging
@@ -23,6 +25,7 @@ from common.vectors import Vector, add_into, apply_vector, check_vector, paramet
 from common.weighting import SiteReport, compute_weights
 from server.base import resolve_base_ref
 from server.report import build_report, write_report
+from server.secure_aggregation import secure_sum
 
 log = logging.getLogger("feddem.server")
 
@@ -104,6 +107,65 @@ def _site_record(content: RecordDict) -> dict:
     return dict(content.config_records[M.SITE]) | dict(content.metric_records[M.METRICS])
 
 
+def plain_aggregate(stage: Stage, sites: dict, weights: dict[int, float], base_params: dict):
+    """Plain aggregation (`--aggregation plain`): each site sends `w_i * d_i` in the clear; the server sums them and
+    renormalises over the uploads that arrived. Returns (aggregate, contributing nodes, weights used by site)."""
+    uploads = stage.run("upload", M.UPLOAD, {n: RecordDict({M.WEIGHT: ConfigRecord({"weight": w})})
+                                             for n, w in weights.items()})
+    aggregate: Vector = {}
+    for node, content in uploads.items():
+        vector = vector_from_record(content.array_records[M.VECTOR])
+        check_vector(vector, base_params, f"upload of {sites[node]['site']}")
+        add_into(aggregate, vector)
+    used = {sites[n]["site"]: weights[n] for n in uploads}
+    if len(uploads) < len(weights):  # renormalise what arrived so the weights keep their sum
+        scale = sum(weights.values()) / sum(used.values())
+        for t in aggregate.values():
+            t.mul_(scale)
+        used = {k: w * scale for k, w in used.items()}
+        log.warning("%d upload(s) missing: weights renormalised over the others", len(weights) - len(uploads))
+    return aggregate, list(uploads), used
+
+
+def _secure_aggregate(grid: Grid, cfg: RunConfig, stage: Stage, trained: dict, sites: dict,
+                      weights: dict[int, float], base_params: dict):
+    """Secure aggregation (default): the server gets only the sum. Dropped sites' weights are absent from it:
+    the weights reported are the effective ones, not renormalised. Returns what `plain_aggregate` does, plus the
+    report's `secure_aggregation` section."""
+    layouts = {n: list(trained[n].config_records[M.LAYOUT]["names"]) for n in weights}
+    layout = layouts[min(layouts)]
+    if any(names != layout for names in layouts.values()):
+        raise FeddemError("the sites' vectors cover different parameters (vector layouts differ): check that all "
+                          "sites run the same configuration (full vs LoRA)")
+    shapes = {name: t.shape for name, t in base_params.items()}
+    result = secure_sum(grid, cfg, stage.base, weights, layout, shapes)
+    for node, why in result.dropped.items():
+        stage.failures[f"node-{node}"] = f"secure aggregation, {why}"
+    name = {n: sites[n]["site"] for n in weights}
+    used = {name[n]: weights[n] for n in result.survivors}
+    clipped = {name[n]: c for n, c in result.clipped.items()}
+    if any(clipped.values()):
+        log.warning("elements clipped at the sites (|w*d| > clip %g): %s", cfg.clip, clipped)
+    details = {
+        "error_bound": result.error_bound,
+        "threshold": result.threshold,
+        "ring_bits": result.bits,
+        "clip": result.clip,
+        "clipped_elements": clipped,
+        "survivors": sorted(used),
+        "dropped": {name[n]: why for n, why in result.dropped.items()},
+        "requested_weights": {name[n]: w for n, w in weights.items()},
+        "effective_weight_sum": sum(used.values()),
+        "note": ("the sum holds exactly the survivors' w_i * d_i; a dropped site's weight is missing from it and "
+                 "was not renormalised (that would need a second aggregation, which the sites' guards refuse)"
+                 if result.dropped else "every site is in the sum"),
+    }
+    if result.dropped:
+        log.warning("secure aggregation: %d site(s) dropped, effective weights %s (sum %.4f, not renormalised)",
+                    len(result.dropped), used, sum(used.values()))
+    return result.aggregate, result.survivors, used, details
+
+
 def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
     """One DEM round; writes the merged model, report.json and report.png to the run folder."""
     timings: dict[str, float] = {}
@@ -143,25 +205,17 @@ def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
     log.info("weights (%s): %s", cfg.weighting, {sites[n]["site"]: round(w, 4) for n, w in weights.items()})
     lap("weighting")
 
-    uploads = stage.run("upload", M.UPLOAD, {n: RecordDict({M.WEIGHT: ConfigRecord({"weight": w})})
-                                             for n, w in weights.items()})
-    aggregate: Vector = {}
-    for node, content in uploads.items():
-        vector = vector_from_record(content.array_records[M.VECTOR])
-        check_vector(vector, base_params, f"upload of {sites[node]['site']}")
-        add_into(aggregate, vector)
-    used = {sites[n]["site"]: weights[n] for n in uploads}
-    if len(uploads) < len(weights):  # renormalise what arrived so the weights keep their sum
-        scale = sum(weights.values()) / sum(used.values())
-        for t in aggregate.values():
-            t.mul_(scale)
-        used = {k: w * scale for k, w in used.items()}
-        log.warning("%d upload(s) missing: weights renormalised over the others", len(weights) - len(uploads))
+    if cfg.aggregation == "secure":
+        aggregate, contributors, used, details = _secure_aggregate(grid, cfg, stage, trained, sites, weights,
+                                                                   base_params)
+    else:
+        aggregate, contributors, used = plain_aggregate(stage, sites, weights, base_params)
+        details = None
     lap("aggregate")
 
     apply_vector(base_model, aggregate)
     evaluated = stage.run("evaluation", M.EVALUATE,
-                          {n: RecordDict({M.AGGREGATE: vector_to_record(aggregate)}) for n in uploads})
+                          {n: RecordDict({M.AGGREGATE: vector_to_record(aggregate)}) for n in contributors})
     merged = {}
     for content in evaluated.values():
         record = _site_record(content)
@@ -177,7 +231,8 @@ def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
 
     trained_sites = [sites[n] for n in order]
     report = build_report(cfg.to_record(), base_info, trained_sites, used, merged,
-                          {k: v for k, v in stage.failures.items()}, timings, aggregation="plain")
+                          {k: v for k, v in stage.failures.items()}, timings, aggregation=cfg.aggregation,
+                          aggregation_details=details)
     write_report(report, out)
     for s in trained_sites:
         if s["site"] in merged:

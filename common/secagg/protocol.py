@@ -221,6 +221,19 @@ class SecAggClient:
         if self._stage not in allowed:
             raise SecAggError(f"client {self.id}: {call} called at stage '{self._stage}' (expected {allowed})")
 
+    def to_state(self) -> bytes:
+        """The client's state (SECRET: private keys, seeds, held shares) as bytes, for ``from_state`` later."""
+        from .state import client_to_state
+
+        return client_to_state(self)
+
+    @classmethod
+    def from_state(cls, blob: bytes) -> "SecAggClient":
+        """A client restored from ``to_state`` (the rounding generator is fresh), ready for its next stage."""
+        from .state import client_from_state
+
+        return client_from_state(blob)
+
     # stage 1
     def advertise_keys(self) -> tuple[bytes, bytes]:
         """Fresh X25519 key pairs; returns (pk_c, pk_s), 32 raw bytes each."""

@@ -1,0 +1,120 @@
+"""The site's privacy guard: checks a site runs before its vector enters a secure aggregation.
+
+In the secure threat model the server is the adversary, so the site itself refuses to contribute when
+- the aggregation has fewer than `min_peers` OTHER sites (a sum over few sites says much about each);
+- its weight lies outside [weight_min, weight_max];
+- this vector was already aggregated once in this run: two sums whose weights differ in one site reveal that
+  site's vector (differencing). The fact is persisted on the site's disk next to the vector
+  (`<work-dir>/runs/<run-id>/aggregations.json`), so a restarted site (or a fresh actor) cannot be talked round.
+
+The policy is the stricter of the site's own node config (`min-peers`, `weight-min`, `weight-max`, when set) and the
+run config the server sent, and it is fixed at the first stage of a round: a later message cannot loosen it.
+A refusal raises `GuardRefusal` (a FeddemError), which the ClientApp returns as the `failure` record and logs.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from client.site import SiteContext
+from common.config import RunConfig
+from common.errors import FeddemError
+
+log = logging.getLogger("feddem.site")
+
+RECORD_NAME = "aggregations.json"
+
+
+class GuardRefusal(FeddemError):
+    """The site's privacy guard refuses to contribute; the message says which rule and why."""
+
+    def __init__(self, site: str, reason: str):
+        super().__init__(f"privacy guard of {site} refuses: {reason}")
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    min_peers: int
+    weight_min: float
+    weight_max: float
+
+    @classmethod
+    def for_site(cls, cfg: RunConfig, node_config: dict) -> "GuardPolicy":
+        """The stricter of the run config and the site's own node config; at least one other site, always."""
+        own = {k: node_config[k] for k in ("min-peers", "weight-min", "weight-max") if k in node_config}
+        return cls(
+            min_peers=max(1, cfg.min_peers, int(own.get("min-peers", 1))),
+            weight_min=max(cfg.weight_min, float(own.get("weight-min", cfg.weight_min))),
+            weight_max=min(cfg.weight_max, float(own.get("weight-max", cfg.weight_max))),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def record_path(site: SiteContext, run_id: int) -> Path:
+    return site.vector_path(run_id).parent / RECORD_NAME
+
+
+def vector_digest(site: SiteContext, run_id: int) -> str:
+    """SHA-256 of the stored vector file: what "the same vector" means."""
+    digest = hashlib.sha256()
+    with open(site.vector_path(run_id), "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_record(site: SiteContext, run_id: int) -> list[dict]:
+    path = record_path(site, run_id)
+    if not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text())["aggregations"])
+    except (ValueError, KeyError, TypeError):
+        # a damaged record must not reopen the door: treat it as "already aggregated"
+        return [{"digest": "*", "session": "unknown", "note": f"{path} is unreadable"}]
+
+
+def check_peers(policy: GuardPolicy, site: SiteContext, others: int, stage: str) -> None:
+    if others < policy.min_peers:
+        raise GuardRefusal(site.name, f"only {others} other site(s) in the aggregation at stage '{stage}', "
+                                      f"min-peers is {policy.min_peers}")
+
+
+def check_weight(policy: GuardPolicy, site: SiteContext, weight: float) -> None:
+    if not policy.weight_min <= weight <= policy.weight_max:  # also false for NaN
+        raise GuardRefusal(site.name, f"weight {weight!r} is outside the allowed range "
+                                      f"[{policy.weight_min}, {policy.weight_max}]")
+
+
+def check_not_aggregated(site: SiteContext, run_id: int, digest: str) -> None:
+    for entry in read_record(site, run_id):
+        if entry.get("digest") in (digest, "*"):
+            raise GuardRefusal(site.name, f"its vector of run {run_id} was already aggregated once (session "
+                                          f"{entry.get('session')}, weight {entry.get('weight')}); a second sum "
+                                          f"with other weights would reveal it by differencing")
+
+
+def mark_aggregated(site: SiteContext, run_id: int, digest: str, session: bytes, weight: float) -> None:
+    """Persist, before the masked vector leaves the site, that this vector is spent (atomic write + fsync)."""
+    entries = read_record(site, run_id)
+    entries.append({"digest": digest, "session": session.hex(), "weight": weight, "time": time.time()})
+    path = record_path(site, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=RECORD_NAME, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"aggregations": entries}, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("%s: vector of run %d marked as aggregated (session %s)", site.name, run_id, session.hex()[:12])

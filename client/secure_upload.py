@@ -1,0 +1,172 @@
+"""The site's side of secure aggregation: four stages, each one Flower query message (see `common.messages`).
+
+  sa_keys    params + (client id, weight, names) -> guard checks, fresh X25519 keys -> (pk_c, pk_s)
+  sa_share   everyone's public keys              -> guard (peers) -> AES-GCM-encrypted Shamir shares, one per peer
+  sa_masked  the shares routed to this site      -> guard (peers, not yet aggregated), mark the vector as spent
+                                                    on disk, then w * d flattened in sorted-name order, clipped to
+                                                    [-clip, clip], quantized and masked: uint32 (k = 32) chunks
+  sa_unmask  survivors and dropped sites         -> guard (peers) -> shares that remove the masks
+
+The `SecAggClient` and the guard policy live in `context.state` between stages (a ConfigRecord under `secagg`):
+in simulation each message may run in another Ray actor. That state holds the round's secrets and stays on the
+node. The weight and the policy are fixed at `sa_keys`; later messages of the round cannot change them.
+"""
+
+import logging
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from safetensors import safe_open
+
+from client.guard import GuardPolicy, check_not_aggregated, check_peers, check_weight, mark_aggregated, vector_digest
+from client.site import SiteContext, stored_vector
+from common import messages as M
+from common.config import RunConfig
+from common.errors import FeddemError
+from common.secagg import SecAggClient, SecAggParams
+from common.vectors import Vector
+
+log = logging.getLogger("feddem.site")
+
+STATE = "secagg"  # key of the ConfigRecord in context.state
+CHUNK = 1 << 20  # ring elements per Array of the masked upload (4 MiB for uint32)
+
+
+def vector_layout(site: SiteContext, run_id: int) -> list[str]:
+    """Sorted parameter names of the site's stored vector (read from the file header, not the data)."""
+    with safe_open(str(site.vector_path(run_id)), framework="pt") as fh:
+        return sorted(fh.keys())
+
+
+def flatten_weighted(vector: Vector, names: list[str], weight: float, clip: float) -> tuple[np.ndarray, int]:
+    """`weight * vector` as one float32 array in the order of `names`, clipped to [-clip, clip]; and how many
+    elements were clipped."""
+    if sorted(vector) != list(names):
+        raise FeddemError(f"the server's vector layout ({len(names)} names) is not this site's "
+                          f"({len(vector)} names)")
+    flat = torch.cat([(vector[n] * weight).reshape(-1) for n in names]).numpy()
+    over = np.abs(flat) > clip
+    clipped = int(np.count_nonzero(over))
+    if clipped:
+        np.clip(flat, -clip, clip, out=flat)
+    return flat, clipped
+
+
+def _pairs(ids: list[int], values: list) -> dict[int, object]:
+    if len(ids) != len(values):
+        raise FeddemError(f"malformed secure-aggregation message: {len(ids)} ids but {len(values)} values")
+    return {int(i): v for i, v in zip(ids, values)}
+
+
+class _Round:
+    """This node's state of the current round, restored from and saved to `context.state`."""
+
+    def __init__(self, client: SecAggClient, weight: float, policy: GuardPolicy, digest: str):
+        self.client, self.weight, self.policy, self.digest = client, weight, policy, digest
+
+    def save(self, state: RecordDict) -> None:
+        state[STATE] = ConfigRecord({
+            "client": self.client.to_state(), "session": self.client.params.session, "weight": self.weight,
+            "min-peers": self.policy.min_peers, "weight-min": self.policy.weight_min,
+            "weight-max": self.policy.weight_max, "digest": self.digest,
+        })
+
+    @classmethod
+    def load(cls, state: RecordDict, session: bytes, site: SiteContext) -> "_Round":
+        if STATE not in state.config_records:
+            raise FeddemError(f"{site.name} has no secure-aggregation round in progress (keys were never exchanged "
+                              f"with this node)")
+        rec = state.config_records[STATE]
+        if bytes(rec["session"]) != bytes(session):
+            raise FeddemError(f"{site.name}: the message is for secure-aggregation session {bytes(session).hex()[:12]}, "
+                              f"this site is in session {bytes(rec['session']).hex()[:12]}")
+        policy = GuardPolicy(int(rec["min-peers"]), float(rec["weight-min"]), float(rec["weight-max"]))
+        return cls(SecAggClient.from_state(bytes(rec["client"])), float(rec["weight"]), policy, str(rec["digest"]))
+
+
+def _session(content: RecordDict) -> bytes:
+    return bytes(content.config_records[M.SA]["session"])
+
+
+def sa_keys(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, content: RecordDict,
+            state: RecordDict) -> RecordDict:
+    """Stage 1: the guard's checks, then fresh key pairs for this round."""
+    params = SecAggParams.from_dict(dict(content.config_records[M.SA_PARAMS]))
+    mine = content.config_records[M.SA_ROUND]
+    weight = float(mine["weight"])
+    policy = GuardPolicy.for_site(cfg, node_config)
+    check_peers(policy, site, len(params.client_ids) - 1, "keys")
+    check_weight(policy, site, weight)
+    if not site.vector_path(run_id).is_file():
+        raise FeddemError(f"{site.name} holds no vector for run {run_id}: it has not fine-tuned in this run")
+    digest = vector_digest(site, run_id)
+    check_not_aggregated(site, run_id, digest)
+    names = list(mine["names"])
+    if names != vector_layout(site, run_id):
+        raise FeddemError(f"{site.name}: the server's vector layout does not match the stored vector")
+    if params.clip != cfg.clip:
+        raise FeddemError(f"{site.name}: the round's clip ({params.clip}) is not the run's ({cfg.clip})")
+    client = SecAggClient(params, int(mine["client-id"]))
+    pk_c, pk_s = client.advertise_keys()
+    _Round(client, weight, policy, digest).save(state)
+    log.info("%s: secure aggregation session %s, weight %.4f, %d sites, threshold %d", site.name,
+             params.session.hex()[:12], weight, len(params.client_ids), params.threshold)
+    return RecordDict({M.SA: ConfigRecord({"pk-c": pk_c, "pk-s": pk_s})})
+
+
+def sa_share(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, content: RecordDict,
+             state: RecordDict) -> RecordDict:
+    """Stage 2: Shamir shares of this round's secrets, encrypted for each peer that advertised keys."""
+    rnd = _Round.load(state, _session(content), site)
+    sa = content.config_records[M.SA]
+    ids = [int(i) for i in sa["ids"]]
+    keys = {i: (bytes(c), bytes(s)) for i, c, s in zip(ids, sa["pk-c"], sa["pk-s"])}
+    check_peers(rnd.policy, site, len(set(keys) - {rnd.client.id}), "share")
+    out = rnd.client.share_keys(keys)
+    rnd.save(state)
+    return RecordDict({M.SA: ConfigRecord({"to": list(out), "ct": list(out.values())})})
+
+
+def sa_masked(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, content: RecordDict,
+              state: RecordDict) -> RecordDict:
+    """Stage 3: mark the vector as spent, then send w * d clipped, quantized and masked, in uint32 chunks."""
+    rnd = _Round.load(state, _session(content), site)
+    sa = content.config_records[M.SA]
+    received = _pairs(list(sa["from"]), [bytes(c) for c in sa["ct"]])
+    check_peers(rnd.policy, site, len(set(received) - {rnd.client.id}), "masked")
+    check_not_aggregated(site, run_id, rnd.digest)
+    vector = stored_vector(site, run_id)
+    if vector_digest(site, run_id) != rnd.digest:
+        raise FeddemError(f"{site.name}: the stored vector changed during the secure-aggregation round")
+    names = sorted(vector)
+    flat, clipped = flatten_weighted(vector, names, rnd.weight, rnd.client.params.clip)
+    del vector
+    if clipped:
+        log.warning("%s: %d of %d elements of w*d exceed clip %g and were clipped", site.name, clipped, flat.size,
+                    rnd.client.params.clip)
+    client = rnd.client
+    client.receive_shares(received)
+    mark_aggregated(site, run_id, rnd.digest, client.params.session, rnd.weight)
+    arrays = {}
+    for start in range(0, flat.size, CHUNK):
+        arrays[f"{start:012d}"] = Array(client.masked_input_chunk(flat[start:start + CHUNK], start))
+    arrays[f"{flat.size:012d}"] = Array(client.masked_check_block())
+    rnd.save(state)
+    return RecordDict({M.MASKED: ArrayRecord(arrays),
+                       M.METRICS: MetricRecord({"clipped": clipped, "elements": int(flat.size)})})
+
+
+def sa_unmask(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, content: RecordDict,
+              state: RecordDict) -> RecordDict:
+    """Stage 4: shares that remove the masks (self-mask shares of survivors, key shares of dropped peers)."""
+    rnd = _Round.load(state, _session(content), site)
+    sa = content.config_records[M.SA]
+    survivors, dropped = [int(i) for i in sa["survivors"]], [int(i) for i in sa["dropped"]]
+    check_peers(rnd.policy, site, len(set(survivors) - {rnd.client.id}), "unmask")
+    shares = rnd.client.unmask(survivors, dropped)
+    rnd.save(state)
+    return RecordDict({M.SA: ConfigRecord({"peers": list(shares), "shares": list(shares.values())})})
+
+
+STAGES = {M.SA_KEYS: sa_keys, M.SA_SHARE: sa_share, M.SA_MASKED: sa_masked, M.SA_UNMASK: sa_unmask}

@@ -1,0 +1,243 @@
+"""Secure aggregation over Flower's Grid: the server learns sum_i w_i d_i of the surviving sites and nothing else.
+
+Drives the `SecAggServer` of `common.secagg` through four message stages (`common.messages`: sa_keys, sa_share,
+sa_masked, sa_unmask; the site's side is `client.secure_upload`). Flower node ids map to small client ids (0..n-1
+in sorted node order). Masked vectors are pulled one reply at a time and added to the server's one ring
+accumulator as they are read, so the server's memory is O(vector), not O(sites x vector).
+
+Dropouts: a site that errors, refuses (its privacy guard) or does not answer within `timeout` at any stage after
+key sharing is dropped; while at least `threshold` sites remain the sum is exact for the survivors (up to the
+quantization bound). Below the threshold, or when a share or a masked vector fails its integrity check, this
+raises a FeddemError that names the stage and the counts: nothing is merged, there is no plaintext fallback.
+A dropped site's weight is simply absent from the sum (renormalising would need a second aggregation, which the
+sites' guards refuse): the caller reports the effective weights.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common import messages as M
+from common.errors import FeddemError
+from common.secagg import SecAggError, SecAggParams, SecAggServer, choose_bits, error_bound
+from common.secagg.protocol import _CIPHERTEXT_BYTES, KEY_BYTES
+from common.vectors import Vector
+
+log = logging.getLogger("feddem.server")
+
+POLL_SECONDS = 0.05
+_BLOCK = 1 << 20  # elements unmasked at a time
+
+
+@dataclass
+class SecureSum:
+    """The unmasked sum and what the report needs to say about it."""
+
+    aggregate: Vector
+    survivors: list[int]  # Flower node ids whose w_i d_i is in the sum
+    dropped: dict[int, str] = field(default_factory=dict)  # node id -> "stage: reason"
+    error_bound: float = 0.0  # max |secure - exact sum of the clipped inputs| per element
+    threshold: int = 0
+    bits: int = 32
+    clip: float = 1.0
+    clipped: dict[int, int] = field(default_factory=dict)  # node id -> elements clipped at the site
+
+
+class _Round:
+    """One secure-aggregation round over the Grid: the exchange helper and the dropout book-keeping."""
+
+    def __init__(self, grid: Grid, cfg, base: ConfigRecord, session: bytes):
+        self.grid, self.cfg, self.base, self.session = grid, cfg, base, session
+        self.dropped: dict[int, str] = {}
+
+    def exchange(self, stage: str, message_type: str, per_node: dict[int, RecordDict], on_reply) -> set[int]:
+        """Send one message per node, then pull replies ONE at a time and hand each to `on_reply(node, content)`
+        as it arrives (a FeddemError there drops the node). Returns the nodes that succeeded."""
+        pending: dict[str, int] = {}
+        for node, content in per_node.items():
+            content[M.CONFIG] = ConfigRecord(self.cfg.to_record())
+            content[M.BASE] = self.base
+            ids = list(self.grid.push_messages([Message(content, dst_node_id=node, message_type=message_type)]))
+            if ids:
+                pending[ids[0]] = node
+            else:
+                self.dropped[node] = f"{stage}: the message could not be sent"
+        log.info("secure aggregation, %s: %d site(s)", stage, len(pending))
+        ok: set[int] = set()
+        deadline = time.monotonic() + self.cfg.timeout
+        while pending and time.monotonic() < deadline:
+            progressed = False
+            for message_id in list(pending):
+                for reply in self.grid.pull_messages([message_id]):
+                    node = pending.pop(message_id)
+                    progressed = True
+                    self._take(stage, node, reply, on_reply, ok)
+            if pending and not progressed:
+                time.sleep(POLL_SECONDS)
+        for node in pending.values():
+            self.dropped[node] = f"{stage}: no reply within {self.cfg.timeout:.0f} s"
+        return ok
+
+    def _take(self, stage: str, node: int, reply: Message, on_reply, ok: set[int]) -> None:
+        if reply.has_error():
+            self.dropped[node] = f"{stage}: {_last_line(reply.error.reason)}"
+        elif M.FAILURE in reply.content.config_records:
+            self.dropped[node] = f"{stage}: {reply.content.config_records[M.FAILURE]['reason']}"
+        else:
+            try:
+                on_reply(node, reply.content)
+                ok.add(node)
+            except (FeddemError, KeyError, TypeError, ValueError) as exc:
+                self.dropped[node] = f"{stage}: malformed reply ({type(exc).__name__}: {exc})"
+        if node in self.dropped:
+            log.warning("secure aggregation, %s: node-%d dropped: %s", stage, node, self.dropped[node])
+
+
+def _last_line(reason: str) -> str:
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    return lines[-1][:500] if lines else "unknown error"
+
+
+def _fail(stage: str, exc: Exception, total: int, alive: int, threshold: int, dropped: dict[int, str]) -> FeddemError:
+    why = "; ".join(f"node-{n}: {r}" for n, r in sorted(dropped.items())) or "none dropped"
+    return FeddemError(
+        f"secure aggregation failed at stage '{stage}': {exc} ({alive} of {total} sites left, threshold "
+        f"{threshold}; dropped: {why}). Nothing was merged and nothing was sent in the clear."
+    )
+
+
+def _check_masked(record, params: SecAggParams) -> list[tuple[int, np.ndarray]]:
+    """The chunks of one masked upload, checked whole BEFORE any is added (a partial input cannot be removed)."""
+    chunks = []
+    for name, array in record.items():
+        data = array.numpy()
+        if data.dtype != params.ring.dtype or data.ndim != 1:
+            raise FeddemError(f"masked chunk '{name}' has dtype {data.dtype} and shape {data.shape}, "
+                              f"expected a 1-D {params.ring.dtype} array")
+        chunks.append((int(name), data))
+    chunks.sort(key=lambda c: c[0])
+    position = 0
+    for offset, data in chunks:
+        if offset != position:
+            raise FeddemError(f"masked upload has a gap or overlap at ring offset {position} (next chunk at {offset})")
+        position += data.shape[0]
+    if position != params.ring_length:
+        raise FeddemError(f"masked upload covers {position} ring elements, expected {params.ring_length}")
+    return chunks
+
+
+def _unflatten(server: SecAggServer, layout: list[str], shapes: dict[str, torch.Size]) -> Vector:
+    vector: Vector = {}
+    offset = 0
+    for name in layout:
+        out = torch.empty(shapes[name], dtype=torch.float32)
+        flat = out.view(-1)
+        for start in range(0, flat.numel(), _BLOCK):
+            length = min(_BLOCK, flat.numel() - start)
+            flat[start:start + length] = torch.from_numpy(server.unmask_chunk(offset + start, length))
+        vector[name] = out
+        offset += flat.numel()
+    return vector
+
+
+def secure_sum(grid: Grid, cfg, base: ConfigRecord, weights: dict[int, float], layout: list[str],
+               shapes: dict[str, torch.Size]) -> SecureSum:
+    """sum_i w_i d_i over the nodes in `weights` by secure aggregation; `layout` is the sorted parameter names of
+    the sites' vectors and `shapes` their shapes (from the base model)."""
+    nodes = sorted(weights)
+    n = len(nodes)
+    threshold = cfg.threshold_for(n)
+    if n - 1 < cfg.min_peers or n < threshold:
+        raise FeddemError(f"secure aggregation needs at least {max(threshold, cfg.min_peers + 1)} sites "
+                          f"(threshold {threshold}, min-peers {cfg.min_peers}); only {n} finished training. "
+                          f"Nothing was merged.")
+    outside = {node: w for node, w in weights.items() if not cfg.weight_min <= w <= cfg.weight_max}
+    if outside:
+        raise FeddemError(f"weights {outside} are outside [weight-min, weight-max] = [{cfg.weight_min}, "
+                          f"{cfg.weight_max}]: the sites' privacy guards would refuse them")
+    unknown = [name for name in layout if name not in shapes]
+    if unknown or not layout:
+        raise FeddemError(f"the sites' vector layout names parameters the base model lacks: {unknown[:5]}")
+    cid = {node: i for i, node in enumerate(nodes)}
+    node_of = {i: node for node, i in cid.items()}
+    bits = choose_bits(n, cfg.clip, cfg.clip * 2.0**-20)
+    length = sum(int(torch.Size(shapes[name]).numel()) for name in layout)
+    params = SecAggParams.create(cid.values(), length, cfg.clip, threshold=threshold, bits=bits)
+    server = SecAggServer(params)
+    rnd = _Round(grid, cfg, base, params.session)
+    session = {"session": params.session}
+    stage = "keys"
+    try:
+        keys: dict[int, tuple[bytes, bytes]] = {}
+
+        def on_keys(node, content):
+            pk_c, pk_s = bytes(content.config_records[M.SA]["pk-c"]), bytes(content.config_records[M.SA]["pk-s"])
+            if len(pk_c) != KEY_BYTES or len(pk_s) != KEY_BYTES:
+                raise FeddemError(f"public keys must be {KEY_BYTES} bytes")
+            keys[cid[node]] = (pk_c, pk_s)
+
+        rnd.exchange(stage, M.SA_KEYS, {node: RecordDict({
+            M.SA_PARAMS: ConfigRecord(params.to_dict()),
+            M.SA_ROUND: ConfigRecord({"client-id": cid[node], "weight": float(weights[node]), "names": list(layout)}),
+        }) for node in nodes}, on_keys)
+        broadcast = server.collect_public_keys(keys)
+
+        stage = "share"
+        shares: dict[int, dict[int, bytes]] = {}
+
+        def on_share(node, content):
+            sa = content.config_records[M.SA]
+            out = {int(r): bytes(ct) for r, ct in zip(sa["to"], sa["ct"], strict=True)}
+            expected = {v for v in params.neighbours[cid[node]] if v in broadcast}
+            if set(out) != expected or any(len(ct) != _CIPHERTEXT_BYTES for ct in out.values()):
+                raise FeddemError(f"shares addressed to {sorted(out)}, expected {sorted(expected)}")
+            shares[cid[node]] = out
+
+        ids = sorted(broadcast)
+        rnd.exchange(stage, M.SA_SHARE, {node_of[i]: RecordDict({M.SA: ConfigRecord(session | {
+            "ids": ids, "pk-c": [broadcast[i][0] for i in ids], "pk-s": [broadcast[i][1] for i in ids]})})
+            for i in ids}, on_share)
+        routed = server.route_shares(shares)
+        del shares
+
+        stage = "masked"
+        clipped: dict[int, int] = {}
+
+        def on_masked(node, content):
+            chunks = _check_masked(content.array_records[M.MASKED], params)
+            for offset, data in chunks:
+                server.add_masked_chunk(cid[node], data, offset)
+            clipped[node] = int(content.metric_records[M.METRICS]["clipped"])
+
+        rnd.exchange(stage, M.SA_MASKED, {node_of[i]: RecordDict({M.SA: ConfigRecord(session | {
+            "from": list(routed[i]), "ct": list(routed[i].values())})}) for i in routed}, on_masked)
+        request = server.unmask_request()
+
+        stage = "unmask"
+        unmask_shares: dict[int, dict[int, bytes]] = {}
+
+        def on_unmask(node, content):
+            sa = content.config_records[M.SA]
+            unmask_shares[cid[node]] = {int(p): bytes(s) for p, s in zip(sa["peers"], sa["shares"], strict=True)}
+
+        rnd.exchange(stage, M.SA_UNMASK, {node_of[i]: RecordDict({M.SA: ConfigRecord(session | {
+            "survivors": list(request.survivors), "dropped": list(request.dropped)})})
+            for i in request.survivors}, on_unmask)
+        server.recover_masks(unmask_shares)
+    except SecAggError as exc:
+        alive = n - len(rnd.dropped)
+        raise _fail(stage, exc, n, alive, threshold, rnd.dropped) from None
+
+    survivors = [node_of[i] for i in request.survivors]
+    aggregate = _unflatten(server, layout, shapes)
+    bound = error_bound(params.ring, len(survivors), np.float32)
+    dropped = {node: why for node, why in rnd.dropped.items() if node not in survivors}
+    log.info("secure aggregation: %d of %d sites in the sum, error bound %.3g per element, threshold %d",
+             len(survivors), n, bound, threshold)
+    return SecureSum(aggregate, survivors, dropped, bound, threshold, bits, float(params.clip),
+                     {node: clipped.get(node, 0) for node in survivors})

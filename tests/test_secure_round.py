@@ -1,0 +1,406 @@
+"""Secure aggregation over Flower messages, in-process: the real ClientApp handlers and the real server module talk
+through a small fake Grid that carries each real Message through Flower's protobuf serialisation both ways.
+Nothing of the cryptography is stubbed; the vectors come from real (short) fine-tuning of the tiny base."""
+
+import shutil
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import app as client_app
+from client.guard import RECORD_NAME
+from client.site import SiteContext
+from common import messages as M
+from common.config import RunConfig
+from common.errors import FeddemError
+from common.modeling import load_model, model_checksum
+from common.secagg import SecAggClient, SecAggParams, SecAggServer
+from common.vectors import load_vector, parameters_of
+from server.secure_aggregation import secure_sum
+from server.workflow import Stage, run_dem
+
+RUN_ID = 7
+NODES = [9_000_000_011, 9_000_000_022, 9_000_000_033, 9_000_000_044]  # Flower-like ids, mapped to 0..3
+
+
+class FakeGrid:
+    """get_node_ids / push_messages / pull_messages / send_and_receive over the real ClientApp, in-process.
+
+    `faults[(node, message_type)]`: "error" (the site crashes), "silent" (no reply: a timeout), or a function that
+    alters the reply (tampering). `seen` keeps the serialised bytes of every reply the server received."""
+
+    def __init__(self, root, nodes, faults=None, node_config=None):
+        self.contexts = {
+            node: Context(run_id=RUN_ID, node_id=node, state=RecordDict(), run_config={}, node_config={
+                "partition-id": i, "num-partitions": len(nodes), "work-dir": str(root / f"site-{i}"),
+                **(node_config or {})})
+            for i, node in enumerate(nodes)
+        }
+        self.faults = dict(faults or {})
+        self.replies: dict[str, Message] = {}
+        self.seen: list[bytes] = []
+        self.sent: list[str] = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            msg = message_from_proto(message_to_proto(msg))  # what a site receives is what went over the wire
+            self.sent.append(msg.metadata.message_type)
+            reply = self._deliver(msg)
+            if reply is not None:
+                self.replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+    def _deliver(self, msg):
+        node = msg.metadata.dst_node_id
+        fault = self.faults.get((node, msg.metadata.message_type))
+        if fault == "silent":
+            return None
+        if fault == "error":
+            reply = Message(Error(code=1, reason="Traceback...\nRuntimeError: site crashed"), reply_to=msg)
+        else:
+            reply = client_app(msg, self.contexts[node])
+            if callable(fault):
+                fault(reply)
+        wire = message_to_proto(reply)
+        self.seen.append(wire.SerializeToString())
+        return message_from_proto(wire)
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages created outside a Flower process need the task identity a ServerApp process would have."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, 1
+    yield
+    TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None
+
+
+def _cfg(base, **kw) -> RunConfig:
+    values = dict(sites=4, model=str(base), steps=2, train_examples=24, eval_examples=8, batch_size=4, seq_len=32,
+                  base_steps=30, device="cpu", timeout=2.0)
+    return RunConfig(**(values | kw))
+
+
+def _base_record(base) -> ConfigRecord:
+    return ConfigRecord({"model-ref": str(base), "model-checksum": model_checksum(load_model(str(base)))})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_base):
+    """Four sites fine-tuned for real (2 steps) through the train handler; their folders and train replies."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, 1
+    root = tmp_path_factory.mktemp("trained-sites")
+    cfg = _cfg(tiny_base)
+    replies = Stage(FakeGrid(root, NODES), cfg, _base_record(tiny_base)).run("train", M.TRAIN,
+                                                                             {n: RecordDict() for n in NODES})
+    return root, {n: list(c.config_records[M.LAYOUT]["names"]) for n, c in replies.items()}
+
+
+@pytest.fixture
+def sites(trained, tmp_path):
+    """A fresh copy of the trained sites (the guard marks vectors as spent on their disks)."""
+    root, layouts = trained
+    shutil.copytree(root, tmp_path / "sites")
+    return tmp_path / "sites", layouts[NODES[0]]
+
+
+def _vector(root, index):
+    return load_vector(SiteContext(index, f"site-{index}", root / f"site-{index}").vector_path(RUN_ID))
+
+
+def _expected(root, weights, nodes, clip=np.inf):
+    """sum of the clipped float32 w_i * d_i in float64: what the secure sum must equal within its bound."""
+    total = None
+    for node in nodes:
+        vector = _vector(root, NODES.index(node))
+        flat = torch.cat([(vector[n] * weights[node]).reshape(-1) for n in sorted(vector)]).double().clamp(-clip, clip)
+        total = flat if total is None else total + flat
+    return total
+
+
+def _flat(vector):
+    return torch.cat([vector[n].reshape(-1) for n in sorted(vector)]).double()
+
+
+def _shapes(base):
+    return {name: t.shape for name, t in parameters_of(load_model(str(base))).items()}
+
+
+WEIGHTS = dict(zip(NODES, [0.1, 0.2, 0.3, 0.4]))
+
+
+def _secure(grid, base, layout, weights=WEIGHTS, **cfg):
+    return secure_sum(grid, _cfg(base, **cfg), _base_record(base), weights, layout, _shapes(base))
+
+
+def test_secure_sum_equals_plain_sum(sites, tiny_base):
+    root, layout = sites
+    grid = FakeGrid(root, NODES)
+    result = _secure(grid, tiny_base, layout)
+    assert result.survivors == NODES and result.dropped == {} and result.threshold == 3
+    assert set(result.aggregate) == set(layout)
+    diff = (_flat(result.aggregate) - _expected(root, WEIGHTS, NODES)).abs().max().item()
+    assert diff <= result.error_bound < 1e-5, (diff, result.error_bound)
+    assert result.clipped == dict.fromkeys(NODES, 0)
+    # the site's round state lived in context.state between the four stages
+    assert M.SA_UNMASK in grid.sent and "secagg" in grid.contexts[NODES[0]].state.config_records
+
+
+def test_masked_upload_is_ring_uint32_no_larger_than_float32(sites, tiny_base):
+    root, layout = sites
+    grid = FakeGrid(root, NODES)
+    uploads = []
+    grid.faults = {(n, M.SA_MASKED): (lambda reply: uploads.append(
+        {k: a.numpy() for k, a in reply.content.array_records[M.MASKED].items()})) for n in NODES}
+    _secure(grid, tiny_base, layout)
+    length = _flat(_vector(root, 0)).numel()
+    for chunks in uploads:
+        assert all(a.dtype == np.uint32 for a in chunks.values())
+        assert sum(a.nbytes for a in chunks.values()) == 4 * (length + 16) <= 1.05 * 4 * length
+
+
+@pytest.mark.parametrize("stage", [M.SA_KEYS, M.SA_SHARE, M.SA_MASKED, M.SA_UNMASK])
+def test_dropout_above_threshold_gives_the_exact_sum_of_the_survivors(sites, tiny_base, stage):
+    root, layout = sites
+    lost = NODES[1]
+    result = _secure(FakeGrid(root, NODES, {(lost, stage): "error"}), tiny_base, layout)
+    in_sum = NODES if stage == M.SA_UNMASK else [n for n in NODES if n != lost]  # its masked input arrived
+    assert result.survivors == in_sum
+    assert (lost in result.dropped) == (stage != M.SA_UNMASK)
+    diff = (_flat(result.aggregate) - _expected(root, WEIGHTS, in_sum)).abs().max().item()
+    assert diff <= result.error_bound
+
+
+def test_silent_site_times_out_and_is_dropped(sites, tiny_base):
+    root, layout = sites
+    result = _secure(FakeGrid(root, NODES, {(NODES[2], M.SA_MASKED): "silent"}), tiny_base, layout, timeout=0.5)
+    assert NODES[2] not in result.survivors and "no reply within" in result.dropped[NODES[2]]
+    survivors = [n for n in NODES if n != NODES[2]]
+    assert (_flat(result.aggregate) - _expected(root, WEIGHTS, survivors)).abs().max() <= result.error_bound
+
+
+@pytest.mark.parametrize("stage, name", [(M.SA_SHARE, "share"), (M.SA_MASKED, "masked")])
+def test_dropout_below_threshold_fails_loudly(sites, tiny_base, stage, name):
+    root, layout = sites
+    faults = {(NODES[0], stage): "error", (NODES[3], stage): "error"}
+    with pytest.raises(FeddemError, match=rf"stage '{name}'.*2 of 4 sites left, threshold 3.*Nothing was merged"):
+        _secure(FakeGrid(root, NODES, faults), tiny_base, layout)
+
+
+def test_tampered_masked_vector_fails_the_round(sites, tiny_base):
+    root, layout = sites
+
+    def tamper(reply):
+        record = reply.content.array_records[M.MASKED]
+        last = sorted(record)[-1]  # the check block
+        data = record[last].numpy().copy()
+        data[0] += np.uint32(1)
+        record[last] = Array(data)
+
+    with pytest.raises(FeddemError, match="check block"):
+        _secure(FakeGrid(root, NODES, {(NODES[2], M.SA_MASKED): tamper}), tiny_base, layout)
+
+
+def test_clipping_at_the_site_is_counted_and_the_sum_is_of_clipped_inputs(sites, tiny_base):
+    root, layout = sites
+    clip = 0.5 * min((_flat(_vector(root, i)) * WEIGHTS[n]).abs().max().item() for i, n in enumerate(NODES))
+    result = _secure(FakeGrid(root, NODES), tiny_base, layout, clip=clip)
+    assert all(count > 0 for count in result.clipped.values()), result.clipped
+    diff = (_flat(result.aggregate) - _expected(root, WEIGHTS, NODES, clip)).abs().max().item()
+    assert diff <= result.error_bound
+
+
+# --- the privacy guard: the server is the adversary, so these messages are crafted as a server could ---
+
+def _keys_message(base, params, client_id, weight, layout, **cfg):
+    content = RecordDict({
+        M.SA_PARAMS: ConfigRecord(params.to_dict()),
+        M.SA_ROUND: ConfigRecord({"client-id": client_id, "weight": weight, "names": layout}),
+        M.CONFIG: ConfigRecord(_cfg(base, **cfg).to_record()),
+        M.BASE: _base_record(base),
+    })
+    return Message(content, dst_node_id=NODES[0], message_type=M.SA_KEYS)
+
+
+def _ask(grid, msg):
+    [reply] = grid.send_and_receive([msg])
+    return reply
+
+
+def _refusal(reply) -> str:
+    assert M.FAILURE in reply.content.config_records, "the site did not refuse"
+    return str(reply.content.config_records[M.FAILURE]["reason"])
+
+
+def test_guard_refuses_too_few_peers(sites, tiny_base, caplog):
+    root, layout = sites
+    params = SecAggParams.create([0, 1], 10, 1.0)  # the server claims a 2-site aggregation
+    reply = _ask(FakeGrid(root, NODES), _keys_message(tiny_base, params, 0, 0.5, layout, min_peers=2))
+    assert "privacy guard of site-0 refuses" in _refusal(reply) and "min-peers is 2" in _refusal(reply)
+    assert "privacy guard of site-0 refuses" in caplog.text  # logged at the site
+
+
+def test_guard_takes_the_stricter_of_node_and_run_config(sites, tiny_base):
+    root, layout = sites
+    params = SecAggParams.create([0, 1, 2, 3], 10, 1.0)
+    grid = FakeGrid(root, NODES, node_config={"min-peers": 5})  # the site's own policy
+    assert "min-peers is 5" in _refusal(_ask(grid, _keys_message(tiny_base, params, 0, 0.25, layout)))
+
+
+@pytest.mark.parametrize("weight", [1.5, -0.1, float("nan")])
+def test_guard_refuses_a_weight_outside_the_range(sites, tiny_base, weight):
+    root, layout = sites
+    params = SecAggParams.create([0, 1, 2, 3], 10, 1.0)
+    reason = _refusal(_ask(FakeGrid(root, NODES), _keys_message(tiny_base, params, 0, weight, layout)))
+    assert "outside the allowed range [0.0, 1.0]" in reason
+
+
+def test_guard_refuses_a_second_aggregation_even_after_a_restart(sites, tiny_base):
+    root, layout = sites
+    _secure(FakeGrid(root, NODES), tiny_base, layout)
+    record = root / "site-0" / "runs" / str(RUN_ID) / RECORD_NAME
+    assert record.is_file()  # persisted next to the vector
+    params = SecAggParams.create([0, 1, 2, 3], 10, 1.0)
+    fresh = FakeGrid(root, NODES)  # a restarted site: empty context.state
+    assert "already aggregated once" in _refusal(_ask(fresh, _keys_message(tiny_base, params, 0, 0.25, layout)))
+
+
+def test_differencing_attempt_is_refused(sites, tiny_base):
+    """Two sums whose weights differ in one site would reveal that site's vector: the second is refused."""
+    root, layout = sites
+    grid = FakeGrid(root, NODES)
+    _secure(grid, tiny_base, layout)
+    second = dict(WEIGHTS) | {NODES[0]: 0.9}
+    with pytest.raises(FeddemError, match=r"stage 'keys'") as err:
+        _secure(grid, tiny_base, layout, weights=second)
+    assert str(err.value).count("already aggregated once") == len(NODES)
+
+
+def test_client_state_survives_serialisation_between_stages():
+    params = SecAggParams.create([3, 5, 8], 100, 1.0)
+    server = SecAggServer(params)
+    xs = {i: np.random.default_rng(i).uniform(-0.5, 0.5, 100).astype(np.float32) for i in params.client_ids}
+    blobs = {}
+    for i in params.client_ids:
+        client = SecAggClient(SecAggParams.from_dict(params.to_dict()), i)
+        keys = client.advertise_keys()
+        blobs[i] = (client.to_state(), keys)
+    broadcast = server.collect_public_keys({i: k for i, (_, k) in blobs.items()})
+    shares = {}
+    for i in params.client_ids:
+        client = SecAggClient.from_state(blobs[i][0])
+        shares[i] = client.share_keys(broadcast)
+        blobs[i] = client.to_state()
+    routed = server.route_shares(shares)
+    for i in params.client_ids:
+        client = SecAggClient.from_state(blobs[i])
+        server.add_masked(i, client.masked_input(routed[i], xs[i]))
+        blobs[i] = client.to_state()
+    request = server.unmask_request()
+    result = server.aggregate(None, {i: SecAggClient.from_state(blobs[i]).unmask(*request) for i in blobs})
+    assert np.abs(result.total - sum(x.astype(np.float64) for x in xs.values())).max() <= result.error_bound
+    with pytest.raises(FeddemError, match="damaged"):
+        SecAggClient.from_state(b"{not json")
+
+
+# --- the whole workflow over the fake Grid ---
+
+def _plain_windows(root, weights_by_index, n):
+    """32-byte windows of each site's d_i and w_i * d_i as float32 bytes: a site's vector in the clear."""
+    windows = []
+    for i in range(n):
+        vector = _vector(root, i)
+        for name, t in vector.items():
+            if t.numel() >= 64:
+                for scaled in (t, t * weights_by_index[i]):
+                    raw = scaled.contiguous().numpy().tobytes()
+                    middle = len(raw) // 2 // 4 * 4
+                    windows.append((i, name, raw[middle:middle + 32]))
+    assert windows
+    return windows
+
+
+def test_secure_run_folder_and_messages_hold_no_site_vector_in_the_clear(tiny_base, tmp_path):
+    nodes = NODES[:3]
+    out = tmp_path / "run"
+    grid = FakeGrid(tmp_path / "sites", nodes)
+    result = run_dem(grid, _cfg(tiny_base, sites=3, out_dir=str(out)), RUN_ID)
+    report = result.report
+    assert report["aggregation"] == "secure" and report["failures"] == {}
+    details = report["secure_aggregation"]
+    assert details["threshold"] == 2 and details["dropped"] == {} and 0 < details["error_bound"] < 1e-5
+    assert (out / "model" / "config.json").is_file()
+    windows = _plain_windows(tmp_path / "sites", {i: 1 / 3 for i in range(3)}, 3)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        data = path.read_bytes()
+        leaked = [(i, name) for i, name, w in windows if w in data]
+        assert not leaked, f"{path} holds a site's vector in the clear: {leaked[:3]}"
+    received = b"".join(grid.seen)
+    assert not [(i, name) for i, name, w in windows if w in received]
+
+    # the same check finds the vectors in what a plain upload sends: it would see a leak
+    Stage(grid, _cfg(tiny_base, sites=3), _base_record(tiny_base)).run(
+        "upload", M.UPLOAD, {n: RecordDict({M.WEIGHT: ConfigRecord({"weight": 1 / 3})}) for n in nodes})
+    assert any(w in b"".join(grid.seen[-3:]) for _, _, w in windows)
+
+
+def test_failed_secure_round_writes_no_model_and_no_report(tiny_base, tmp_path):
+    nodes = NODES[:2]
+    out = tmp_path / "run"
+    grid = FakeGrid(tmp_path / "sites", nodes, {(nodes[1], M.SA_MASKED): "error"})
+    with pytest.raises(FeddemError, match=r"stage 'masked'.*1 of 2 sites left, threshold 2"):
+        run_dem(grid, _cfg(tiny_base, sites=2, out_dir=str(out)), RUN_ID)
+    assert not (out / "model").exists()
+    assert not (out / "report.json").exists() and not (out / "aggregate.safetensors").exists()
+    assert M.EVALUATE not in grid.sent  # nothing was merged or evaluated
+
+
+def test_secure_run_with_a_dropout_reports_effective_weights(tiny_base, tmp_path):
+    out = tmp_path / "run"
+    nodes = NODES[:3]
+    grid = FakeGrid(tmp_path / "sites", nodes, {(nodes[2], M.SA_SHARE): "error"})
+    report = run_dem(grid, _cfg(tiny_base, sites=3, out_dir=str(out)), RUN_ID).report
+    details = report["secure_aggregation"]
+    assert list(details["dropped"]) == ["site-2"] and "share" in details["dropped"]["site-2"]
+    assert report["weights"] == pytest.approx({f"site-{i}": 1 / 3 for i in range(2)})
+    assert details["effective_weight_sum"] == pytest.approx(2 / 3) and "not renormalised" in details["note"]
+    assert f"node-{nodes[2]}" in report["failures"] and set(report["eval"]["merged"]) == {"arithmetic", "records"}
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"aggregation": "magic"}, "unknown aggregation 'magic'"),
+    ({"clip": 0.0}, "clip must be a positive"),
+    ({"min-peers": 0}, "min-peers must be at least 1"),
+    ({"weight-min": 0.5, "weight-max": 0.2}, "is larger than weight-max"),
+    ({"secagg-threshold": 1}, "secagg-threshold must be 0"),
+    ({"secagg-threshold": 5}, "secagg-threshold must be 0"),
+    ({"sites": 2, "min-peers": 2}, "needs at least 3 sites"),
+])
+def test_secure_settings_are_validated(record, message):
+    with pytest.raises(FeddemError, match=message):
+        RunConfig.from_record(record)
+    RunConfig.from_record({"sites": 2, "min-peers": 2, "aggregation": "plain"})  # plain has no guard
+
+
+def test_threshold_default():
+    cfg = RunConfig()
+    assert [cfg.threshold_for(n) for n in (2, 3, 4, 5, 9)] == [2, 2, 3, 4, 6]
+    assert RunConfig(secagg_threshold=3).threshold_for(4) == 3
