@@ -82,21 +82,5 @@ def _secure_stage(msg: Message, context: Context) -> Message:
     return _handle(msg, context, work)
 
 
-@app.query("sa_keys")
-def sa_keys(msg: Message, context: Context) -> Message:
-    return _secure_stage(msg, context)
-
-
-@app.query("sa_share")
-def sa_share(msg: Message, context: Context) -> Message:
-    return _secure_stage(msg, context)
-
-
-@app.query("sa_masked")
-def sa_masked(msg: Message, context: Context) -> Message:
-    return _secure_stage(msg, context)
-
-
-@app.query("sa_unmask")
-def sa_unmask(msg: Message, context: Context) -> Message:
-    return _secure_stage(msg, context)
+for _message_type in secure_upload.STAGES:  # one handler serves the four stages, routed by message type
+    app.query(_message_type.split(".", 1)[1])(_secure_stage)

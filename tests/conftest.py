@@ -1,6 +1,9 @@
 """Shared fixtures: an isolated FEDDEM_HOME and a tiny pre-trained base model, built once per test session."""
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,3 +32,15 @@ def tiny_base(feddem_home) -> Path:
     from common.base_model import BaseSettings, ensure_embedded_base
 
     return ensure_embedded_base(BaseSettings(steps=TINY_BASE_STEPS), torch.device("cpu"), home=feddem_home)
+
+
+SMALL_RUN = ["--steps", "20", "--train-examples", "200", "--eval-examples", "40", "--base-steps", str(TINY_BASE_STEPS)]
+
+
+def simulate_cli(out: Path, *args: str) -> tuple[dict, subprocess.CompletedProcess]:
+    """Run `feddem simulate` with small settings in a subprocess; return its report and the process result."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "server.cli", "simulate", "--out", str(out), *SMALL_RUN, *args],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return json.loads((out / "report.json").read_text()), result

@@ -8,7 +8,7 @@ import pytest
 from common.config import RunConfig
 from common.errors import FeddemError
 from common.weighting import WEIGHTINGS, SiteReport, compute_weights
-from server.report import REPORT_KEYS, build_report, plot_report, read_report, write_report
+from server.report import REPORT_KEYS, build_report, read_report, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,32 +1,17 @@
 """End to end: `feddem simulate` with the default secure aggregation (Flower Simulation Engine, Ray on loopback)
 gives the same merged model as `--aggregation plain` on the same seed, within the bound the report states."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_BASE_STEPS
-
-SMALL = ["--steps", "20", "--train-examples", "200", "--eval-examples", "40", "--base-steps", str(TINY_BASE_STEPS)]
-
-
-def _simulate(out, *args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-m", "server.cli", "simulate", "--out", str(out), *SMALL, *args],
-                            capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return json.loads((out / "report.json").read_text()), result
+from tests.conftest import simulate_cli
 
 
 @pytest.mark.slow
 def test_secure_simulation_equals_plain_within_the_reported_bound(tmp_path, tiny_base):
-    secure, result = _simulate(tmp_path / "secure", "--sites", "3")  # secure is the default
-    plain, _ = _simulate(tmp_path / "plain", "--sites", "3", "--aggregation", "plain")
+    secure, result = simulate_cli(tmp_path / "secure", "--sites", "3")  # secure is the default
+    plain, _ = simulate_cli(tmp_path / "plain", "--sites", "3", "--aggregation", "plain")
     assert secure["aggregation"] == "secure" and plain["aggregation"] == "plain"
     assert "secure_aggregation" not in plain
     details = secure["secure_aggregation"]

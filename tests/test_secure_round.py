@@ -367,7 +367,7 @@ def test_failed_secure_round_writes_no_model_and_no_report(tiny_base, tmp_path):
     out = tmp_path / "run"
     grid = FakeGrid(tmp_path / "sites", nodes, {(nodes[1], M.SA_MASKED): "error"})
     with pytest.raises(FeddemError, match=r"stage 'masked'.*1 of 2 sites left, threshold 2"):
-        run_dem(grid, _cfg(tiny_base, sites=2, out_dir=str(out)), RUN_ID)
+        run_dem(grid, _cfg(tiny_base, sites=2, min_peers=1, out_dir=str(out)), RUN_ID)
     assert not (out / "model").exists()
     assert not (out / "report.json").exists() and not (out / "aggregate.safetensors").exists()
     assert M.EVALUATE not in grid.sent  # nothing was merged or evaluated
@@ -377,7 +377,7 @@ def test_secure_run_with_a_dropout_reports_effective_weights(tiny_base, tmp_path
     out = tmp_path / "run"
     nodes = NODES[:3]
     grid = FakeGrid(tmp_path / "sites", nodes, {(nodes[2], M.SA_SHARE): "error"})
-    report = run_dem(grid, _cfg(tiny_base, sites=3, out_dir=str(out)), RUN_ID).report
+    report = run_dem(grid, _cfg(tiny_base, sites=3, min_peers=1, out_dir=str(out)), RUN_ID).report
     details = report["secure_aggregation"]
     assert list(details["dropped"]) == ["site-2"] and "share" in details["dropped"]["site-2"]
     assert report["weights"] == pytest.approx({f"site-{i}": 1 / 3 for i in range(2)})

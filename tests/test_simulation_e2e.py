@@ -1,32 +1,17 @@
 """End to end: real `feddem simulate` runs (Flower Simulation Engine, Ray on loopback) on the tiny base."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import TINY_BASE_STEPS
-
-SMALL = ["--steps", "20", "--train-examples", "200", "--eval-examples", "40", "--base-steps", str(TINY_BASE_STEPS)]
-
-
-def _simulate(out, *args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-m", "server.cli", "simulate", "--out", str(out), *SMALL, *args],
-                            capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return json.loads((out / "report.json").read_text()), result
+from tests.conftest import simulate_cli
 
 
 @pytest.mark.slow
 def test_three_site_run_merges_better_than_base_and_exports(tmp_path, tiny_base):
     out = tmp_path / "run"
-    report, result = _simulate(out, "--sites", "3")
+    report, result = simulate_cli(out, "--sites", "3")
     domains = ["arithmetic", "records", "prose"]
     assert [s["domain"] for s in report["sites"]] == domains
     assert all(s["examples"] == 200 and s["tokens"] > 0 for s in report["sites"])
@@ -59,7 +44,7 @@ def test_three_site_run_merges_better_than_base_and_exports(tmp_path, tiny_base)
 def test_lora_run_with_size_weights(tmp_path, tiny_base):
     out = tmp_path / "lora"
     # two sites: a secure sum of two reveals each vector to the other site, so this run opts out explicitly
-    report, _ = _simulate(out, "--sites", "2", "--data", "synthetic:arithmetic,records", "--lora",
+    report, _ = simulate_cli(out, "--sites", "2", "--data", "synthetic:arithmetic,records", "--lora",
                           "--weighting", "size", "--lr", "1e-3", "--aggregation", "plain")
     assert report["aggregation"] == "plain"
     tokens = {s["site"]: s["tokens"] for s in report["sites"]}

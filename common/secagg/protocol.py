@@ -583,7 +583,7 @@ class SecAggServer:
             raise SecAggError("recover_masks: the masked vectors of the survivors have not all been added")
         if not isinstance(shares, Mapping):
             raise SecAggError("aggregate: shares must be a mapping responder -> {peer: share}")
-        survivors, dropped = set(self._survivors), set(self._dropped)
+        survivors = set(self._survivors)
         collected: dict[int, dict[int, int]] = {u: {} for u in self._u2}
         for responder, per in shares.items():
             responder = _check_id(responder, p, "aggregate: shares")
