@@ -27,6 +27,7 @@ from common.errors import FeddemError
 from common.secagg import SecAggError, SecAggParams, SecAggServer, choose_bits, error_bound
 from common.secagg.protocol import _CIPHERTEXT_BYTES, KEY_BYTES
 from common.vectors import Vector
+from server.messaging import failure_reason, site_message
 
 log = logging.getLogger("feddem.server")
 
@@ -60,9 +61,7 @@ class _Round:
         as it arrives (a FeddemError there drops the node). Returns the nodes that succeeded."""
         pending: dict[str, int] = {}
         for node, content in per_node.items():
-            content[M.CONFIG] = ConfigRecord(self.cfg.to_record())
-            content[M.BASE] = self.base
-            ids = list(self.grid.push_messages([Message(content, dst_node_id=node, message_type=message_type)]))
+            ids = list(self.grid.push_messages([site_message(self.cfg, self.base, node, message_type, content)]))
             if ids:
                 pending[ids[0]] = node
             else:
@@ -84,10 +83,9 @@ class _Round:
         return ok
 
     def _take(self, stage: str, node: int, reply: Message, on_reply, ok: set[int]) -> None:
-        if reply.has_error():
-            self.dropped[node] = f"{stage}: {_last_line(reply.error.reason)}"
-        elif M.FAILURE in reply.content.config_records:
-            self.dropped[node] = f"{stage}: {reply.content.config_records[M.FAILURE]['reason']}"
+        reason = failure_reason(reply)
+        if reason is not None:
+            self.dropped[node] = f"{stage}: {reason}"
         else:
             try:
                 on_reply(node, reply.content)
@@ -96,11 +94,6 @@ class _Round:
                 self.dropped[node] = f"{stage}: malformed reply ({type(exc).__name__}: {exc})"
         if node in self.dropped:
             log.warning("secure aggregation, %s: node-%d dropped: %s", stage, node, self.dropped[node])
-
-
-def _last_line(reason: str) -> str:
-    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
-    return lines[-1][:500] if lines else "unknown error"
 
 
 def _fail(stage: str, exc: Exception, total: int, alive: int, threshold: int, dropped: dict[int, str]) -> FeddemError:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from common import messages as M
@@ -24,6 +24,7 @@ from common.paths import feddem_home
 from common.vectors import Vector, add_into, apply_vector, check_vector, parameters_of, save_vector, vector_from_record, vector_to_record
 from common.weighting import SiteReport, compute_weights
 from server.base import resolve_base_ref
+from server.messaging import failure_reason, site_message
 from server.report import build_report, write_report
 from server.secure_aggregation import secure_sum
 
@@ -72,22 +73,18 @@ class Stage:
         self.failures: dict[str, str] = {}
 
     def run(self, name: str, message_type: str, per_node: dict[int, RecordDict]) -> dict[int, RecordDict]:
-        messages = []
-        for node, content in per_node.items():
-            content[M.CONFIG] = ConfigRecord(self.cfg.to_record())
-            content[M.BASE] = self.base
-            messages.append(Message(content, dst_node_id=node, message_type=message_type))
+        messages = [site_message(self.cfg, self.base, node, message_type, content)
+                    for node, content in per_node.items()]
         log.info("%s: %d site(s)", name, len(messages))
         replies = self.grid.send_and_receive(messages, timeout=self.cfg.timeout)
         ok: dict[int, RecordDict] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
-            if reply.has_error():
-                self.failures[f"node-{node}"] = f"{name}: {_last_line(reply.error.reason)}"
-            elif M.FAILURE in reply.content.config_records:
-                self.failures[f"node-{node}"] = f"{name}: {reply.content.config_records[M.FAILURE]['reason']}"
-            else:
+            reason = failure_reason(reply)
+            if reason is None:
                 ok[node] = reply.content
+            else:
+                self.failures[f"node-{node}"] = f"{name}: {reason}"
         for node in set(per_node) - set(ok):
             self.failures.setdefault(f"node-{node}", f"{name}: no reply within {self.cfg.timeout:.0f} s")
         for who, why in self.failures.items():
@@ -95,12 +92,6 @@ class Stage:
         if not ok:
             raise FeddemError(f"{name}: no site succeeded ({'; '.join(self.failures.values())})")
         return ok
-
-
-def _last_line(reason: str) -> str:
-    """The useful end of a remote traceback: its last non-empty line."""
-    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
-    return lines[-1][:500] if lines else "unknown error"
 
 
 def _site_record(content: RecordDict) -> dict:
@@ -231,7 +222,7 @@ def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
 
     trained_sites = [sites[n] for n in order]
     report = build_report(cfg.to_record(), base_info, trained_sites, used, merged,
-                          {k: v for k, v in stage.failures.items()}, timings, aggregation=cfg.aggregation,
+                          dict(stage.failures), timings, aggregation=cfg.aggregation,
                           aggregation_details=details)
     write_report(report, out)
     for s in trained_sites:
