@@ -1,4 +1,5 @@
-"""`feddem`: the command line. `feddem simulate` runs a whole federated DEM run on this machine."""
+"""`feddem`: the command line. `feddem simulate` runs a whole federated DEM run on this machine; `feddem certs`
+writes a deployment's certificates and site keys (`server.certs`)."""
 
 import argparse
 import logging
@@ -9,6 +10,7 @@ from common.config import AGGREGATIONS, RunConfig
 from common.devices import DEVICES
 from common.errors import FeddemError
 from common.weighting import WEIGHTINGS
+from server import certs
 
 RENAMED = {"out_dir": "out"}  # option names that differ from the run-config key
 CHOICES = {"weighting": list(WEIGHTINGS), "device": list(DEVICES), "aggregation": list(AGGREGATIONS)}
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "$FEDDEM_HOME, default ~/.cache/feddem) on 4 built-in synthetic domains.",
     )
     _add_run_options(sim)
+    certs.add_parser(sub)
     return parser
 
 
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             result = simulate(cfg)
             print(f"\nmerged model: {result.out_dir / 'model'}\nreport: {result.out_dir / 'report.json'}, "
                   f"{result.out_dir / 'report.png'}")
+        elif args.command == "certs":
+            certs.run(args)
     except FeddemError as exc:
         print(f"feddem: error: {exc}", file=sys.stderr)
         return 2
