@@ -6,9 +6,11 @@ In the secure threat model the server is the adversary, so the site itself refus
 - this vector was already aggregated once in this run: two sums whose weights differ in one site reveal that
   site's vector (differencing). The fact is persisted on the site's disk next to the vector
   (`<work-dir>/runs/<run-id>/aggregations.json`), so a restarted site (or a fresh actor) cannot be talked round.
+  The one exception: a run that declares distributed noise (`noise` > 0) may aggregate the same vector up to
+  `aggregation-budget` times; every site then adds its part of the noise itself, so each sum is noisy.
 
-The policy is the stricter of the site's own node config (`min-peers`, `weight-min`, `weight-max`, when set) and the
-run config the server sent, and it is fixed at the first stage of a round: a later message cannot loosen it.
+The policy is the stricter of the site's own node config (`min-peers`, `weight-min`, `weight-max`,
+`aggregation-budget` and `noise`, when set) and the run config the server sent, and it is fixed at the first stage of a round: a later message cannot loosen it.
 A refusal raises `GuardRefusal` (a FeddemError), which the ClientApp returns as the `failure` record and logs.
 """
 
@@ -42,15 +44,23 @@ class GuardPolicy:
     min_peers: int
     weight_min: float
     weight_max: float
+    budget: int = 1  # aggregations of the same vector allowed in one run
+    noise: float = 0.0  # standard deviation of the noise in the sum; this site adds noise / sqrt(n)
 
     @classmethod
     def for_site(cls, cfg: RunConfig, node_config: dict) -> "GuardPolicy":
-        """The stricter of the run config and the site's own node config; at least one other site, always."""
-        own = {k: node_config[k] for k in ("min-peers", "weight-min", "weight-max") if k in node_config}
+        """The stricter of the run config and the site's own node config; at least one other site, always; a
+        budget above 1 only with noise."""
+        own = {k: node_config[k] for k in ("min-peers", "weight-min", "weight-max", "aggregation-budget", "noise")
+               if k in node_config}
+        noise = max(cfg.noise, float(own.get("noise", 0.0)))
+        budget = min(cfg.aggregation_budget, int(own.get("aggregation-budget", cfg.aggregation_budget)))
         return cls(
             min_peers=max(1, cfg.min_peers, int(own.get("min-peers", 1))),
             weight_min=max(cfg.weight_min, float(own.get("weight-min", cfg.weight_min))),
             weight_max=min(cfg.weight_max, float(own.get("weight-max", cfg.weight_max))),
+            budget=max(1, budget) if noise > 0 else 1,
+            noise=noise,
         )
 
     def to_dict(self) -> dict:
@@ -93,18 +103,24 @@ def check_weight(policy: GuardPolicy, site: SiteContext, weight: float) -> None:
                                       f"[{policy.weight_min}, {policy.weight_max}]")
 
 
-def check_not_aggregated(site: SiteContext, run_id: int, digest: str) -> None:
-    for entry in read_record(site, run_id):
-        if entry.get("digest") in (digest, "*"):
-            raise GuardRefusal(site.name, f"its vector of run {run_id} was already aggregated once (session "
-                                          f"{entry.get('session')}, weight {entry.get('weight')}); a second sum "
-                                          f"with other weights would reveal it by differencing")
+def check_not_aggregated(site: SiteContext, run_id: int, digest: str, budget: int = 1) -> None:
+    """Refuse when this vector has used up its budget of aggregations in this run (an unreadable record counts as
+    a spent budget)."""
+    spent = [e for e in read_record(site, run_id) if e.get("digest") in (digest, "*")]
+    if any(e.get("digest") == "*" for e in spent) or len(spent) >= budget:
+        last = spent[-1]
+        times = "once" if len(spent) == 1 else f"{len(spent)} times"
+        raise GuardRefusal(site.name, f"its vector of run {run_id} was already aggregated {times} (last: session "
+                                      f"{last.get('session')}, weight {last.get('weight')}; budget {budget}); "
+                                      f"another sum with other weights would reveal it by differencing")
 
 
-def mark_aggregated(site: SiteContext, run_id: int, digest: str, session: bytes, weight: float) -> None:
-    """Persist, before the masked vector leaves the site, that this vector is spent (atomic write + fsync)."""
+def mark_aggregated(site: SiteContext, run_id: int, digest: str, session: bytes, weight: float,
+                    noise: float = 0.0) -> None:
+    """Persist, before the masked vector leaves the site, that this vector is spent once (atomic write + fsync)."""
     entries = read_record(site, run_id)
-    entries.append({"digest": digest, "session": session.hex(), "weight": weight, "time": time.time()})
+    entries.append({"digest": digest, "session": session.hex(), "weight": weight, "noise": noise,
+                    "time": time.time()})
     path = record_path(site, run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=RECORD_NAME, suffix=".tmp")

@@ -2,9 +2,10 @@
 
   sa_keys    params + (client id, weight, names) -> guard checks, fresh X25519 keys -> (pk_c, pk_s)
   sa_share   everyone's public keys              -> guard (peers) -> AES-GCM-encrypted Shamir shares, one per peer
-  sa_masked  the shares routed to this site      -> guard (peers, not yet aggregated), mark the vector as spent
-                                                    on disk, then w * d flattened in sorted-name order, clipped to
-                                                    [-clip, clip], quantized and masked: uint32 (k = 32) chunks
+  sa_masked  the shares routed to this site      -> guard (peers, budget left), mark the vector as spent once
+                                                    on disk, then w * d flattened in sorted-name order, plus this
+                                                    site's part of the noise when the run declares it, clipped
+                                                    to [-clip, clip], quantized and masked: uint32 (k = 32) chunks
   sa_unmask  survivors and dropped sites         -> guard (peers) -> shares that remove the masks
 
 The `SecAggClient` and the guard policy live in `context.state` between stages (a ConfigRecord under `secagg`):
@@ -20,11 +21,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from safetensors import safe_open
 
 from client.guard import GuardPolicy, check_not_aggregated, check_peers, check_weight, mark_aggregated, vector_digest
-from client.site import SiteContext, stored_vector
+from client.site import SiteContext, stored_vector, vector_file
 from common import messages as M
 from common.config import RunConfig
 from common.errors import FeddemError
 from common.secagg import SecAggClient, SecAggParams
+from common.secagg.quantize import _fresh_rng
 from common.vectors import Vector
 
 log = logging.getLogger("feddem.site")
@@ -39,13 +41,16 @@ def vector_layout(site: SiteContext, run_id: int) -> list[str]:
         return sorted(fh.keys())
 
 
-def flatten_weighted(vector: Vector, names: list[str], weight: float, clip: float) -> tuple[np.ndarray, int]:
-    """`weight * vector` as one float32 array in the order of `names`, clipped to [-clip, clip]; and how many
-    elements were clipped."""
+def flatten_weighted(vector: Vector, names: list[str], weight: float, clip: float,
+                     noise_std: float = 0.0) -> tuple[np.ndarray, int]:
+    """`weight * vector` as one float32 array in the order of `names`, plus Gaussian noise of `noise_std` when
+    asked, clipped to [-clip, clip]; and how many elements were clipped."""
     if sorted(vector) != list(names):
         raise FeddemError(f"the server's vector layout ({len(names)} names) is not this site's "
                           f"({len(vector)} names)")
     flat = torch.cat([(vector[n] * weight).reshape(-1) for n in names]).numpy()
+    if noise_std > 0:
+        flat += _fresh_rng().normal(0.0, noise_std, flat.size).astype(np.float32)
     over = np.abs(flat) > clip
     clipped = int(np.count_nonzero(over))
     if clipped:
@@ -69,7 +74,8 @@ class _Round:
         state[STATE] = ConfigRecord({
             "client": self.client.to_state(), "session": self.client.params.session, "weight": self.weight,
             "min-peers": self.policy.min_peers, "weight-min": self.policy.weight_min,
-            "weight-max": self.policy.weight_max, "digest": self.digest,
+            "weight-max": self.policy.weight_max, "budget": self.policy.budget, "noise": self.policy.noise,
+            "digest": self.digest,
         })
 
     @classmethod
@@ -81,7 +87,8 @@ class _Round:
         if bytes(rec["session"]) != bytes(session):
             raise FeddemError(f"{site.name}: the message is for secure-aggregation session {bytes(session).hex()[:12]}, "
                               f"this site is in session {bytes(rec['session']).hex()[:12]}")
-        policy = GuardPolicy(int(rec["min-peers"]), float(rec["weight-min"]), float(rec["weight-max"]))
+        policy = GuardPolicy(int(rec["min-peers"]), float(rec["weight-min"]), float(rec["weight-max"]),
+                             int(rec["budget"]), float(rec["noise"]))
         return cls(SecAggClient.from_state(bytes(rec["client"])), float(rec["weight"]), policy, str(rec["digest"]))
 
 
@@ -98,10 +105,9 @@ def sa_keys(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, c
     policy = GuardPolicy.for_site(cfg, node_config)
     check_peers(policy, site, len(params.client_ids) - 1, "keys")
     check_weight(policy, site, weight)
-    if not site.vector_path(run_id).is_file():
-        raise FeddemError(f"{site.name} holds no vector for run {run_id}: it has not fine-tuned in this run")
+    vector_file(site, run_id)
     digest = vector_digest(site, run_id)
-    check_not_aggregated(site, run_id, digest)
+    check_not_aggregated(site, run_id, digest, policy.budget)
     names = list(mine["names"])
     if names != vector_layout(site, run_id):
         raise FeddemError(f"{site.name}: the server's vector layout does not match the stored vector")
@@ -135,19 +141,21 @@ def sa_masked(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int,
     sa = content.config_records[M.SA]
     received = _pairs(list(sa["from"]), [bytes(c) for c in sa["ct"]])
     check_peers(rnd.policy, site, len(set(received) - {rnd.client.id}), "masked")
-    check_not_aggregated(site, run_id, rnd.digest)
+    check_not_aggregated(site, run_id, rnd.digest, rnd.policy.budget)
     vector = stored_vector(site, run_id)
     if vector_digest(site, run_id) != rnd.digest:
         raise FeddemError(f"{site.name}: the stored vector changed during the secure-aggregation round")
     names = sorted(vector)
-    flat, clipped = flatten_weighted(vector, names, rnd.weight, rnd.client.params.clip)
+    # this site's part of the distributed noise: n equal parts of variance noise^2 / n
+    noise_std = rnd.policy.noise / np.sqrt(len(rnd.client.params.client_ids))
+    flat, clipped = flatten_weighted(vector, names, rnd.weight, rnd.client.params.clip, noise_std)
     del vector
     if clipped:
         log.warning("%s: %d of %d elements of w*d exceed clip %g and were clipped", site.name, clipped, flat.size,
                     rnd.client.params.clip)
     client = rnd.client
     client.receive_shares(received)
-    mark_aggregated(site, run_id, rnd.digest, client.params.session, rnd.weight)
+    mark_aggregated(site, run_id, rnd.digest, client.params.session, rnd.weight, rnd.policy.noise)
     arrays = {}
     for start in range(0, flat.size, CHUNK):
         arrays[f"{start:012d}"] = Array(client.masked_input_chunk(flat[start:start + CHUNK], start))

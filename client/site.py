@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from common.config import RunConfig
-from common.data import Shard, SyntheticSizes, load_shard, pack_blocks
+from common.data import Shard, SyntheticSizes, load_shard, load_site_data, pack_blocks
 from common.devices import resolve_device
 from common.errors import FeddemError
 from common.evaluation import evaluate_loss
@@ -27,20 +27,39 @@ log = logging.getLogger("feddem.site")
 
 @dataclass
 class SiteContext:
-    """Who the site is and where it keeps its files."""
+    """Who the site is, where it keeps its files, and what its own node config says about its data and device.
 
-    index: int  # which shard of the data spec (partition-id)
+    Simulated sites get `partition-id` (their shard of the run's `data` spec). A deployed site's SuperNode gets
+    `--node-config` with `data-path` (its own data: a folder with `train.*` and `test.*` files, a folder holding one
+    data file, or that file; `synthetic:NAME` only when a built-in domain is wanted on purpose), and optionally
+    `site-name`, `domain` (the name its data goes by in the report), `device` (overrides the run's), `work-dir`,
+    and the privacy guard's stricter `min-peers`/`weight-min`/`weight-max` (`client.guard`).
+    """
+
+    index: int  # which shard of the data spec (partition-id); 0 for a deployed site
     name: str
     work_dir: Path
+    data_path: str | None = None  # node config `data-path`: the site's own data (deployment)
+    device: str | None = None  # node config `device`: this site's device, whatever the run config says
+    domain: str | None = None  # node config `domain`: the name of the site's data in the report
 
     @classmethod
     def from_node_config(cls, node_config: dict) -> "SiteContext":
-        if "partition-id" not in node_config:
-            raise FeddemError("this node has no 'partition-id' in its node config: cannot tell which shard is its own")
-        index = int(node_config["partition-id"])
-        name = str(node_config.get("site-name") or f"site-{index}")
+        data_path = node_config.get("data-path")
+        if "partition-id" not in node_config and data_path is None:
+            raise FeddemError("this node's node config has no 'data-path' (a deployed site's own data folder, e.g. "
+                              "--node-config 'data-path=\"/data/site\"') and no 'partition-id' (a simulated site's "
+                              "shard of the run's data): cannot tell which data is its own")
+        index = int(node_config.get("partition-id", 0))
+        default_name = f"site-{index}" if "partition-id" in node_config else f"site-{Path(str(data_path)).name}"
+        name = str(node_config.get("site-name") or default_name)
         work_dir = Path(str(node_config.get("work-dir") or feddem_home() / "sites" / name)).expanduser()
-        return cls(index, name, work_dir)
+        optional = {k: str(node_config[k]) for k in ("device", "domain") if node_config.get(k)}
+        return cls(index, name, work_dir, None if data_path is None else str(data_path), **optional)
+
+    def resolve_device(self, cfg: RunConfig):
+        """The torch device: the site's own `device` when its node config sets one, else the run's."""
+        return resolve_device(self.device or cfg.device)
 
     def vector_path(self, run_id: int) -> Path:
         return self.work_dir / "runs" / str(run_id) / "vector.safetensors"
@@ -56,7 +75,17 @@ def load_verified_base(ref: str, checksum: str):
 
 
 def load_site_shard(cfg: RunConfig, site: SiteContext) -> Shard:
-    shard = load_shard(cfg.data, site.index, SyntheticSizes(cfg.train_examples, cfg.eval_examples, cfg.seed))
+    """The site's data: its own `data-path` when deployed, else its shard of the run's `data` spec."""
+    sizes = SyntheticSizes(cfg.train_examples, cfg.eval_examples, cfg.seed)
+    if site.data_path is None:
+        shard = load_shard(cfg.data, site.index, sizes)
+    else:
+        try:
+            shard = load_site_data(site.data_path, site.index, sizes)
+        except FeddemError as exc:
+            raise FeddemError(f"{site.name}: node config data-path: {exc}") from None
+    if site.domain:
+        shard.name = site.domain
     if len(shard.train) == 0 or len(shard.heldout) == 0:
         raise FeddemError(f"{site.name}: shard '{shard.name}' has {len(shard.train)} train and {len(shard.heldout)} held-out examples")
     return shard
@@ -69,7 +98,7 @@ def _heldout_blocks(shard: Shard, tokenizer, cfg: RunConfig) -> torch.Tensor:
 def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, run_id: int) -> dict:
     """Fine-tune on the site's train split, save the vector locally, return the metadata the server may see."""
     start = time.perf_counter()
-    device = resolve_device(cfg.device)
+    device = site.resolve_device(cfg)
     base = load_verified_base(model_ref, checksum)
     tokenizer = load_tokenizer(model_ref)
     shard = load_site_shard(cfg, site)
@@ -116,16 +145,21 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     }
 
 
-def stored_vector(site: SiteContext, run_id: int) -> Vector:
+def vector_file(site: SiteContext, run_id: int) -> Path:
+    """The path of the site's stored vector of this run; an error when it has none."""
     path = site.vector_path(run_id)
     if not path.is_file():
         raise FeddemError(f"{site.name} holds no vector for run {run_id}: it has not fine-tuned in this run")
-    return load_vector(path)
+    return path
+
+
+def stored_vector(site: SiteContext, run_id: int) -> Vector:
+    return load_vector(vector_file(site, run_id))
 
 
 def evaluate_merged(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, aggregate: Vector) -> dict:
     """Held-out loss of base + aggregate on the site's own domain."""
-    device = resolve_device(cfg.device)
+    device = site.resolve_device(cfg)
     model = load_verified_base(model_ref, checksum)
     tokenizer = load_tokenizer(model_ref)
     apply_vector(model, aggregate)

@@ -47,6 +47,11 @@ class RunConfig:
     weight_max: float = _opt(1.0, "secure aggregation: a site refuses a weight above this")
     secagg_threshold: int = _opt(0, "secure aggregation: sites needed to unmask the sum (Shamir threshold); "
                                  "0 = max(2, ceil(2n/3)) of the n sites that trained")
+    noise: float = _opt(0.0, "secure aggregation: standard deviation of the Gaussian noise in the sum, added by "
+                        "the sites in equal parts (distributed noise); 0 = none")
+    aggregation_budget: int = _opt(1, "secure aggregation: how many times a site lets the same vector be "
+                                   "aggregated in one run; more than 1 needs --noise > 0 (two noiseless sums with "
+                                   "different weights reveal a vector)")
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -104,6 +109,13 @@ class RunConfig:
         if self.secagg_threshold != 0 and not 2 <= self.secagg_threshold <= self.sites:
             raise FeddemError(f"secagg-threshold must be 0 (automatic) or between 2 and sites ({self.sites}), "
                               f"got {self.secagg_threshold}")
+        if not (math.isfinite(self.noise) and self.noise >= 0):
+            raise FeddemError(f"noise must be a finite number >= 0, got {self.noise}")
+        if self.aggregation_budget < 1:
+            raise FeddemError(f"aggregation-budget must be at least 1, got {self.aggregation_budget}")
+        if self.aggregation_budget > 1 and self.noise == 0:
+            raise FeddemError(f"aggregation-budget {self.aggregation_budget} needs distributed noise (--noise > 0): "
+                              f"without noise, two sums whose weights differ in one site reveal its vector")
         if self.aggregation == "secure" and self.sites - 1 < self.min_peers:
             raise FeddemError(f"secure aggregation with min-peers {self.min_peers} needs at least "
                               f"{self.min_peers + 1} sites, got --sites {self.sites} (or use --aggregation plain)")

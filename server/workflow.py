@@ -143,6 +143,8 @@ def _secure_aggregate(grid: Grid, cfg: RunConfig, stage: Stage, trained: dict, s
         "ring_bits": result.bits,
         "clip": result.clip,
         "clipped_elements": clipped,
+        "noise": cfg.noise,  # std of the distributed Gaussian noise in the sum (with every site in it)
+        "aggregation_budget": cfg.aggregation_budget,
         "survivors": sorted(used),
         "dropped": {name[n]: why for n, why in result.dropped.items()},
         "requested_weights": {name[n]: w for n, w in weights.items()},

@@ -13,7 +13,7 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
-from client.guard import RECORD_NAME
+from client.guard import RECORD_NAME, GuardPolicy
 from client.site import SiteContext
 from common import messages as M
 from common.config import RunConfig
@@ -292,6 +292,50 @@ def test_differencing_attempt_is_refused(sites, tiny_base):
     assert str(err.value).count("already aggregated once") == len(NODES)
 
 
+def test_declared_noise_and_budget_allow_that_many_noisy_aggregations(sites, tiny_base):
+    """With distributed noise and a budget of 2, a second sum of the same vectors is allowed, a third is refused,
+    and each sum carries Gaussian noise of the declared standard deviation (split among the sites)."""
+    root, layout = sites
+    grid = FakeGrid(root, NODES)
+    noisy = dict(noise=0.01, aggregation_budget=2)
+    first = _secure(grid, tiny_base, layout, **noisy)
+    second = _secure(grid, tiny_base, layout, weights=dict(WEIGHTS) | {NODES[0]: 0.2}, **noisy)
+    exact = _expected(root, WEIGHTS, NODES)
+    residual = _flat(first.aggregate) - exact
+    assert residual.std().item() == pytest.approx(0.01, rel=0.05)  # ~1M samples: the std is tight
+    assert abs(residual.mean().item()) < 1e-4
+    # the two sums differ by 0.1 * d_0 plus the noise of both: the noise hides d_0 (its scale is ~1e-3)
+    d0 = _flat(_vector(root, 0))
+    leak = (_flat(second.aggregate) - _flat(first.aggregate)) / 0.1 - d0
+    assert leak.std().item() > 10 * d0.std().item()
+    with pytest.raises(FeddemError, match=r"stage 'keys'") as err:
+        _secure(grid, tiny_base, layout, **noisy)
+    assert str(err.value).count("already aggregated 2 times") == len(NODES)
+    assert "budget 2" in str(err.value)
+
+
+def test_site_can_lower_the_budget_in_its_node_config(sites, tiny_base):
+    root, layout = sites
+    grid = FakeGrid(root, NODES, node_config={"aggregation-budget": 1})
+    _secure(grid, tiny_base, layout, noise=0.01, aggregation_budget=3)
+    with pytest.raises(FeddemError, match=r"stage 'keys'") as err:
+        _secure(grid, tiny_base, layout, noise=0.01, aggregation_budget=3)
+    assert str(err.value).count("already aggregated once") == len(NODES) and "budget 1" in str(err.value)
+
+
+def test_budget_without_noise_is_refused_by_the_site(sites, tiny_base):
+    """A server that skips its own config check and asks for a noiseless budget: the site rejects the config, and
+    its guard's budget stays 1 without noise whatever the config says."""
+    root, layout = sites
+    cfg = _cfg(tiny_base)
+    object.__setattr__(cfg, "aggregation_budget", 5)  # a crafted config that validate() rejects
+    with pytest.raises(FeddemError, match="needs distributed noise"):
+        secure_sum(FakeGrid(root, NODES), cfg, _base_record(tiny_base), WEIGHTS, layout, _shapes(tiny_base))
+    assert GuardPolicy.for_site(cfg, {}).budget == 1
+    assert GuardPolicy.for_site(_cfg(tiny_base, noise=0.1, aggregation_budget=5), {}).budget == 5
+    assert GuardPolicy.for_site(_cfg(tiny_base, noise=0.1, aggregation_budget=5), {"noise": 0.5}).noise == 0.5
+
+
 def test_client_state_survives_serialisation_between_stages():
     params = SecAggParams.create([3, 5, 8], 100, 1.0)
     server = SecAggServer(params)
@@ -393,6 +437,9 @@ def test_secure_run_with_a_dropout_reports_effective_weights(tiny_base, tmp_path
     ({"secagg-threshold": 1}, "secagg-threshold must be 0"),
     ({"secagg-threshold": 5}, "secagg-threshold must be 0"),
     ({"sites": 2, "min-peers": 2}, "needs at least 3 sites"),
+    ({"aggregation-budget": 2}, "needs distributed noise"),
+    ({"noise": -1.0}, "noise must be a finite number"),
+    ({"aggregation-budget": 0, "noise": 0.1}, "aggregation-budget must be at least 1"),
 ])
 def test_secure_settings_are_validated(record, message):
     with pytest.raises(FeddemError, match=message):
