@@ -14,7 +14,6 @@ The policy is the stricter of the site's own node config (`min-peers`, `weight-m
 A refusal raises `GuardRefusal` (a FeddemError), which the ClientApp returns as the `failure` record and logs.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -23,9 +22,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from client.site import SiteContext
+from client.site import SiteContext, vector_file
 from common.config import RunConfig
 from common.errors import FeddemError
+from common.vectors import stored_digest
 
 log = logging.getLogger("feddem.site")
 
@@ -72,12 +72,8 @@ def record_path(site: SiteContext, run_id: int) -> Path:
 
 
 def vector_digest(site: SiteContext, run_id: int) -> str:
-    """SHA-256 of the stored vector file: what "the same vector" means."""
-    digest = hashlib.sha256()
-    with open(site.vector_path(run_id), "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """The content digest of the stored vector (from its header): what "the same vector" means."""
+    return stored_digest(vector_file(site, run_id))
 
 
 def read_record(site: SiteContext, run_id: int) -> list[dict]:

@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from safetensors import safe_open
 
 from client.guard import GuardPolicy, check_not_aggregated, check_peers, check_weight, mark_aggregated, vector_digest
-from client.site import SiteContext, stored_vector, vector_file
+from client.site import SiteContext, stored_vector
 from common import messages as M
 from common.config import RunConfig
 from common.errors import FeddemError
@@ -105,7 +105,6 @@ def sa_keys(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, c
     policy = GuardPolicy.for_site(cfg, node_config)
     check_peers(policy, site, len(params.client_ids) - 1, "keys")
     check_weight(policy, site, weight)
-    vector_file(site, run_id)
     digest = vector_digest(site, run_id)
     check_not_aggregated(site, run_id, digest, policy.budget)
     names = list(mine["names"])

@@ -5,6 +5,7 @@ LoRA vector covers only the adapted weight matrices, each the dense low-rank upd
 would merge, so vectors of different sites add up exactly like full ones.
 """
 
+import hashlib
 import math
 import os
 import tempfile
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from common.errors import FeddemError
@@ -114,12 +116,27 @@ def vector_from_record(record: ArrayRecord) -> Vector:
     return {name: torch.from_numpy(np.array(array.numpy(), copy=True)) for name, array in record.items()}
 
 
+DIGEST_KEY = "feddem-sha256"  # safetensors header metadata: the content digest written by `save_vector`
+
+
+def vector_digest(vector: Vector) -> str:
+    """SHA-256 of a vector's content (names, dtypes, shapes and bytes, in sorted-name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(vector):
+        t = vector[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
 def save_vector(vector: Vector, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a vector as safetensors atomically (temporary file, fsync, rename)."""
+    """Write a vector as safetensors atomically (temporary file, fsync, rename), with its content digest in the
+    header (`stored_digest` reads it back without reading the data)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
+    metadata = dict(metadata or {}) | {DIGEST_KEY: vector_digest(vector)}
     try:
         save_file({k: v.contiguous() for k, v in vector.items()}, tmp, metadata=metadata)
         with open(tmp, "rb+") as fh:
@@ -130,8 +147,24 @@ def save_vector(vector: Vector, path: str | Path, metadata: dict[str, str] | Non
             os.unlink(tmp)
 
 
-def load_vector(path: str | Path) -> Vector:
-    """Read a vector written by `save_vector`."""
+def load_vector(path: str | Path, verify: bool = False) -> Vector:
+    """Read a vector written by `save_vector`; with `verify`, check its content against the digest in its header."""
     if not Path(path).is_file():
         raise FeddemError(f"vector file '{path}' does not exist")
-    return load_file(str(path))
+    vector = load_file(str(path))
+    if verify:
+        recorded = _header_digest(path)
+        if recorded is not None and vector_digest(vector) != recorded:
+            raise FeddemError(f"vector file '{path}' is corrupt: its content does not match the digest in its header")
+    return vector
+
+
+def _header_digest(path: str | Path) -> str | None:
+    with safe_open(str(path), framework="pt") as fh:
+        return (fh.metadata() or {}).get(DIGEST_KEY)
+
+
+def stored_digest(path: str | Path) -> str:
+    """The content digest of a stored vector: from its header when `save_vector` wrote it (no data read), else
+    computed from the data."""
+    return _header_digest(path) or vector_digest(load_vector(path))

@@ -9,7 +9,7 @@ from common.errors import FeddemError
 from common.modeling import build_model, tiny_llama_config
 from common.vectors import (
     apply_vector, check_vector, extract_lora_vector, extract_vector, load_vector, parameters_of, save_vector,
-    vector_from_record, vector_to_record, weighted_sum,
+    stored_digest, vector_digest, vector_from_record, vector_to_record, weighted_sum,
 )
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
@@ -78,6 +78,22 @@ def test_save_load_and_record_round_trip(base, tmp_path):
     via_record = vector_from_record(vector_to_record(vector))
     assert all(torch.equal(via_record[k], vector[k]) for k in vector)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_stored_digest_is_in_the_header_and_catches_corruption(base, tmp_path):
+    vector = extract_vector(_perturbed(base, 6), parameters_of(base))
+    path = tmp_path / "v.safetensors"
+    save_vector(vector, path)
+    assert stored_digest(path) == vector_digest(vector)
+    other = {k: v.clone() for k, v in vector.items()}
+    next(iter(other.values())).view(-1)[0] += 1e-3
+    assert vector_digest(other) != vector_digest(vector)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF  # flip bits in the last tensor's data
+    path.write_bytes(bytes(raw))
+    assert stored_digest(path) == vector_digest(vector)  # the header still says what was written...
+    with pytest.raises(FeddemError, match="is corrupt"):
+        load_vector(path, verify=True)  # ...and a verified read notices the data no longer matches
 
 
 def test_bad_vectors_are_named(base):
