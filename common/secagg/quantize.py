@@ -106,11 +106,11 @@ def quantize(
     shift = config.clip * scale
     top = float(config.max_per_client)
     size = min(n, _BLOCK)
-    value, low, noise = np.empty(size), np.empty(size), np.empty(size)  # float64 work buffers
+    value, noise = np.empty(size), np.empty(size)  # float64 work buffers
     for start in range(0, n, _BLOCK):
         stop = min(n, start + _BLOCK)
         k = stop - start
-        v, lo, u = value[:k], low[:k], noise[:k]
+        v, u = value[:k], noise[:k]
         chunk = x[start:stop]
         if not np.isfinite(chunk).all():
             bad = start + int(np.flatnonzero(~np.isfinite(chunk))[0])
@@ -118,11 +118,10 @@ def quantize(
         np.multiply(chunk, scale, out=v, dtype=np.float64)
         v += shift  # (x + c) * scale
         np.clip(v, 0.0, top, out=v)  # the same as clipping x to [-c, c]
-        np.floor(v, out=lo)
-        v -= lo  # fractional part
         rng.random(out=u)
-        lo += u < v  # round up with probability = fractional part
-        out[start:stop] = lo
+        v += u  # floor(v + u), u ~ U[0, 1): rounds up with probability = the fractional part of v
+        np.floor(v, out=v)
+        out[start:stop] = v
     return out
 
 
