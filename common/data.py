@@ -132,6 +132,30 @@ def load_shard(spec: str, index: int, sizes: SyntheticSizes) -> Shard:
     return _load_folder_shard(_folder_entries(spec)[index], sizes.seed)
 
 
+def load_site_data(path: str, index: int, sizes: SyntheticSizes) -> Shard:
+    """A deployed site's own data (its node config `data-path`), in the same formats as one entry of a data folder:
+    a folder with `train.*` and a held-out file, a folder holding exactly one such entry (a data file or a
+    `NAME/` subfolder), or a data file itself. `synthetic:NAME` generates a built-in domain instead, only when a
+    site asks for it (a list `synthetic:a,b` or `synthetic` picks the entry at `index`)."""
+    if _is_synthetic(path):
+        return load_shard(path, index if len(_synthetic_domains(path)) > 1 else 0, sizes)
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise FeddemError(f"'{path}' does not exist at this site (expected a folder holding the site's data, "
+                          f"or 'synthetic:NAME' to use a built-in domain)")
+    if root.is_file():
+        if root.suffix not in EXTENSIONS:
+            raise FeddemError(f"data file '{path}' is not one of {', '.join(EXTENSIONS)}")
+        return _load_folder_shard(root, sizes.seed)
+    if _find_split(root, ("train",)) is not None:
+        return _load_folder_shard(root, sizes.seed)
+    entries = _folder_entries(path)
+    if len(entries) != 1:
+        raise FeddemError(f"site folder '{path}' holds {len(entries)} entries ({', '.join(p.name for p in entries)}) "
+                          f"and no train.* file: give train.* and test.* files, or exactly one data file or subfolder")
+    return _load_folder_shard(entries[0], sizes.seed)
+
+
 def general_mixture(train_examples: int, seed: int) -> list[str]:
     """The base model's pre-training text: every built-in domain in its general (part-vocabulary) form."""
     texts = []
