@@ -7,7 +7,7 @@ are the site's side of secure aggregation (`client.secure_upload`); `train.uploa
 
 import logging
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secure_upload
@@ -17,6 +17,7 @@ from common import messages as M
 from common.config import RunConfig
 from common.errors import FeddemError
 from common.vectors import vector_from_record
+from common.weighting import EMBEDDING, strategy
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 log = logging.getLogger("feddem.site")
@@ -43,10 +44,20 @@ def _handle(msg: Message, context: Context, work) -> Message:
     return Message(content, reply_to=msg)
 
 
+def _optional_vector(content: RecordDict, name: str):
+    return vector_from_record(content.array_records[name]) if name in content.array_records else None
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     def work(msg, site, cfg, ref, checksum):
-        content = _split(fine_tune(cfg, site, ref, checksum, context.run_id))
+        embed = EMBEDDING in strategy(cfg.strategy_name).needs
+        result = fine_tune(cfg, site, ref, checksum, context.run_id, _optional_vector(msg.content, M.START),
+                           _optional_vector(msg.content, M.TARGET), embed)
+        embedding = result.pop("embedding", None)
+        content = _split(result)
+        if embedding is not None:
+            content[M.EMBEDDING] = ArrayRecord({"embedding": Array(embedding)})
         # the vector's parameter names (not its values): the server needs them to lay out a secure sum
         content[M.LAYOUT] = ConfigRecord({"names": secure_upload.vector_layout(site, context.run_id)})
         return content
@@ -67,7 +78,8 @@ def upload(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     def work(msg, site, cfg, ref, checksum):
         aggregate = vector_from_record(msg.content.array_records[M.AGGREGATE])
-        return _split(evaluate_merged(cfg, site, ref, checksum, aggregate))
+        split = str(msg.content.config_records[M.EVAL]["split"]) if M.EVAL in msg.content.config_records else "test"
+        return _split(evaluate_merged(cfg, site, ref, checksum, aggregate, split))
 
     return _handle(msg, context, work)
 

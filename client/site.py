@@ -20,6 +20,7 @@ from common.evaluation import evaluate_loss
 from common.modeling import load_model, load_tokenizer, model_checksum
 from common.paths import feddem_home
 from common.training import TrainSettings, train_causal_lm
+from client.signals import alignment, domain_embedding
 from common.vectors import Vector, apply_vector, extract_lora_vector, extract_vector, load_vector, parameters_of, save_vector
 
 log = logging.getLogger("feddem.site")
@@ -91,20 +92,45 @@ def load_site_shard(cfg: RunConfig, site: SiteContext) -> Shard:
     return shard
 
 
-def _heldout_blocks(shard: Shard, tokenizer, cfg: RunConfig) -> torch.Tensor:
-    return pack_blocks(shard.heldout["text"], tokenizer, cfg.seq_len, pad_last=True)
+SPLITS = ("validation", "test")
 
 
-def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, run_id: int) -> dict:
-    """Fine-tune on the site's train split, save the vector locally, return the metadata the server may see."""
+def heldout_texts(shard: Shard, split: str) -> list[str]:
+    """The held-out split in two: its first half validates (the weight search), its second half tests (the report).
+    A one-example held-out split serves as both."""
+    if split not in SPLITS:
+        raise FeddemError(f"unknown evaluation split '{split}': choose one of {', '.join(SPLITS)}")
+    texts = list(shard.heldout["text"])
+    if len(texts) < 2:
+        return texts
+    half = len(texts) // 2
+    return texts[:half] if split == "validation" else texts[half:]
+
+
+def heldout_blocks(shard: Shard, tokenizer, cfg: RunConfig, split: str = "test") -> torch.Tensor:
+    return pack_blocks(heldout_texts(shard, split), tokenizer, cfg.seq_len, pad_last=True)
+
+
+def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, run_id: int,
+              start_from: Vector | None = None, target: Vector | None = None, embed: bool = False) -> dict:
+    """Fine-tune on the site's train split, save the vector locally, return the metadata the server may see.
+
+    `start_from`: the merged model of the previous round as a vector on the base (rounds > 1); the site's vector is
+    then relative to that start. `target`: the server's target direction (DGA): the result gets `alignment`.
+    `embed`: the result gets `embedding`, the base model's domain embedding (Chameleon)."""
     start = time.perf_counter()
     device = site.resolve_device(cfg)
     base = load_verified_base(model_ref, checksum)
     tokenizer = load_tokenizer(model_ref)
     shard = load_site_shard(cfg, site)
     train_blocks = pack_blocks(shard.train["text"], tokenizer, cfg.seq_len)
-    heldout = _heldout_blocks(shard, tokenizer, cfg)
+    heldout = heldout_blocks(shard, tokenizer, cfg)
     base_eval = evaluate_loss(base, heldout, tokenizer.pad_token_id, device)
+    extra = {}
+    if embed:
+        extra["embedding"] = domain_embedding(base, train_blocks, tokenizer.pad_token_id, device)
+    if start_from is not None:
+        apply_vector(base, start_from)
 
     model = copy.deepcopy(base)
     if cfg.lora:
@@ -129,13 +155,15 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     else:
         vector = extract_vector(model, parameters_of(base))
     save_vector(vector, site.vector_path(run_id), metadata={"site": site.name, "domain": shard.name})
+    if target is not None:
+        extra["alignment"] = alignment(vector, target)
     train_tokens = int(train_blocks.numel())
-    return {
+    return extra | {
         "site": site.name,
         "domain": shard.name,
         "examples": len(shard.train),
         "tokens": train_tokens,
-        "heldout_examples": len(shard.heldout),
+        "heldout_examples": len(heldout_texts(shard, "test")),
         "train_loss": stats["train_loss"],
         "tokens_per_second": stats["tokens_per_second"],
         "base_loss": base_eval["loss"],
@@ -157,12 +185,13 @@ def stored_vector(site: SiteContext, run_id: int) -> Vector:
     return load_vector(vector_file(site, run_id))
 
 
-def evaluate_merged(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, aggregate: Vector) -> dict:
-    """Held-out loss of base + aggregate on the site's own domain."""
+def evaluate_merged(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, aggregate: Vector,
+                    split: str = "test") -> dict:
+    """Loss of base + aggregate on the site's own domain, on the validation or the test half of its held-out data."""
     device = site.resolve_device(cfg)
     model = load_verified_base(model_ref, checksum)
     tokenizer = load_tokenizer(model_ref)
     apply_vector(model, aggregate)
     shard = load_site_shard(cfg, site)
-    result = evaluate_loss(model, _heldout_blocks(shard, tokenizer, cfg), tokenizer.pad_token_id, device)
+    result = evaluate_loss(model, heldout_blocks(shard, tokenizer, cfg, split), tokenizer.pad_token_id, device)
     return {"site": site.name, "domain": shard.name, "merged_loss": result["loss"], "heldout_tokens": result["tokens"]}

@@ -22,7 +22,8 @@ class RunConfig:
     model: str = _opt("", "base model: a local Hugging Face folder or a hub name; empty = the embedded tiny model")
     data: str = _opt("synthetic", "'synthetic', 'synthetic:DOMAIN,...' or a folder of per-site files")
     train_examples: int = _opt(2000, "synthetic domains: train examples per site")
-    eval_examples: int = _opt(200, "synthetic domains: held-out examples per site")
+    eval_examples: int = _opt(400, "synthetic domains: held-out examples per site (first half: validation for "
+                              "the weight search; second half: the test split of the report)")
     steps: int = _opt(200, "local fine-tuning steps per site")
     lr: float = _opt(3e-4, "peak learning rate of local fine-tuning (warm-up then cosine decay)")
     batch_size: int = _opt(16, "sequences per micro-batch")
@@ -32,6 +33,19 @@ class RunConfig:
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: int = _opt(16, "LoRA alpha")
     weighting: str = _opt("uniform", "how the server weights the sites' vectors")
+    weights: str = _opt("", "weights by hand, SITE=W,... for every site (implies --weighting manual)")
+    rounds: int = _opt(1, "rounds of local fine-tuning from the current merged model followed by a weighted merge "
+                       "(1 = DEM)")
+    chameleon_lambda: float = _opt(0.1, "chameleon: ridge of the leverage scores (times the number of domains)")
+    chameleon_tau: float = _opt(0.1, "chameleon: softmax temperature of the normalised leverage scores")
+    chameleon_inverse: bool = _opt(False, "chameleon: weight by inverse scores (the pre-training variant)")
+    dga_eta: float = _opt(2.0, "dga: step size of the exponentiated-gradient update")
+    dga_ema: float = _opt(0.5, "dga: share of the previous round's weights kept (moving average); round 1 starts "
+                          "from uniform")
+    target: str = _opt("", "dga: data spec of the target task the server holds; empty = the run's data")
+    target_examples: int = _opt(32, "dga: target examples per target shard for the target gradient")
+    search_budget: int = _opt(8, "search: candidate merges to score (each is one more aggregation)")
+    search_step: float = _opt(0.5, "search: relative change of one weight per candidate")
     device: str = _opt("auto", "training device of the sites: auto, cpu or cuda")
     seed: int = _opt(0, "seed of data generation, training order and initialisation")
     base_steps: int = _opt(300, "embedded model only: pre-training steps of the cached base")
@@ -93,6 +107,43 @@ class RunConfig:
         if self.device not in DEVICES:
             raise FeddemError(f"unknown device '{self.device}': choose one of {', '.join(DEVICES)}")
         self._validate_aggregation()
+        self._validate_weighting()
+
+    def _validate_weighting(self) -> None:
+        from common.weighting.manual import parse_weights
+
+        if self.rounds < 1:
+            raise FeddemError(f"rounds must be at least 1, got {self.rounds}")
+        if self.weights:
+            parse_weights(self.weights)
+            if self.weighting not in ("uniform", "manual"):
+                raise FeddemError(f"--weights gives the weights by hand; it cannot be combined with --weighting "
+                                  f"{self.weighting}")
+        elif self.weighting == "manual":
+            raise FeddemError("--weighting manual needs --weights SITE=W,...")
+        for name in ("chameleon_lambda", "chameleon_tau", "dga_eta", "search_step"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise FeddemError(f"{name.replace('_', '-')} must be a positive number, got {value}")
+        if not 0 <= self.dga_ema < 1:
+            raise FeddemError(f"dga-ema must be in [0, 1), got {self.dga_ema}")
+        if self.target_examples < 1 or self.search_budget < 1:
+            raise FeddemError("target-examples and search-budget must be at least 1")
+        if self.eval_examples < 2:
+            raise FeddemError(f"eval-examples must be at least 2 (half validation, half test), got "
+                              f"{self.eval_examples}")
+        if self.weighting == "search" and self.aggregation == "secure" and self.aggregation_budget < 2:
+            raise FeddemError("--weighting search scores several merges of the same vectors: with secure "
+                              "aggregation the sites' guards allow that only with --noise > 0 and "
+                              "--aggregation-budget > 1 (or use --aggregation plain, a trusted run)")
+        if self.weighting == "search" and self.aggregation == "secure" and self.search_budget > self.aggregation_budget:
+            raise FeddemError(f"search-budget {self.search_budget} is more than aggregation-budget "
+                              f"{self.aggregation_budget}: every candidate is one secure aggregation")
+
+    @property
+    def strategy_name(self) -> str:
+        """The weighting in effect: `manual` whenever weights are given by hand."""
+        return "manual" if self.weights else self.weighting
 
     def _validate_aggregation(self) -> None:
         if self.aggregation not in AGGREGATIONS:

@@ -12,6 +12,10 @@ WEIGHT = "weight"  # ConfigRecord: weight (upload request)
 VECTOR = "vector"  # ArrayRecord: the weighted vector (upload reply)
 AGGREGATE = "aggregate"  # ArrayRecord: sum_i w_i d_i (evaluate request)
 FAILURE = "failure"  # ConfigRecord: reason, when a site refuses or fails cleanly
+START = "start"  # ArrayRecord (train request, rounds > 1): the merged model so far, as a vector on the base
+TARGET = "target"  # ArrayRecord (train request, dga): the target direction, minus the target-task gradient
+EMBEDDING = "embedding"  # ArrayRecord (train reply, chameleon): the site's domain embedding
+EVAL = "eval"  # ConfigRecord (evaluate request): split = validation | test
 
 # Secure aggregation (SecAgg+ over the Message API; see client/secure_upload.py and server/secure_aggregation.py)
 SA_KEYS = "query.sa_keys"  # stage 1: round parameters + this site's id and weight -> the site's two public keys

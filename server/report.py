@@ -12,7 +12,8 @@ def _loss_entry(loss: float) -> dict:
 
 
 def build_report(config: dict, base: dict, sites: list[dict], weights: dict, merged: dict, failures: dict,
-                 timings: dict, aggregation: str, aggregation_details: dict | None = None) -> dict:
+                 timings: dict, aggregation: str, aggregation_details: dict | None = None,
+                 extra: dict | None = None) -> dict:
     """The report as a dict. `sites` holds each site's metadata incl. base_loss/local_loss; `merged` site -> loss.
     `aggregation` is "secure" or "plain"; `aggregation_details` (secure: error bound, threshold, dropped sites,
     requested vs effective weights) goes under `secure_aggregation`."""
@@ -37,6 +38,7 @@ def build_report(config: dict, base: dict, sites: list[dict], weights: dict, mer
     }
     if aggregation_details is not None:
         report["secure_aggregation"] = aggregation_details
+    report.update(extra or {})
     return report
 
 
@@ -68,7 +70,7 @@ def plot_report(report: dict, path: Path) -> None:
     ax.set_xticks(range(len(domains)), domains)
     ax.set_ylabel("held-out perplexity (per token)")
     weights = ", ".join(f"{k}={v:.2f}" for k, v in report["weights"].items())
-    ax.set_title(f"feddem: base vs local vs merged ({report['config'].get('weighting')}: {weights})", fontsize=9)
+    ax.set_title(f"feddem: base vs local vs merged ({report.get('weighting', report['config'].get('weighting'))}: {weights})", fontsize=9)
     ax.legend()
     ax.margins(y=0.15)
     fig.tight_layout()

@@ -6,6 +6,7 @@ reach the server by secure aggregation (`server.secure_aggregation`, default) or
 the clear (`plain_aggregate`).
 """
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,12 +22,17 @@ from common.data import list_shards
 from common.errors import FeddemError
 from common.modeling import load_model, load_tokenizer, model_checksum
 from common.paths import feddem_home
-from common.vectors import Vector, add_into, apply_vector, check_vector, parameters_of, save_vector, vector_from_record, vector_to_record
-from common.weighting import SiteReport, compute_weights
+from common.vectors import (
+    Vector, add_into, apply_vector, check_vector, parameters_of, save_vector, vector_from_record, vector_to_record,
+    weighted_sum,
+)
+from common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights, strategy
 from server.base import resolve_base_ref
 from server.messaging import failure_reason, site_message
 from server.report import build_report, write_report
+from server.search import search_merge
 from server.secure_aggregation import secure_sum
+from server.target import target_direction
 
 log = logging.getLogger("feddem.server")
 
@@ -98,24 +104,32 @@ def _site_record(content: RecordDict) -> dict:
     return dict(content.config_records[M.SITE]) | dict(content.metric_records[M.METRICS])
 
 
-def plain_aggregate(stage: Stage, sites: dict, weights: dict[int, float], base_params: dict):
-    """Plain aggregation (`--aggregation plain`): each site sends `w_i * d_i` in the clear; the server sums them and
-    renormalises over the uploads that arrived. Returns (aggregate, contributing nodes, weights used by site)."""
+def fetch_uploads(stage: Stage, sites: dict, weights: dict[int, float], base_params: dict):
+    """Ask each site for `w_i * d_i` in the clear (plain aggregation); yields (node, checked vector) as they come."""
     uploads = stage.run("upload", M.UPLOAD, {n: RecordDict({M.WEIGHT: ConfigRecord({"weight": w})})
                                              for n, w in weights.items()})
-    aggregate: Vector = {}
     for node, content in uploads.items():
         vector = vector_from_record(content.array_records[M.VECTOR])
         check_vector(vector, base_params, f"upload of {sites[node]['site']}")
+        yield node, vector
+
+
+def plain_aggregate(stage: Stage, sites: dict, weights: dict[int, float], base_params: dict):
+    """Plain aggregation (`--aggregation plain`): each site sends `w_i * d_i` in the clear; the server sums them and
+    renormalises over the uploads that arrived. Returns (aggregate, contributing nodes, weights used by site)."""
+    aggregate: Vector = {}
+    arrived = []
+    for node, vector in fetch_uploads(stage, sites, weights, base_params):
         add_into(aggregate, vector)
-    used = {sites[n]["site"]: weights[n] for n in uploads}
-    if len(uploads) < len(weights):  # renormalise what arrived so the weights keep their sum
+        arrived.append(node)
+    used = {sites[n]["site"]: weights[n] for n in arrived}
+    if len(arrived) < len(weights):  # renormalise what arrived so the weights keep their sum
         scale = sum(weights.values()) / sum(used.values())
         for t in aggregate.values():
             t.mul_(scale)
         used = {k: w * scale for k, w in used.items()}
-        log.warning("%d upload(s) missing: weights renormalised over the others", len(weights) - len(uploads))
-    return aggregate, list(uploads), used
+        log.warning("%d upload(s) missing: weights renormalised over the others", len(weights) - len(arrived))
+    return aggregate, arrived, used
 
 
 def _secure_aggregate(grid: Grid, cfg: RunConfig, stage: Stage, trained: dict, sites: dict,
@@ -159,15 +173,77 @@ def _secure_aggregate(grid: Grid, cfg: RunConfig, stage: Stage, trained: dict, s
     return result.aggregate, result.survivors, used, details
 
 
+def evaluate_merge(stage: Stage, nodes, aggregate: Vector, split: str, name: str) -> dict[int, float]:
+    """Each site's loss of base + aggregate on its validation or test split."""
+    record = vector_to_record(aggregate)  # serialised once, sent to every site
+    replies = stage.run(name, M.EVALUATE, {n: RecordDict({M.AGGREGATE: record,
+                                                          M.EVAL: ConfigRecord({"split": split})}) for n in nodes})
+    return {node: float(_site_record(content)["merged_loss"]) for node, content in replies.items()}
+
+
+def _reports(sites: dict, trained: dict, order: list[int]) -> list[SiteReport]:
+    reports = []
+    for n in order:
+        s = sites[n]
+        extra = {key: float(s[key]) for key in (ALIGNMENT,) if key in s}
+        if M.EMBEDDING in trained[n].array_records:
+            extra[EMBEDDING] = trained[n].array_records[M.EMBEDDING]["embedding"].numpy()
+        reports.append(SiteReport(s["site"], s["domain"], int(s["examples"]), int(s["tokens"]),
+                                  float(s["train_loss"]), extra))
+    return reports
+
+
+def _merge_round(grid: Grid, cfg: RunConfig, stage: Stage, trained: dict, sites: dict, order: list[int],
+                 base_params: dict, state: dict):
+    """Weighting and aggregation of one round: (aggregate, contributors, weights used by site, secure details,
+    search summary or None)."""
+    chosen = strategy(cfg.strategy_name)
+    names = {n: sites[n]["site"] for n in order}
+
+    def aggregate_for(weights: dict[int, float]):
+        if cfg.aggregation == "secure":
+            return _secure_aggregate(grid, cfg, stage, trained, sites, weights, base_params)
+        aggregate, contributors, used = plain_aggregate(stage, sites, weights, base_params)
+        return aggregate, contributors, used, None
+
+    if not chosen.search:
+        weights = dict(zip(order, compute_weights(chosen.name, _reports(sites, trained, order), cfg, state)))
+        log.info("weights (%s): %s", chosen.name, {names[n]: round(w, 4) for n, w in weights.items()})
+        return (*aggregate_for(weights), None)
+
+    outcomes: dict = {}
+    if cfg.aggregation == "plain":  # a trusted run: the server holds each d_i and forms every candidate itself
+        vectors = dict(fetch_uploads(stage, sites, dict.fromkeys(order, 1.0), base_params))
+
+        def candidate(weights):
+            missing = [names[n] for n in weights if n not in vectors]
+            if missing:
+                raise FeddemError(f"no vector from {', '.join(missing)}")
+            return weighted_sum([vectors[n] for n in weights], list(weights.values()))
+    else:  # secure: every candidate is one more secure aggregation, within the sites' budget
+        def candidate(weights):
+            aggregate, *rest = aggregate_for(weights)
+            outcomes[tuple(weights.values())] = rest  # who contributed, weights used, details: not the vector
+            return aggregate
+
+    result = search_merge(cfg, order, names, candidate,
+                          lambda aggregate: evaluate_merge(stage, order, aggregate, "validation", "search"))
+    summary = {"candidates": result.history, "best_validation_loss": result.score, "stopped": result.stopped,
+               "aggregations": len(result.history) if cfg.aggregation == "secure" else 1}
+    if cfg.aggregation == "plain":
+        return result.aggregate, list(result.weights), {names[n]: w for n, w in result.weights.items()}, None, summary
+    return (result.aggregate, *outcomes[tuple(result.weights.values())], summary)
+
+
 def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
-    """One DEM round; writes the merged model, report.json and report.png to the run folder."""
+    """A DEM run of `cfg.rounds` rounds; writes the merged model, report.json and report.png to the run folder."""
     timings: dict[str, float] = {}
     started = tick = time.perf_counter()
 
     def lap(name: str) -> None:
         nonlocal tick
         now = time.perf_counter()
-        timings[name] = round(now - tick, 3)
+        timings[name] = round(timings.get(name, 0.0) + now - tick, 3)
         tick = now
 
     preflight(cfg)
@@ -184,48 +260,60 @@ def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
 
     nodes = _wait_for_nodes(grid, cfg.sites, cfg.timeout)
     stage = Stage(grid, cfg, ConfigRecord({"model-ref": model_ref, "model-checksum": checksum}))
+    chosen = strategy(cfg.strategy_name)
+    merged_so_far: Vector | None = None  # sum of the rounds' aggregates: the merged model is base + this
+    state: dict = {}  # the weighting strategy's memory across rounds (DGA's moving average)
+    rounds, first_sites, details, search = [], {}, None, None
+    for r in range(1, cfg.rounds + 1):
+        label = f"round {r}/{cfg.rounds}: " if cfg.rounds > 1 else ""
+        request = RecordDict()
+        if merged_so_far is not None:
+            request[M.START] = vector_to_record(merged_so_far)
+        if ALIGNMENT in chosen.needs:
+            current = copy.deepcopy(base_model)
+            if merged_so_far is not None:
+                apply_vector(current, merged_so_far)
+            request[M.TARGET] = vector_to_record(target_direction(current, load_tokenizer(model_ref), cfg))
+            del current
+        trained = stage.run(f"{label}local fine-tuning", M.TRAIN, {n: RecordDict(dict(request)) for n in nodes})
+        sites = {node: _site_record(content) for node, content in trained.items()}
+        first_sites = first_sites or sites
+        for s in sites.values():
+            log.info("%s%s (%s): base loss %.4f -> local %.4f", label, s["site"], s["domain"], s["base_loss"],
+                     s["local_loss"])
+        lap("train")
+        order = sorted(sites, key=lambda n: sites[n]["site"])
+        aggregate, contributors, used, details, search = _merge_round(grid, cfg, stage, trained, sites, order,
+                                                                       base_params, state)
+        lap("aggregate")
+        if merged_so_far is None:
+            merged_so_far = aggregate
+        else:
+            add_into(merged_so_far, aggregate)
+        rounds.append({"round": r, "weights": dict(sorted(used.items())),
+                       "local_loss": {sites[n]["domain"]: float(sites[n]["local_loss"]) for n in order}}
+                      | ({"search": search} if search else {}))
+        nodes = sorted(contributors)  # a site that dropped out does not come back in later rounds
 
-    trained = stage.run("local fine-tuning", M.TRAIN, {n: RecordDict() for n in nodes})
-    sites = {node: _site_record(content) for node, content in trained.items()}
-    for s in sites.values():
-        log.info("%s (%s): base loss %.4f -> local %.4f", s["site"], s["domain"], s["base_loss"], s["local_loss"])
-    lap("train")
-
-    order = sorted(sites, key=lambda n: sites[n]["site"])
-    reports = [SiteReport(sites[n]["site"], sites[n]["domain"], int(sites[n]["examples"]), int(sites[n]["tokens"]),
-                          float(sites[n]["train_loss"])) for n in order]
-    weights = dict(zip(order, compute_weights(cfg.weighting, reports)))
-    log.info("weights (%s): %s", cfg.weighting, {sites[n]["site"]: round(w, 4) for n, w in weights.items()})
-    lap("weighting")
-
-    if cfg.aggregation == "secure":
-        aggregate, contributors, used, details = _secure_aggregate(grid, cfg, stage, trained, sites, weights,
-                                                                   base_params)
-    else:
-        aggregate, contributors, used = plain_aggregate(stage, sites, weights, base_params)
-        details = None
-    lap("aggregate")
-
-    apply_vector(base_model, aggregate)
-    evaluated = stage.run("evaluation", M.EVALUATE,
-                          {n: RecordDict({M.AGGREGATE: vector_to_record(aggregate)}) for n in contributors})
-    merged = {}
-    for content in evaluated.values():
-        record = _site_record(content)
-        merged[record["site"]] = float(record["merged_loss"])
+    apply_vector(base_model, merged_so_far)
+    merged_losses = evaluate_merge(stage, nodes, merged_so_far, "test", "evaluation")
+    merged = {sites[n]["site"]: loss for n, loss in merged_losses.items()}
     lap("evaluate")
 
     model_dir = out / "model"
     base_model.save_pretrained(model_dir)
     load_tokenizer(model_ref).save_pretrained(model_dir)
-    save_vector(aggregate, out / "aggregate.safetensors", metadata={"weights": str(used)})
+    save_vector(merged_so_far, out / "aggregate.safetensors", metadata={"weights": str(used)})
     lap("export")
     timings["total"] = round(time.perf_counter() - started, 3)
 
-    trained_sites = [sites[n] for n in order]
+    # base loss from round 1 (the base itself), local loss from the last round
+    trained_sites = [sites[n] | {"base_loss": first_sites.get(n, sites[n])["base_loss"]}
+                     for n in sorted(sites, key=lambda n: sites[n]["site"])]
     report = build_report(cfg.to_record(), base_info, trained_sites, used, merged,
                           dict(stage.failures), timings, aggregation=cfg.aggregation,
-                          aggregation_details=details)
+                          aggregation_details=details,
+                          extra={"weighting": chosen.name, "rounds": rounds})
     write_report(report, out)
     for s in trained_sites:
         if s["site"] in merged:

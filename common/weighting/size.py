@@ -1,11 +1,14 @@
 """Size weights: each site in proportion to its number of training tokens (FedAvg's rule)."""
 
 from common.errors import FeddemError
-from common.weighting.base import SiteReport
+from common.weighting.base import SiteReport, Strategy
 
 
-def size_weights(sites: list[SiteReport]) -> list[float]:
+def size_weights(sites: list[SiteReport], cfg=None, state=None) -> list[float]:
     total = sum(s.tokens for s in sites)
     if total <= 0:
         raise FeddemError("size weighting needs token counts, and every site reported 0 tokens")
     return [s.tokens / total for s in sites]
+
+
+STRATEGY = Strategy("size", "in proportion to each site's training tokens", size_weights)

@@ -1,0 +1,49 @@
+"""What a site computes for the weighting strategies besides its vector: a domain embedding (Chameleon) and the
+alignment of its vector with the server's target direction (DGA). Only these summaries leave the site."""
+
+import math
+
+import numpy as np
+import torch
+
+from common.errors import FeddemError
+from common.vectors import Vector
+
+EMBED_BLOCKS = 32  # blocks of the site's train split averaged into its domain embedding
+
+
+@torch.no_grad()
+def domain_embedding(model, blocks: torch.Tensor, pad_id: int, device: torch.device) -> np.ndarray:
+    """Mean over the non-pad tokens of the middle layer's hidden state, over up to EMBED_BLOCKS blocks."""
+    model.eval().to(device)
+    blocks = blocks[:EMBED_BLOCKS]
+    total, count = None, 0
+    for row in blocks.split(8):
+        row = row.to(device)
+        mask = (row != pad_id).unsqueeze(-1)
+        hidden = model(input_ids=row, output_hidden_states=True).hidden_states
+        middle = hidden[len(hidden) // 2].float() * mask
+        part = middle.sum(dim=(0, 1))
+        total = part if total is None else total + part
+        count += int(mask.sum())
+    if not count:
+        raise FeddemError("domain embedding: the site's sample has no tokens")
+    return (total / count).cpu().numpy().astype(np.float32)
+
+
+def alignment(vector: Vector, direction: Vector) -> float:
+    """Cosine of the site's vector with the target direction, over the parameters both cover."""
+    shared = [name for name in vector if name in direction]
+    if not shared:
+        raise FeddemError("alignment: the target direction covers none of this site's vector parameters")
+    dot = vn = dn = 0.0
+    for name in shared:
+        v, d = vector[name].double().reshape(-1), direction[name].double().reshape(-1)
+        if v.shape != d.shape:
+            raise FeddemError(f"alignment: target direction '{name}' has {d.numel()} values, the vector {v.numel()}")
+        dot += float(v @ d)
+        vn += float(v @ v)
+        dn += float(d @ d)
+    if not (math.isfinite(dot) and vn > 0 and dn > 0):
+        return 0.0
+    return dot / math.sqrt(vn * dn)
