@@ -8,10 +8,8 @@ can find all of them, also Ray workers that were re-parented, and stop them by P
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
@@ -19,11 +17,10 @@ import psutil
 import pytest
 
 from tests.conftest import TINY_BASE_STEPS
+from tests.processes import TAG_VAR, ListenWatch, free_ports, stop_tree, tagged
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-superexec and flwr-simulation of this venv
-TAG_VAR = "FEDDEM_TEST_FLWR_RUN_TAG"
-LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}  # the second: an IPv6 socket bound to 127.0.0.1
 
 FLOWER_CONFIG = """\
 [superlink]
@@ -36,31 +33,6 @@ options.backend.client-resources.num-cpus = 1
 """
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):  # all open at once, so the ports differ
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _tagged(tag: str) -> list[psutil.Process]:
-    """The processes whose environment carries the tag: everything `flwr run` started, directly or not."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != os.getpid() and proc.environ().get(TAG_VAR) == tag:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return found
-
-
 def _superlinks(port: int) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
@@ -70,50 +42,9 @@ def _superlinks(port: int) -> list[psutil.Process]:
     return found
 
 
-def _stop(procs: list[psutil.Process], timeout: float = 10.0) -> None:
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=timeout)
-
-
 def _cleanup(tag: str, port: int) -> None:
     """Stop the local SuperLink (it stops its SuperExec), then whatever of the run is left."""
-    links = _superlinks(port)
-    tree = list(links)
-    for link in links:
-        try:
-            tree += link.children(recursive=True)
-        except psutil.NoSuchProcess:
-            pass
-    _stop(links)
-    _stop(list({p.pid: p for p in tree + _tagged(tag)}.values()))
-
-
-class _ListenWatch(threading.Thread):
-    """Samples the listening TCP sockets of the run's processes until stopped."""
-
-    def __init__(self, tag: str):
-        super().__init__(daemon=True)
-        self.tag, self.seen, self.done = tag, set(), threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(1.0):
-            for proc in _tagged(self.tag):
-                try:
-                    for conn in proc.net_connections(kind="tcp"):
-                        if conn.status == psutil.CONN_LISTEN:
-                            self.seen.add((proc.name(), conn.laddr.ip, conn.laddr.port))
-                except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-                    pass
+    stop_tree(_superlinks(port), tag)
 
 
 def _flwr(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
@@ -127,7 +58,7 @@ def test_flwr_run_local_simulation(tmp_path, tiny_base, feddem_home):
     flwr_home.mkdir()
     (flwr_home / "config.toml").write_text(FLOWER_CONFIG)
     out = tmp_path / "run"
-    http_port, control_port = _free_ports(2)
+    http_port, control_port = free_ports(2)
     tag = uuid.uuid4().hex
     env = dict(
         os.environ,
@@ -151,7 +82,7 @@ def test_flwr_run_local_simulation(tmp_path, tiny_base, feddem_home):
         superlink_log = log_file.read_text(errors="replace")[-3000:] if log_file.exists() else "(none)"
         return f"{text[-6000:]}\n--- superlink.log ---\n{superlink_log}"
 
-    watch = _ListenWatch(tag)
+    watch = ListenWatch(tag)
     watch.start()
     try:
         try:
@@ -171,13 +102,12 @@ def test_flwr_run_local_simulation(tmp_path, tiny_base, feddem_home):
         runs = json.loads(listing.stdout)["runs"]
         assert [r["status"] for r in runs] == ["finished:completed"], context(output + listing.stdout)
     finally:
-        watch.done.set()
-        watch.join(timeout=10)
+        watch.finish()
         _cleanup(tag, http_port)
 
-    assert not _tagged(tag), "processes of the run are still alive after cleanup"
+    assert not tagged(tag), "processes of the run are still alive after cleanup"
     assert any(port == http_port for _, _, port in watch.seen), watch.seen  # the watch saw the SuperLink listen
-    assert all(ip in LOOPBACK for _, ip, _ in watch.seen), f"listening beyond loopback: {sorted(watch.seen)}"
+    assert not watch.beyond_loopback(), f"listening beyond loopback: {sorted(watch.seen)}"
 
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["steps"] == 20 and report["config"]["sites"] == 3  # --run-config reached the ServerApp
