@@ -29,6 +29,7 @@ class FakeGrid:
         self.replies: dict[str, Message] = {}
         self.seen: list[bytes] = []
         self.sent: list[str] = []
+        self.requests: list[tuple[str, list[str]]] = []  # (message type, record names) of every message sent
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -39,6 +40,7 @@ class FakeGrid:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             msg = message_from_proto(message_to_proto(msg))  # what a site receives is what went over the wire
             self.sent.append(msg.metadata.message_type)
+            self.requests.append((msg.metadata.message_type, sorted(msg.content.keys())))
             reply = self._deliver(msg)
             if reply is not None:
                 self.replies[msg.metadata.message_id] = reply

@@ -1,0 +1,194 @@
+"""Weighting strategies: each on hand-made inputs with known answers, then in real (in-process) DEM runs: the search
+respects the sites' privacy guard, multi-round DEM, and the weights and metrics land in report.json."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from client.guard import read_record
+from client.signals import alignment
+from client.site import SiteContext
+from common import messages as M
+from common.config import RunConfig
+from common.errors import FeddemError
+from common.weighting import ALIGNMENT, EMBEDDING, WEIGHTINGS, SiteReport, compute_weights
+from common.weighting.chameleon import leverage_scores
+from common.weighting.manual import parse_weights
+from common.weighting.search import coordinate_search
+from server.workflow import run_dem
+from tests.fakegrid import RUN_ID, FakeGrid, task_identity
+
+NODES = [9_000_000_011, 9_000_000_022, 9_000_000_033]
+
+
+def _reports(**extra_by_site) -> list[SiteReport]:
+    return [SiteReport(f"site-{i}", f"d{i}", 10 * (i + 1), 100 * (i + 1), 1.0, extra)
+            for i, extra in enumerate(extra_by_site.get("extra", [{}, {}, {}]))]
+
+
+# --- strategies on known inputs ---
+
+def test_registry_lists_every_strategy():
+    assert set(WEIGHTINGS) == {"uniform", "size", "chameleon", "dga", "search", "manual"}
+    assert WEIGHTINGS["search"].search and WEIGHTINGS["search"].weigh is None
+
+
+def test_uniform_and_size():
+    reports = _reports()
+    assert compute_weights("uniform", reports) == pytest.approx([1 / 3] * 3)
+    assert compute_weights("size", reports) == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+
+
+def test_chameleon_favours_the_domain_unlike_the_others():
+    a, b = np.array([1.0, 0.0, 0.0, 0.5]), np.array([0.0, 1.0, 0.2, 0.0])
+    reports = _reports(extra=[{EMBEDDING: a}, {EMBEDDING: a.copy()}, {EMBEDDING: b}])
+    w = compute_weights("chameleon", reports, RunConfig(weighting="chameleon"))
+    assert sum(w) == pytest.approx(1.0)
+    assert w[0] == pytest.approx(w[1]) and w[2] > w[0]  # the two identical domains tie, the unique one leads
+    scores = leverage_scores(np.stack([a, a, b]), 0.1)
+    assert scores[2] == pytest.approx(4 * scores[0])  # centred: the unique row is twice as far from the mean
+    inverse = compute_weights("chameleon", reports, RunConfig(weighting="chameleon", chameleon_inverse=True))
+    assert inverse[2] < inverse[0]  # the pre-training variant favours the common domains
+    colder = compute_weights("chameleon", reports, RunConfig(weighting="chameleon", chameleon_tau=1.0))
+    assert colder[2] - colder[0] < w[2] - w[0]  # a higher temperature flattens the weights
+    with pytest.raises(FeddemError, match="no domain embedding from site-1"):
+        compute_weights("chameleon", _reports(extra=[{EMBEDDING: a}, {}, {EMBEDDING: b}]), RunConfig())
+
+
+def test_dga_leans_toward_the_site_aligned_with_the_target():
+    rng = np.random.default_rng(0)
+    vectors = [{"w": torch.from_numpy(rng.standard_normal(500).astype(np.float32))} for _ in range(3)]
+    target = {"w": vectors[1]["w"].clone()}  # the target direction is site 1's vector
+    aligned = [alignment(v, target) for v in vectors]
+    assert aligned[1] == pytest.approx(1.0) and abs(aligned[0]) < 0.2
+    cfg, state = RunConfig(weighting="dga"), {}
+    reports = _reports(extra=[{ALIGNMENT: a} for a in aligned])
+    first = compute_weights("dga", reports, cfg, state)
+    assert sum(first) == pytest.approx(1.0) and max(first) == first[1]
+    second = compute_weights("dga", reports, cfg, state)  # the moving average keeps moving toward site 1
+    assert second[1] > first[1]
+    assert compute_weights("dga", reports, RunConfig(weighting="dga", dga_eta=0.1), {})[1] < first[1]
+
+
+def test_coordinate_search_finds_the_minimum_within_budget_and_bounds():
+    target = np.array([0.8, 0.1, 0.3])
+    calls = []
+
+    def score(w):
+        calls.append(list(w))
+        return float(((np.array(w) - target) ** 2).sum())
+
+    best, value, history = coordinate_search(3, score, budget=40, step=0.5, low=0.0, high=0.9)
+    assert len(calls) == len(history) <= 40
+    assert value == min(s for _, s in history) and value < score([1 / 3] * 3)
+    assert all(0.0 <= x <= 0.9 for c, _ in history for x in c)
+    assert best[0] > best[2] > best[1]
+    _, _, short = coordinate_search(3, score, budget=3, step=0.5, low=0.0, high=1.0)
+    assert len(short) == 3
+
+
+def test_manual_weights_parse_and_name_their_errors():
+    assert parse_weights("site-0=0.5, site-1=0.25") == {"site-0": 0.5, "site-1": 0.25}
+    for bad, message in [("site-0", "is not SITE=WEIGHT"), ("site-0=x", "is not a number"),
+                         ("a=1,a=2", "given twice"), ("a=nan", "not finite"), (",", "none given")]:
+        with pytest.raises(FeddemError, match=message):
+            parse_weights(bad)
+    cfg = RunConfig(weights="site-0=0.2,site-1=0.3,site-2=0.5")
+    assert cfg.strategy_name == "manual"
+    assert compute_weights("manual", _reports(), cfg) == [0.2, 0.3, 0.5]
+    with pytest.raises(FeddemError, match=r"unknown site\(s\) \['site-9'\], missing site\(s\) \['site-2'\]"):
+        compute_weights("manual", _reports(), RunConfig(weights="site-0=0.2,site-1=0.3,site-9=0.5"))
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"weighting": "search"}, "only with --noise > 0"),
+    ({"weighting": "search", "noise": 0.01, "aggregation-budget": 4}, "search-budget 8 is more than"),
+    ({"weights": "site-0=1", "weighting": "chameleon"}, "cannot be combined"),
+    ({"weighting": "manual"}, "needs --weights"),
+    ({"rounds": 0}, "rounds must be at least 1"),
+    ({"dga-ema": 1.0}, "dga-ema must be in"),
+    ({"chameleon-tau": 0.0}, "chameleon-tau must be a positive"),
+])
+def test_weighting_settings_are_validated(record, message):
+    with pytest.raises(FeddemError, match=message):
+        RunConfig.from_record(record)
+    RunConfig.from_record({"weighting": "search", "aggregation": "plain"})  # a trusted run may search
+
+
+# --- in real runs (the real ClientApp through a serialising in-process grid) ---
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    with task_identity():
+        yield
+
+
+def _cfg(base, out, **kw) -> RunConfig:
+    values = dict(sites=3, model=str(base), steps=3, lr=1e-3, train_examples=32, eval_examples=16, batch_size=4,
+                  seq_len=32, base_steps=30, device="cpu", timeout=2.0, out_dir=str(out), min_peers=2)
+    return RunConfig(**(values | kw))
+
+
+def _run(tmp_path, base, node_config=None, **kw):
+    grid = FakeGrid(tmp_path / "sites", NODES, node_config=node_config)
+    result = run_dem(grid, _cfg(base, tmp_path / "run", **kw), RUN_ID)
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved == json.loads(json.dumps(result.report))
+    return saved, grid
+
+
+def test_plain_search_picks_the_best_candidate_and_reports_it(tiny_base, tmp_path):
+    report, _ = _run(tmp_path, tiny_base, weighting="search", aggregation="plain", search_budget=5)
+    search = report["rounds"][0]["search"]
+    scores = [c["validation_loss"] for c in search["candidates"]]
+    assert len(scores) == 5 and search["stopped"] == ""
+    assert search["best_validation_loss"] == min(scores) <= scores[0]  # never worse than the uniform start
+    best = search["candidates"][scores.index(min(scores))]["weights"]
+    assert report["weights"] == pytest.approx(best) and report["weighting"] == "search"
+    assert set(report["eval"]["merged"]) == {"arithmetic", "records", "prose"}
+
+
+def test_secure_search_spends_one_aggregation_per_candidate_within_the_budget(tiny_base, tmp_path):
+    report, _ = _run(tmp_path, tiny_base, weighting="search", noise=1e-4, aggregation_budget=3, search_budget=3)
+    search = report["rounds"][0]["search"]
+    assert len(search["candidates"]) == 3 and search["aggregations"] == 3 and search["stopped"] == ""
+    for i in range(3):
+        entries = read_record(SiteContext(i, f"site-{i}", tmp_path / "sites" / f"site-{i}"), RUN_ID)
+        assert len(entries) == 3 and all(e["noise"] == 1e-4 for e in entries)
+    assert report["secure_aggregation"]["noise"] == 1e-4
+
+
+def test_secure_search_stops_where_a_site_guard_refuses_and_keeps_the_best_so_far(tiny_base, tmp_path):
+    """A site whose own node config allows one aggregation: the second candidate is refused, the search says so
+    and merges its first candidate (the uniform weights)."""
+    report, _ = _run(tmp_path, tiny_base, node_config={"aggregation-budget": 1}, weighting="search", noise=1e-4,
+                     aggregation_budget=4, search_budget=4)
+    search = report["rounds"][0]["search"]
+    assert len(search["candidates"]) == 1 and "already aggregated once" in search["stopped"]
+    assert report["weights"] == pytest.approx({f"site-{i}": 1 / 3 for i in range(3)})
+    assert all(math.isfinite(v["loss"]) for v in report["eval"]["merged"].values())
+
+
+def test_chameleon_run_weights_from_the_sites_embeddings(tiny_base, tmp_path):
+    report, grid = _run(tmp_path, tiny_base, weighting="chameleon", aggregation="plain")
+    weights = report["weights"]
+    assert sum(weights.values()) == pytest.approx(1.0) and len(set(round(w, 6) for w in weights.values())) > 1
+    assert report["weighting"] == "chameleon"
+
+
+def test_multi_round_dga_starts_each_round_from_the_merge(tiny_base, tmp_path):
+    report, grid = _run(tmp_path, tiny_base, weighting="dga", rounds=2, target="synthetic:prose",
+                        target_examples=8)
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    first, second = (r["weights"] for r in report["rounds"])
+    assert max(first, key=first.get) == "site-2"  # the prose site helps the prose target most
+    assert second["site-2"] > first["site-2"]  # and the moving average keeps leaning its way
+    # every training request carries the target direction; from round 2 on also the merge to start from
+    trains = [records for kind, records in grid.requests if kind == M.TRAIN]
+    assert len(trains) == 6 and all(M.TARGET in r for r in trains)
+    assert [M.START in r for r in trains] == [False] * 3 + [True] * 3
+    # the merge serves the target task (it may cost the other domains: that is what DGA trades)
+    assert report["eval"]["merged"]["prose"]["loss"] < report["eval"]["base"]["prose"]["loss"]
