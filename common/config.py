@@ -46,6 +46,10 @@ class RunConfig:
     target_examples: int = _opt(32, "dga: target examples per target shard for the target gradient")
     search_budget: int = _opt(8, "search: candidate merges to score (each is one more aggregation)")
     search_step: float = _opt(0.5, "search: relative change of one weight per candidate")
+    keep_pool: bool = _opt(False, "plain (trusted) runs: keep each site's vector in the run folder (pool/) for "
+                           "`feddem ablate`")
+    ablate: str = _opt("", "rank candidate mixtures at the end of the run by merging: K (every subset of up to K "
+                       "sites) or 'site-0,site-1;site-2,site-3'; in secure runs each is one more aggregation")
     device: str = _opt("auto", "training device of the sites: auto, cpu or cuda")
     seed: int = _opt(0, "seed of data generation, training order and initialisation")
     base_steps: int = _opt(300, "embedded model only: pre-training steps of the cached base")
@@ -140,6 +144,14 @@ class RunConfig:
             raise FeddemError(f"search-budget {self.search_budget} is more than aggregation-budget "
                               f"{self.aggregation_budget}: every candidate is one secure aggregation")
 
+        if self.aggregation == "secure":
+            needed = (self.search_budget if self.weighting == "search" else 1) + (
+                count_candidates(self.ablate, self.sites, self.min_peers + 1) if self.ablate else 0)
+            if needed > self.aggregation_budget:
+                raise FeddemError(f"this secure run needs {needed} aggregations of the same vectors (weighting and "
+                                  f"ablation candidates) but aggregation-budget is {self.aggregation_budget}: "
+                                  f"raise it (with --noise > 0) or use --aggregation plain")
+
     @property
     def strategy_name(self) -> str:
         """The weighting in effect: `manual` whenever weights are given by hand."""
@@ -191,3 +203,11 @@ def _coerce(key: str, value, kind: type):
         return kind(value)
     except (TypeError, ValueError):
         raise FeddemError(f"run-config '{key}' must be a {kind.__name__}, got {value!r}") from None
+
+
+def count_candidates(spec: str, n_sites: int, min_size: int = 1) -> int:
+    """How many candidate mixtures an `ablate` spec names for `n_sites` sites (`server.ablation` parses them)."""
+    spec = spec.strip()
+    if spec.isdigit():
+        return sum(math.comb(n_sites, k) for k in range(min_size, min(int(spec), n_sites) + 1))
+    return len([part for part in spec.split(";") if part.strip()])

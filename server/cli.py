@@ -50,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(sim)
     certs.add_parser(sub)
+    abl = sub.add_parser(
+        "ablate",
+        help="rank candidate data mixtures (subsets of sites) by merging a trusted run's pool of vectors",
+        description="Data-ablation approximation: for each candidate subset S of the sites, merge base + mean of "
+        "their vectors and evaluate it on the test splits of the data this machine holds; writes ablation.json and "
+        "ablation.png (ranked, best first). Needs a plain (trusted) run made with --keep-pool; a secure run ranks "
+        "mixtures during the run with --ablate instead.",
+    )
+    abl.add_argument("run", metavar="RUN_DIR", help="the run folder (holds report.json and pool/)")
+    abl.add_argument("--candidates", required=True, metavar="SPEC",
+                     help="K (every subset of up to K sites) or 'site-0,site-1;site-2,site-3'")
+    abl.add_argument("--data", default="", metavar="SPEC", help="evaluation data (default: the run's data spec)")
+    abl.add_argument("--domains", default="", help="comma-separated evaluation domains (default: all)")
+    abl.add_argument("--out", default="", metavar="DIR", help="where to write the table (default: the run folder)")
     return parser
 
 
@@ -66,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result.out_dir / 'report.png'}")
         elif args.command == "certs":
             certs.run(args)
+        elif args.command == "ablate":
+            from server.ablation import ablate_pool, print_ranking
+
+            rows = ablate_pool(args.run, args.candidates, args.data,
+                               [d.strip() for d in args.domains.split(",") if d.strip()] or None, args.out or None)
+            print_ranking(rows)
     except FeddemError as exc:
         print(f"feddem: error: {exc}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ from common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights, 
 from server.base import resolve_base_ref
 from server.messaging import failure_reason, site_message
 from server.report import build_report, write_report
+from server.ablation import POOL, parse_candidates, rank_candidates, write_ablation
 from server.search import search_merge
 from server.secure_aggregation import secure_sum
 from server.target import target_direction
@@ -193,46 +194,80 @@ def _reports(sites: dict, trained: dict, order: list[int]) -> list[SiteReport]:
     return reports
 
 
-def _merge_round(grid: Grid, cfg: RunConfig, stage: Stage, trained: dict, sites: dict, order: list[int],
-                 base_params: dict, state: dict):
+class RoundMerger:
+    """Forms the merge of one round's vectors for given weights: by secure aggregation (one aggregation per call,
+    within the sites' budget), by weighted plain uploads, or, in a trusted run (plain, and the server needs the
+    vectors for a search, the pool or ablations), from each site's d_i fetched once and held by the server."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, stage: Stage, trained: dict, sites: dict, order: list[int],
+                 base_params: dict):
+        self.grid, self.cfg, self.stage, self.trained, self.sites = grid, cfg, stage, trained, sites
+        self.order, self.base_params = order, base_params
+        self.names = {n: sites[n]["site"] for n in order}
+        self.aggregations = 0
+        self.vectors: dict[int, Vector] | None = None
+        if cfg.aggregation == "plain" and (strategy(cfg.strategy_name).search or cfg.keep_pool or cfg.ablate):
+            self.vectors = dict(fetch_uploads(stage, sites, dict.fromkeys(order, 1.0), base_params))
+
+    def merge(self, weights: dict[int, float]):
+        """(aggregate, contributing nodes, weights used by site name, secure details or None)"""
+        self.aggregations += 1
+        if self.cfg.aggregation == "secure":
+            return _secure_aggregate(self.grid, self.cfg, self.stage, self.trained, self.sites, weights,
+                                     self.base_params)
+        if self.vectors is None:
+            return (*plain_aggregate(self.stage, self.sites, weights, self.base_params), None)
+        held = {n: w for n, w in weights.items() if n in self.vectors}
+        if not held:
+            raise FeddemError("no site's vector reached the server")
+        aggregate = weighted_sum([self.vectors[n] for n in held], list(held.values()))
+        return aggregate, list(held), {self.names[n]: w for n, w in held.items()}, None
+
+    def by_name(self, weights: dict[str, float]) -> dict[int, float]:
+        node = {name: n for n, name in self.names.items()}
+        return {node[name]: w for name, w in weights.items()}
+
+
+def _merge_round(merger: RoundMerger, cfg: RunConfig, state: dict):
     """Weighting and aggregation of one round: (aggregate, contributors, weights used by site, secure details,
     search summary or None)."""
     chosen = strategy(cfg.strategy_name)
-    names = {n: sites[n]["site"] for n in order}
-
-    def aggregate_for(weights: dict[int, float]):
-        if cfg.aggregation == "secure":
-            return _secure_aggregate(grid, cfg, stage, trained, sites, weights, base_params)
-        aggregate, contributors, used = plain_aggregate(stage, sites, weights, base_params)
-        return aggregate, contributors, used, None
-
+    order, names = merger.order, merger.names
     if not chosen.search:
-        weights = dict(zip(order, compute_weights(chosen.name, _reports(sites, trained, order), cfg, state)))
+        weights = dict(zip(order, compute_weights(chosen.name, _reports(merger.sites, merger.trained, order), cfg,
+                                                  state)))
         log.info("weights (%s): %s", chosen.name, {names[n]: round(w, 4) for n, w in weights.items()})
-        return (*aggregate_for(weights), None)
+        return (*merger.merge(weights), None)
 
     outcomes: dict = {}
-    if cfg.aggregation == "plain":  # a trusted run: the server holds each d_i and forms every candidate itself
-        vectors = dict(fetch_uploads(stage, sites, dict.fromkeys(order, 1.0), base_params))
 
-        def candidate(weights):
-            missing = [names[n] for n in weights if n not in vectors]
-            if missing:
-                raise FeddemError(f"no vector from {', '.join(missing)}")
-            return weighted_sum([vectors[n] for n in weights], list(weights.values()))
-    else:  # secure: every candidate is one more secure aggregation, within the sites' budget
-        def candidate(weights):
-            aggregate, *rest = aggregate_for(weights)
-            outcomes[tuple(weights.values())] = rest  # who contributed, weights used, details: not the vector
-            return aggregate
+    def candidate(weights):
+        aggregate, *rest = merger.merge(weights)
+        outcomes[tuple(weights.values())] = rest  # who contributed, weights used, details: not the vector
+        return aggregate
 
     result = search_merge(cfg, order, names, candidate,
-                          lambda aggregate: evaluate_merge(stage, order, aggregate, "validation", "search"))
+                          lambda aggregate: evaluate_merge(merger.stage, order, aggregate, "validation", "search"))
     summary = {"candidates": result.history, "best_validation_loss": result.score, "stopped": result.stopped,
                "aggregations": len(result.history) if cfg.aggregation == "secure" else 1}
-    if cfg.aggregation == "plain":
-        return result.aggregate, list(result.weights), {names[n]: w for n, w in result.weights.items()}, None, summary
     return (result.aggregate, *outcomes[tuple(result.weights.values())], summary)
+
+
+def _ablation(merger: RoundMerger, cfg: RunConfig, out: Path) -> list[dict]:
+    """Rank the candidate mixtures of `cfg.ablate` by the test loss of their merges; writes ablation.json/png."""
+    names = [merger.names[n] for n in merger.order]
+    min_size = cfg.min_peers + 1 if cfg.aggregation == "secure" else 1
+    candidates = parse_candidates(cfg.ablate, names, min_size)
+    domain = {merger.sites[n]["site"]: merger.sites[n]["domain"] for n in merger.order}
+
+    def merge_loss(weights: dict[str, float]) -> dict[str, float]:
+        aggregate = merger.merge(merger.by_name(weights))[0]
+        losses = evaluate_merge(merger.stage, merger.order, aggregate, "test", "ablation")
+        return {domain[merger.names[n]]: loss for n, loss in losses.items()}
+
+    rows = rank_candidates(candidates, names, merge_loss)
+    write_ablation(rows, out)
+    return rows
 
 
 def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
@@ -283,8 +318,8 @@ def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
                      s["local_loss"])
         lap("train")
         order = sorted(sites, key=lambda n: sites[n]["site"])
-        aggregate, contributors, used, details, search = _merge_round(grid, cfg, stage, trained, sites, order,
-                                                                       base_params, state)
+        merger = RoundMerger(grid, cfg, stage, trained, sites, order, base_params)
+        aggregate, contributors, used, details, search = _merge_round(merger, cfg, state)
         lap("aggregate")
         if merged_so_far is None:
             merged_so_far = aggregate
@@ -299,6 +334,15 @@ def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
     merged_losses = evaluate_merge(stage, nodes, merged_so_far, "test", "evaluation")
     merged = {sites[n]["site"]: loss for n, loss in merged_losses.items()}
     lap("evaluate")
+    extra = {}
+    if merger.vectors is not None and cfg.keep_pool:  # a trusted run keeps the last round's vectors
+        for n, vector in merger.vectors.items():
+            save_vector(vector, out / POOL / f"{merger.names[n]}.safetensors",
+                        metadata={"site": merger.names[n], "domain": sites[n]["domain"]})
+        extra["pool"] = sorted(merger.names[n] for n in merger.vectors)
+    if cfg.ablate:
+        extra["ablation"] = _ablation(merger, cfg, out)
+        lap("ablation")
 
     model_dir = out / "model"
     base_model.save_pretrained(model_dir)
@@ -313,7 +357,7 @@ def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
     report = build_report(cfg.to_record(), base_info, trained_sites, used, merged,
                           dict(stage.failures), timings, aggregation=cfg.aggregation,
                           aggregation_details=details,
-                          extra={"weighting": chosen.name, "rounds": rounds})
+                          extra={"weighting": chosen.name, "rounds": rounds} | extra)
     write_report(report, out)
     for s in trained_sites:
         if s["site"] in merged:

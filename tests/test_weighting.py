@@ -12,12 +12,13 @@ from client.guard import read_record
 from client.signals import alignment
 from client.site import SiteContext
 from common import messages as M
-from common.config import RunConfig
+from common.config import RunConfig, count_candidates
 from common.errors import FeddemError
 from common.weighting import ALIGNMENT, EMBEDDING, WEIGHTINGS, SiteReport, compute_weights
 from common.weighting.chameleon import leverage_scores
 from common.weighting.manual import parse_weights
 from common.weighting.search import coordinate_search
+from server.ablation import POOL, ablate_pool, candidate_weights, parse_candidates
 from server.workflow import run_dem
 from tests.fakegrid import RUN_ID, FakeGrid, task_identity
 
@@ -192,3 +193,46 @@ def test_multi_round_dga_starts_each_round_from_the_merge(tiny_base, tmp_path):
     assert [M.START in r for r in trains] == [False] * 3 + [True] * 3
     # the merge serves the target task (it may cost the other domains: that is what DGA trades)
     assert report["eval"]["merged"]["prose"]["loss"] < report["eval"]["base"]["prose"]["loss"]
+
+
+# --- ablations: candidate mixtures ranked by merging ---
+
+def test_candidates_parse_and_count():
+    names = ["site-0", "site-1", "site-2"]
+    every = parse_candidates("2", names)
+    assert every == [("site-0",), ("site-1",), ("site-2",), ("site-0", "site-1"), ("site-0", "site-2"),
+                     ("site-1", "site-2")]
+    assert count_candidates("2", 3) == len(every) and count_candidates("2", 3, 2) == 3
+    assert parse_candidates("site-1, site-0; site-2,site-0", names) == [("site-0", "site-1"), ("site-0", "site-2")]
+    assert candidate_weights(("site-0", "site-2"), names) == {"site-0": 0.5, "site-1": 0.0, "site-2": 0.5}
+    with pytest.raises(FeddemError, match=r"unknown site\(s\) \['site-7'\]"):
+        parse_candidates("site-0,site-7", names)
+    with pytest.raises(FeddemError, match="needs at least 3"):
+        parse_candidates("site-0,site-1", names, min_size=3)
+
+
+def test_trusted_run_ranks_mixtures_and_keeps_a_pool_that_feddem_ablate_reads(tiny_base, tmp_path):
+    report, _ = _run(tmp_path, tiny_base, aggregation="plain", keep_pool=True, ablate="2")
+    run = tmp_path / "run"
+    ranking = report["ablation"]
+    assert len(ranking) == 6 and [r["mean_loss"] for r in ranking] == sorted(r["mean_loss"] for r in ranking)
+    assert json.loads((run / "ablation.json").read_text())["ranking"] == ranking and (run / "ablation.png").is_file()
+    assert sorted(p.name for p in (run / POOL).iterdir()) == [f"site-{i}.safetensors" for i in range(3)]
+    # offline, from the pool, on the data this machine holds: the same ranking and the same losses
+    domains = ["arithmetic", "records", "prose"]
+    offline = ablate_pool(run, "2", domains=domains, out=tmp_path / "offline")
+    assert [r["candidate"] for r in offline] == [r["candidate"] for r in ranking]
+    for mine, theirs in zip(offline, ranking):
+        assert mine["mean_loss"] == pytest.approx(theirs["mean_loss"], abs=1e-5)
+    assert (tmp_path / "offline" / "ablation.json").is_file()
+
+
+def test_secure_ablation_is_an_aggregation_per_candidate_within_the_budget(tiny_base, tmp_path):
+    with pytest.raises(FeddemError, match="needs 2 aggregations"):
+        RunConfig(sites=3, ablate="3").validate()
+    report, _ = _run(tmp_path, tiny_base, ablate="3", noise=1e-4, aggregation_budget=2)
+    assert [r["candidate"] for r in report["ablation"]] == [["site-0", "site-1", "site-2"]]
+    entries = read_record(SiteContext(0, "site-0", tmp_path / "sites" / "site-0"), RUN_ID)
+    assert len(entries) == 2  # the merge and the one candidate
+    with pytest.raises(FeddemError, match="has no pool"):
+        ablate_pool(tmp_path / "run", "2")

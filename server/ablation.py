@@ -1,0 +1,162 @@
+"""Data ablations by merging (Na et al.): rank candidate data mixtures, subsets of the sites, by the held-out loss of
+the average of their vectors, instead of training a model on each mixture.
+
+A candidate is a subset S of the sites; its merge is base + sum_{i in S} d_i / |S|. Candidates come as an explicit
+list (`site-0,site-1;site-2,site-3`) or as every subset up to a size (`2`). Where the vectors are depends on the
+run: a trusted (plain) run with `keep-pool` keeps them in its folder (`pool/`), and `feddem ablate` merges them
+there; in a secure run they never leave the sites, so `--ablate` makes every candidate one more secure aggregation
+(zero weight outside S), which the sites' guards allow only within their aggregation budget (with noise).
+"""
+
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from common.errors import FeddemError
+
+POOL = "pool"  # folder of a trusted run: one safetensors vector per site
+
+
+def parse_candidates(spec: str, names: list[str], min_size: int = 1) -> list[tuple[str, ...]]:
+    """The candidate subsets of `names` that `spec` names: 'K' (every subset of size min_size..K) or
+    'a,b;c,d' (those subsets)."""
+    spec = spec.strip()
+    if not spec:
+        raise FeddemError("ablation: no candidates given (a size K, or subsets like 'site-0,site-1;site-2,site-3')")
+    if spec.isdigit():
+        size = int(spec)
+        if not 1 <= size <= len(names):
+            raise FeddemError(f"ablation: subset size {size} must be between 1 and the {len(names)} sites")
+        if size < min_size:
+            raise FeddemError(f"ablation: subsets of at most {size} site(s), but each candidate needs at least "
+                              f"{min_size} here (the privacy guard's min-peers)")
+        return [c for k in range(min_size, size + 1) for c in itertools.combinations(sorted(names), k)]
+    candidates = []
+    for part in (p.strip() for p in spec.split(";")):
+        if not part:
+            continue
+        members = tuple(sorted({m.strip() for m in part.split(",") if m.strip()}))
+        unknown = [m for m in members if m not in names]
+        if unknown:
+            raise FeddemError(f"ablation: unknown site(s) {unknown} in '{part}' (sites: {', '.join(names)})")
+        if len(members) < min_size:
+            raise FeddemError(f"ablation: candidate '{part}' has {len(members)} site(s); each needs at least "
+                              f"{min_size} here (the privacy guard's min-peers)")
+        candidates.append(members)
+    if not candidates:
+        raise FeddemError(f"ablation: no candidate in '{spec}'")
+    return candidates
+
+
+def candidate_weights(candidate: tuple[str, ...], names: list[str]) -> dict[str, float]:
+    """The uniform average over the candidate's sites; 0 for the others."""
+    return {name: (1.0 / len(candidate) if name in candidate else 0.0) for name in names}
+
+
+def rank_candidates(candidates: list[tuple[str, ...]], names: list[str],
+                    merge_loss: Callable[[dict[str, float]], dict[str, float]],
+                    domains: list[str] | None = None) -> list[dict]:
+    """Score each candidate by the mean loss of its merge over `domains` (default: every domain evaluated);
+    returns rows sorted best first. A candidate that cannot be merged (a guard refuses) ends the ranking there,
+    with its reason in the last row."""
+    rows = []
+    for candidate in candidates:
+        try:
+            losses = merge_loss(candidate_weights(candidate, names))
+        except FeddemError as exc:
+            rows.append({"candidate": list(candidate), "error": str(exc)})
+            break
+        chosen = domains or sorted(losses)
+        missing = [d for d in chosen if d not in losses]
+        if missing:
+            raise FeddemError(f"ablation: no loss for domain(s) {missing} (evaluated: {', '.join(sorted(losses))})")
+        rows.append({"candidate": list(candidate), "loss": {d: losses[d] for d in chosen},
+                     "mean_loss": sum(losses[d] for d in chosen) / len(chosen)})
+    scored = sorted((r for r in rows if "mean_loss" in r), key=lambda r: r["mean_loss"])
+    return scored + [r for r in rows if "error" in r]
+
+
+def write_ablation(rows: list[dict], out: Path) -> None:
+    """ablation.json (the ranking) and ablation.png (mean loss by candidate, best first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.json").write_text(json.dumps({"ranking": rows}, indent=1))
+    scored = [r for r in rows if "mean_loss" in r]
+    fig, ax = plt.subplots(figsize=(6.5, max(2.5, 0.35 * len(scored) + 1)))
+    labels = ["+".join(r["candidate"]) for r in scored]
+    ax.barh(range(len(scored)), [r["mean_loss"] for r in scored], color="#4c72b0")
+    ax.set_yticks(range(len(scored)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("mean held-out loss of the merge (nats/token)")
+    ax.set_title("candidate mixtures ranked by merging (best first)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=120)
+    plt.close(fig)
+
+
+def print_ranking(rows: list[dict]) -> None:
+    for i, row in enumerate(rows, 1):
+        if "error" in row:
+            print(f"  --  {'+'.join(row['candidate'])}: not scored ({row['error']})")
+        else:
+            print(f"{i:>4}  {row['mean_loss']:.4f}  {'+'.join(row['candidate'])}")
+
+
+def ablate_pool(run_dir: Path, spec: str, data: str = "", domains: list[str] | None = None,
+                out: Path | None = None) -> list[dict]:
+    """`feddem ablate`: rank candidate mixtures from a trusted run's pool, evaluating each merge on the test splits
+    of the data this machine holds (the run's data spec unless `data` is given); writes ablation.json/png."""
+    import copy
+
+    from client.site import SiteContext, heldout_blocks, load_site_shard
+    from common.config import RunConfig
+    from common.data import list_shards
+    from common.devices import resolve_device
+    from common.evaluation import evaluate_loss
+    from common.modeling import load_model, load_tokenizer, model_checksum
+    from common.vectors import apply_vector, load_vector, weighted_sum
+    from server.report import read_report
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "report.json").is_file():
+        raise FeddemError(f"'{run_dir}' is not a feddem run folder (no report.json)")
+    report = read_report(run_dir)
+    files = sorted((run_dir / POOL).glob("*.safetensors"))
+    if not files:
+        raise FeddemError(f"run '{run_dir}' has no pool: only trusted (plain) runs with --keep-pool keep the sites' "
+                          f"vectors; in a secure run the vectors stay at the sites, so rank mixtures during the run "
+                          f"with --ablate (each candidate is one more secure aggregation)")
+    cfg = RunConfig.from_record(report["config"] | ({"data": data} if data else {}))
+    ref, checksum = report["base_model"]["ref"], report["base_model"]["checksum"]
+    base = load_model(ref)
+    if model_checksum(base) != checksum:
+        raise FeddemError(f"the base model at '{ref}' is not the one the run used (checksum differs)")
+    tokenizer = load_tokenizer(ref)
+    vectors = {path.stem: load_vector(path, verify=True) for path in files}
+    names = sorted(vectors)
+    device = resolve_device(cfg.device)
+    shards = list_shards(cfg.data)
+    wanted = domains or shards
+    unknown = [d for d in wanted if d not in shards]
+    if unknown:
+        raise FeddemError(f"evaluation domain(s) {unknown} are not in data '{cfg.data}' ({', '.join(shards)})")
+    tests = {}
+    for index, name in enumerate(shards):
+        if name in wanted:
+            shard = load_site_shard(cfg, SiteContext(index, name, run_dir))
+            tests[shard.name] = heldout_blocks(shard, tokenizer, cfg, "test")
+
+    def merge_loss(weights: dict[str, float]) -> dict[str, float]:
+        model = copy.deepcopy(base)
+        members = [n for n in names if weights[n]]
+        apply_vector(model, weighted_sum([vectors[n] for n in members], [weights[n] for n in members]))
+        return {d: evaluate_loss(model, blocks, tokenizer.pad_token_id, device)["loss"] for d, blocks in tests.items()}
+
+    rows = rank_candidates(parse_candidates(spec, names), names, merge_loss, sorted(tests))
+    write_ablation(rows, Path(out) if out else run_dir)
+    return rows
