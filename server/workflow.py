@@ -236,6 +236,13 @@ def _merge_round(merger: RoundMerger, cfg: RunConfig, state: dict):
     if not chosen.search:
         weights = dict(zip(order, compute_weights(chosen.name, _reports(merger.sites, merger.trained, order), cfg,
                                                   state)))
+        outside = {names[n]: w for n, w in weights.items() if not cfg.weight_min <= w <= cfg.weight_max}
+        if outside and chosen.name == "manual":
+            raise FeddemError(f"--weights {outside} are outside [weight-min, weight-max] = [{cfg.weight_min}, "
+                              f"{cfg.weight_max}]")
+        if outside:  # a strategy's weights are clamped to the configured range (the sites' guards check it)
+            log.warning("weights %s clamped to [%g, %g]", outside, cfg.weight_min, cfg.weight_max)
+            weights = {n: min(max(w, cfg.weight_min), cfg.weight_max) for n, w in weights.items()}
         log.info("weights (%s): %s", chosen.name, {names[n]: round(w, 4) for n, w in weights.items()})
         return (*merger.merge(weights), None)
 

@@ -178,6 +178,10 @@ def test_chameleon_run_weights_from_the_sites_embeddings(tiny_base, tmp_path):
     weights = report["weights"]
     assert sum(weights.values()) == pytest.approx(1.0) and len(set(round(w, 6) for w in weights.values())) > 1
     assert report["weighting"] == "chameleon"
+    top = max(weights.values())
+    capped, _ = _run(tmp_path / "capped", tiny_base, weighting="chameleon", aggregation="plain",
+                     weight_max=top - 0.01)  # the strategy's weights are clamped into the configured range
+    assert max(capped["weights"].values()) == pytest.approx(top - 0.01)
 
 
 def test_multi_round_dga_starts_each_round_from_the_merge(tiny_base, tmp_path):
