@@ -1,7 +1,9 @@
 """The site's privacy guard: checks a site runs before its vector enters a secure aggregation.
 
 In the secure threat model the server is the adversary, so the site itself refuses to contribute when
-- the aggregation has fewer than `min_peers` OTHER sites (a sum over few sites says much about each);
+- the aggregation has fewer than `min_peers` OTHER sites, or fewer than `min_peers` other sites with a nonzero weight
+  (a sum over few sites says much about each; every site sees all the weights, bound into the round's session, so
+  the server cannot tell each site a different story);
 - its weight lies outside [weight_min, weight_max];
 - this vector was already aggregated once in this run: two sums whose weights differ in one site reveal that
   site's vector (differencing). The fact is persisted on the site's disk next to the vector
@@ -90,6 +92,15 @@ def read_record(site: SiteContext, run_id: int) -> list[dict]:
 def check_peers(policy: GuardPolicy, site: SiteContext, others: int, stage: str) -> None:
     if others < policy.min_peers:
         raise GuardRefusal(site.name, f"only {others} other site(s) in the aggregation at stage '{stage}', "
+                                      f"min-peers is {policy.min_peers}")
+
+
+def check_other_weights(policy: GuardPolicy, site: SiteContext, others: list[float]) -> None:
+    """At least `min_peers` other sites must really be in the sum: with weight 0 a site adds nothing, and a sum of
+    one nonzero term is that site's vector."""
+    nonzero = sum(1 for w in others if w != 0)
+    if nonzero < policy.min_peers:
+        raise GuardRefusal(site.name, f"only {nonzero} other site(s) have a nonzero weight in the aggregation, "
                                       f"min-peers is {policy.min_peers}")
 
 

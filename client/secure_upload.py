@@ -20,12 +20,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from safetensors import safe_open
 
-from client.guard import GuardPolicy, check_not_aggregated, check_peers, check_weight, mark_aggregated, vector_digest
+from client.guard import (
+    GuardPolicy, check_not_aggregated, check_other_weights, check_peers, check_weight, mark_aggregated, vector_digest,
+)
 from client.site import SiteContext, stored_vector
 from common import messages as M
 from common.config import RunConfig
 from common.errors import FeddemError
-from common.secagg import SecAggClient, SecAggParams
+from common.secagg import SecAggClient, SecAggError, SecAggParams
+from common.secagg.params import round_binding
 from common.secagg.quantize import _fresh_rng
 from common.vectors import Vector
 
@@ -105,6 +108,22 @@ def sa_keys(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, c
     policy = GuardPolicy.for_site(cfg, node_config)
     check_peers(policy, site, len(params.client_ids) - 1, "keys")
     check_weight(policy, site, weight)
+    me = int(mine["client-id"])
+    if me not in params.client_ids:
+        raise FeddemError(f"{site.name}: its client id {me} is not in the round")
+    if "weights" not in mine:
+        raise FeddemError(f"{site.name}: malformed round: it does not say every site's weight")
+    everyone = [float(w) for w in mine["weights"]]
+    try:
+        binding = round_binding(params, everyone)
+    except SecAggError as exc:
+        raise FeddemError(f"{site.name}: malformed round: {exc}") from None
+    if binding != params.session or everyone[params.client_ids.index(me)] != weight:
+        raise FeddemError(f"{site.name}: the round's session does not bind its parameters and weights (or this "
+                          f"site's weight differs from its entry in them): refusing a round that may not be the "
+                          f"same for every site")
+    others = [w for cid, w in zip(params.client_ids, everyone) if cid != me]
+    check_other_weights(policy, site, others)
     digest = vector_digest(site, run_id)
     check_not_aggregated(site, run_id, digest, policy.budget)
     names = list(mine["names"])
@@ -112,7 +131,7 @@ def sa_keys(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, c
         raise FeddemError(f"{site.name}: the server's vector layout does not match the stored vector")
     if params.clip != cfg.clip:
         raise FeddemError(f"{site.name}: the round's clip ({params.clip}) is not the run's ({cfg.clip})")
-    client = SecAggClient(params, int(mine["client-id"]))
+    client = SecAggClient(params, me)
     pk_c, pk_s = client.advertise_keys()
     _Round(client, weight, policy, digest).save(state)
     log.info("%s: secure aggregation session %s, weight %.4f, %d sites, threshold %d", site.name,

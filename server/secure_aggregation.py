@@ -15,7 +15,7 @@ sites' guards refuse): the caller reports the effective weights.
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 from common import messages as M
 from common.errors import FeddemError
 from common.secagg import SecAggError, SecAggParams, SecAggServer, choose_bits, error_bound
+from common.secagg.params import round_binding
 from common.secagg.protocol import _CIPHERTEXT_BYTES, KEY_BYTES
 from common.vectors import Vector
 from server.messaging import failure_reason, site_message
@@ -161,6 +162,8 @@ def secure_sum(grid: Grid, cfg, base: ConfigRecord, weights: dict[int, float], l
     bits = choose_bits(n, cfg.clip, cfg.clip * 2.0**-20)
     length = sum(int(torch.Size(shapes[name]).numel()) for name in layout)
     params = SecAggParams.create(cid.values(), length, cfg.clip, threshold=threshold, bits=bits)
+    all_weights = [float(weights[node_of[i]]) for i in params.client_ids]
+    params = replace(params, session=round_binding(params, all_weights))  # the sites check it (client.secure_upload)
     server = SecAggServer(params)
     rnd = _Round(grid, cfg, base, params.session)
     session = {"session": params.session}
@@ -176,7 +179,8 @@ def secure_sum(grid: Grid, cfg, base: ConfigRecord, weights: dict[int, float], l
 
         rnd.exchange(stage, M.SA_KEYS, {node: RecordDict({
             M.SA_PARAMS: ConfigRecord(params.to_dict()),
-            M.SA_ROUND: ConfigRecord({"client-id": cid[node], "weight": float(weights[node]), "names": list(layout)}),
+            M.SA_ROUND: ConfigRecord({"client-id": cid[node], "weight": float(weights[node]), "names": list(layout),
+                                      "weights": all_weights}),
         }) for node in nodes}, on_keys)
         broadcast = server.collect_public_keys(keys)
 

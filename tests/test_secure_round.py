@@ -3,6 +3,7 @@ through a small fake Grid that carries each real Message through Flower's protob
 Nothing of the cryptography is stubbed; the vectors come from real (short) fine-tuning of the tiny base."""
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from common.config import RunConfig
 from common.errors import FeddemError
 from common.modeling import load_model, model_checksum
 from common.secagg import SecAggClient, SecAggParams, SecAggServer
+from common.secagg.params import round_binding
 from common.vectors import load_vector, parameters_of
 from server.secure_aggregation import secure_sum
 from server.workflow import Stage, run_dem
@@ -168,10 +170,15 @@ def test_clipping_at_the_site_is_counted_and_the_sum_is_of_clipped_inputs(sites,
 
 # --- the privacy guard: the server is the adversary, so these messages are crafted as a server could ---
 
-def _keys_message(base, params, client_id, weight, layout, **cfg):
+def _keys_message(base, params, client_id, weight, layout, weights=None, bind=True, **cfg):
+    """A crafted first-stage message; `weights` (everyone's, default: `weight` for all) are bound into the
+    session as an honest server does, unless `bind` is False."""
+    weights = [weight] * len(params.client_ids) if weights is None else weights
+    if bind:
+        params = replace(params, session=round_binding(params, weights))
     content = RecordDict({
         M.SA_PARAMS: ConfigRecord(params.to_dict()),
-        M.SA_ROUND: ConfigRecord({"client-id": client_id, "weight": weight, "names": layout}),
+        M.SA_ROUND: ConfigRecord({"client-id": client_id, "weight": weight, "names": layout, "weights": weights}),
         M.CONFIG: ConfigRecord(_cfg(base, **cfg).to_record()),
         M.BASE: _base_record(base),
     })
@@ -219,6 +226,54 @@ def test_guard_refuses_a_second_aggregation_even_after_a_restart(sites, tiny_bas
     params = SecAggParams.create([0, 1, 2, 3], 10, 1.0)
     fresh = FakeGrid(root, NODES)  # a restarted site: empty context.state
     assert "already aggregated once" in _refusal(_ask(fresh, _keys_message(tiny_base, params, 0, 0.25, layout)))
+
+
+def test_guard_refuses_a_sum_where_the_other_weights_are_zero(sites, tiny_base):
+    """Zero weights for everyone else would make the 'sum' this site's vector alone: refused."""
+    root, layout = sites
+    params = SecAggParams.create([0, 1, 2, 3], 10, 1.0)
+    grid = FakeGrid(root, NODES)
+    reason = _refusal(_ask(grid, _keys_message(tiny_base, params, 0, 1.0, layout, weights=[1.0, 0.0, 0.0, 0.5])))
+    assert "only 1 other site(s) have a nonzero weight" in reason and "min-peers is 2" in reason
+    with pytest.raises(FeddemError, match="nonzero weight"):  # the same through the server's round
+        _secure(FakeGrid(root, NODES), tiny_base, layout, weights=dict(zip(NODES, [0.5, 0.0, 0.0, 0.0])))
+
+
+def test_site_refuses_a_round_whose_session_does_not_bind_the_weights(sites, tiny_base):
+    root, layout = sites
+    params = SecAggParams.create([0, 1, 2, 3], 10, 1.0)
+    unbound = _keys_message(tiny_base, params, 0, 0.25, layout, bind=False)
+    assert "does not bind its parameters and weights" in _refusal(_ask(FakeGrid(root, NODES), unbound))
+    lying = _keys_message(tiny_base, params, 0, 0.25, layout, weights=[0.9, 0.25, 0.25, 0.25])
+    assert "does not bind" in _refusal(_ask(FakeGrid(root, NODES), lying))  # its own entry differs
+
+
+def test_a_server_telling_sites_different_weights_makes_the_round_fail(sites, tiny_base):
+    """Site 0 is shown a consistent round throughout, but not the one the others see (other weights, re-bound
+    session): the pairwise shares then fail authentication, and nothing is summed."""
+    root, layout = sites
+    grid = FakeGrid(root, NODES)
+    told = [0.7, 0.1, 0.1, 0.1]
+    sessions = {}
+
+    def deliver(msg, original=grid._deliver):
+        if msg.metadata.dst_node_id == NODES[0]:
+            rec = msg.content.config_records
+            if msg.metadata.message_type == M.SA_KEYS:
+                params = SecAggParams.from_dict(dict(rec[M.SA_PARAMS]))
+                lie = replace(params, session=round_binding(params, told))
+                sessions[params.session] = lie.session
+                rec[M.SA_PARAMS] = ConfigRecord(lie.to_dict())
+                rec[M.SA_ROUND]["weights"], rec[M.SA_ROUND]["weight"] = told, told[0]
+            elif M.SA in rec:
+                rec[M.SA]["session"] = sessions[bytes(rec[M.SA]["session"])]
+        return original(msg)
+
+    grid._deliver = deliver
+    with pytest.raises(FeddemError, match="secure aggregation failed") as err:
+        _secure(grid, tiny_base, layout, weights=dict(zip(NODES, [0.25] * 4)))
+    assert "failed authentication" in str(err.value)
+    assert M.EVALUATE not in grid.sent
 
 
 def test_differencing_attempt_is_refused(sites, tiny_base):

@@ -224,3 +224,19 @@ class SecAggParams:
             neighbours=graph,
             check_size=data["check_size"],
         )
+
+
+def round_binding(params: SecAggParams, weights: Sequence[float]) -> bytes:
+    """The session of a round bound to everything its clients must agree on: the public parameters (except the
+    session itself) and every client's weight, in client-id order. A server that tells two clients different
+    parameters or weights gives them different sessions, and their pairwise keys and encrypted shares no longer
+    match, so the round fails instead of leaking."""
+    import hashlib
+    import json
+
+    if len(weights) != len(params.client_ids):
+        raise SecAggError(f"{len(weights)} weights for {len(params.client_ids)} clients")
+    public = {k: (v.hex() if isinstance(v, (bytes, bytearray)) else v) for k, v in params.to_dict().items()
+              if k != "session"}
+    blob = json.dumps({"params": public, "weights": [float(w).hex() for w in weights]}, sort_keys=True)
+    return hashlib.sha256(b"feddem-secagg/v1/round|" + blob.encode()).digest()
