@@ -136,21 +136,29 @@ def fedavg(cfg, base, data, tokenizer, rounds: int) -> dict[str, float]:
     from flwr.simulation import run_simulation
 
     from common.training import TrainSettings, train_causal_lm
+    from server.base import resolve_base_ref
     from server.simulation import backend_config, loopback_environment
 
     steps = max(1, cfg.steps // rounds)
+    ref = resolve_base_ref(cfg)
     client_app = ClientApp()
 
     @client_app.train()
-    def train(msg: Message, context):
+    def train(msg: Message, context):  # a FedAvg site: its own data, the global model, steps/R local steps
+        from client.site import SiteContext, load_site_shard
+        from common.data import pack_blocks
+        from common.modeling import load_model, load_tokenizer
+
         index = int(context.node_config["partition-id"])
-        model = copy.deepcopy(base)
+        shard = load_site_shard(cfg, SiteContext(index, f"site-{index}", Path(".")))
+        blocks = pack_blocks(shard.train["text"], load_tokenizer(ref), cfg.seq_len)
+        model = load_model(ref)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         settings = TrainSettings(steps=steps, lr=cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                                  seed=cfg.seed + index)
-        train_causal_lm(model, data[index]["train"], settings, torch.device("cpu"))
+        train_causal_lm(model, blocks, settings, torch.device("cpu"))
         return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                                   "metrics": MetricRecord({"num-examples": int(data[index]["train"].shape[0])})}),
+                                   "metrics": MetricRecord({"num-examples": int(blocks.shape[0])})}),
                        reply_to=msg)
 
     out: dict = {}
@@ -167,7 +175,7 @@ def fedavg(cfg, base, data, tokenizer, rounds: int) -> dict[str, float]:
     loopback_environment()
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(data),
                    backend_config=backend_config(cfg))
-    if "state" not in out:
+    if "state" not in out or set(out["state"]) != set(base.state_dict()):
         raise RuntimeError(f"FedAvg with {rounds} round(s) did not finish (see the log above)")
     model = copy.deepcopy(base)
     model.load_state_dict(out["state"])
