@@ -1,0 +1,241 @@
+"""The run store on its own: records, atomic checksummed artefacts, migrations, crash leftovers, interrupted runs."""
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from server.store import Store, site_vector_name
+from server.store.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from server.store.schema import SCHEMA_VERSION
+
+
+def report(sites=("site-0", "site-1"), weights=None) -> dict:
+    """A report shaped like server/report.py's."""
+    domains = {s: f"dom{i}" for i, s in enumerate(sites)}
+    weights = weights or {s: 1 / len(sites) for s in sites}
+    entry = {"loss": 1.0, "perplexity": 2.718}
+    return {
+        "config": {"aggregation": "plain"},
+        "base_model": {"ref": "/nowhere", "checksum": "ab" * 32, "parameters": 123},
+        "aggregation": "plain",
+        "sites": [{"site": s, "domain": d, "examples": 10, "tokens": 100, "heldout_examples": 4, "train_loss": 1.5}
+                  for s, d in domains.items()],
+        "weights": weights,
+        "eval": {"unit": "nats per token", **{stage: {d: entry for d in domains.values()}
+                                               for stage in ("base", "local", "merged")}},
+        "failures": {},
+        "timings": {"total": 1.0},
+    }
+
+
+def test_a_run_from_begin_to_finish(tmp_path):
+    store = Store(tmp_path)
+    run = store.begin_run({"aggregation": "plain", "weighting": "uniform"}, flower_run_id=2**64 - 1)
+    assert store.get_run(run)["status"] == "running"
+    data = os.urandom(3 * (1 << 20) + 5)  # several chunks
+    a = store.put_artefact(run, "model/model.safetensors", "model", [data[:1000], data[1000:]])
+    assert a["size"] == len(data) and a["sha256"] == hashlib.sha256(data).hexdigest()
+    store.put_artefact(run, site_vector_name("site-0"), "site-vector", [b"v0"])
+    store.put_artefact(run, "aggregate.safetensors", "aggregate", [b"agg"])
+    store.finish_run(run, report(), out_dir="/runs/x")
+    got = store.get_run(run)
+    assert got["status"] == "finished" and got["flower_run_id"] == 2**64 - 1 and got["out_dir"] == "/runs/x"
+    assert [s["site"] for s in got["sites"]] == ["site-0", "site-1"]
+    assert [s["vector_stored"] for s in got["sites"]] == [True, False]
+    assert {(w["site"], w["weight"]) for w in got["weights"]} == {("site-0", 0.5), ("site-1", 0.5)}
+    assert len(got["metrics"]) == 3 * 2 * 2  # stages x domains x (loss, perplexity)
+    assert got["has_model"] and got["remergeable"]
+    assert b"".join(store.read_artefact(run, "model/model.safetensors")) == data
+    assert store.status(verify=True)["problems"] == []
+    with pytest.raises(FailedPrecondition, match="finished"):
+        store.put_artefact(run, "late.bin", "report", [b"x"])
+    with pytest.raises(FailedPrecondition):
+        store.fail_run(run, "too late")
+
+
+def test_weights_of_every_round(tmp_path):
+    store = Store(tmp_path)
+    run = store.begin_run({})
+    r = report()
+    r["rounds"] = [{"round": 1, "weights": {"site-0": 0.5, "site-1": 0.5}},
+                   {"round": 2, "weights": {"site-0": 0.7, "site-1": 0.3}}]
+    store.finish_run(run, r)
+    got = store.get_run(run)
+    assert [(w["round"], w["site"], w["weight"]) for w in got["weights"]] == [
+        (1, "site-0", 0.5), (1, "site-1", 0.5), (2, "site-0", 0.7), (2, "site-1", 0.3)]
+    assert {m["round"] for m in got["metrics"]} == {2}
+
+
+def test_records_survive_reopening(tmp_path):
+    store = Store(tmp_path)
+    run = store.begin_run({})
+    store.put_artefact(run, "report.json", "report", [b"{}"])
+    store.finish_run(run, report())
+    store.close()
+    again = Store(tmp_path)
+    assert again.get_run(run)["status"] == "finished"
+    assert b"".join(again.read_artefact(run, "report.json")) == b"{}"
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "a/../../b", ".hidden", "a//b", "x" * 200, "a/b/c/d/e",
+                                  "sp ace", "", "model/.x.tmp", "é"])
+def test_bad_artefact_names_are_refused(tmp_path, name):
+    store = Store(tmp_path)
+    run = store.begin_run({})
+    with pytest.raises(InvalidArgument):
+        store.put_artefact(run, name, "model", [b"x"])
+    assert store.artefacts(run) == [] and not any(p.is_file() for p in (tmp_path / "artefacts").rglob("*"))
+
+
+def test_announced_size_and_checksum_must_match(tmp_path):
+    store = Store(tmp_path)
+    run = store.begin_run({})
+    with pytest.raises(InvalidArgument, match="announced"):
+        store.put_artefact(run, "a.bin", "report", [b"abc"], size=4)
+    with pytest.raises(InvalidArgument, match="more bytes"):
+        store.put_artefact(run, "a.bin", "report", [b"abcde"], size=4)
+    with pytest.raises(InvalidArgument, match="sha256"):
+        store.put_artefact(run, "a.bin", "report", [b"abc"], size=3, sha256="00" * 32)
+    with pytest.raises(InvalidArgument, match="kind"):
+        store.put_artefact(run, "a.bin", "weights", [b"abc"])
+    assert store.artefacts(run) == []
+    assert not [p for p in (tmp_path / "artefacts").rglob("*") if p.is_file()]  # no file, no temporary
+
+
+def test_a_failing_writer_leaves_nothing(tmp_path):
+    store = Store(tmp_path)
+    run = store.begin_run({})
+
+    def chunks():
+        yield b"part"
+        raise OSError("connection lost")
+
+    with pytest.raises(OSError):
+        store.put_artefact(run, "model/model.safetensors", "model", chunks())
+    assert store.artefacts(run) == [] and not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_a_changed_file_does_not_verify(tmp_path):
+    store = Store(tmp_path)
+    run = store.begin_run({})
+    store.put_artefact(run, "aggregate.safetensors", "aggregate", [b"x" * 100])
+    store.finish_run(run, report())
+    path = store.files.path(run, "aggregate.safetensors")
+    path.write_bytes(b"y" * 100)
+    with pytest.raises(DataLoss, match="does not verify"):
+        b"".join(store.read_artefact(run, "aggregate.safetensors"))
+    assert len(store.status(verify=True)["problems"]) == 1
+    path.unlink()
+    with pytest.raises(DataLoss, match="missing"):
+        b"".join(store.read_artefact(run, "aggregate.safetensors"))
+
+
+def test_unknown_runs_and_artefacts(tmp_path):
+    store = Store(tmp_path)
+    for call in (lambda: store.get_run("nope"), lambda: store.finish_run("nope", report()),
+                 lambda: store.fail_run("nope", "x"), lambda: store.put_artefact("nope", "a", "model", [b""]),
+                 lambda: store.artefact("nope", "a")):
+        with pytest.raises(NotFound):
+            call()
+
+
+@pytest.mark.parametrize("broken", [
+    lambda r: r.pop("sites"),
+    lambda r: r["sites"][0].pop("tokens"),
+    lambda r: r["sites"][0].update(tokens="many"),
+    lambda r: r["sites"][0].update(examples=1.5),
+    lambda r: r.update(weights={"site-0": float("nan")}),
+    lambda r: r.update(weights=[1, 2]),
+    lambda r: r["eval"]["merged"]["dom0"].update(loss="low"),
+    lambda r: r.pop("base_model"),
+])
+def test_a_malformed_report_changes_nothing(tmp_path, broken):
+    store = Store(tmp_path)
+    run = store.begin_run({})
+    bad = report()
+    broken(bad)
+    with pytest.raises(InvalidArgument):
+        store.finish_run(run, bad)
+    got = store.get_run(run)
+    assert got["status"] == "running" and got["sites"] == [] and got["weights"] == [] and got["metrics"] == []
+
+
+def test_a_duplicate_site_rolls_the_whole_report_back(tmp_path):
+    store = Store(tmp_path)
+    run = store.begin_run({})
+    bad = report()
+    bad["sites"].append(dict(bad["sites"][0]))
+    with pytest.raises(InvalidArgument, match="twice"):
+        store.finish_run(run, bad)
+    got = store.get_run(run)
+    assert got["status"] == "running" and got["sites"] == [] and got["weights"] == []
+
+
+def test_schema_is_migrated_and_a_newer_one_refused(tmp_path):
+    Store(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "store.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} >= {
+        "runs", "sites", "rounds", "weights", "metrics", "artefacts"}
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(FailedPrecondition, match="newer"):
+        Store(tmp_path)
+
+
+def test_stray_temporaries_are_removed_on_open(tmp_path):
+    store = Store(tmp_path)
+    run = store.begin_run({})
+    store.put_artefact(run, "model/config.json", "model", [b"{}"])
+    store.close()
+    stray = tmp_path / "artefacts" / run / "model" / ".model.safetensors.abcd1234.tmp"
+    stray.write_bytes(b"half a file")
+    Store(tmp_path)
+    assert not stray.exists() and (tmp_path / "artefacts" / run / "model" / "config.json").exists()
+
+
+def test_a_run_whose_writer_died_is_marked_interrupted(tmp_path):
+    """A process begins a run and dies without finishing it: the next store to open marks it failed."""
+    code = textwrap.dedent(f"""
+        import os
+        from server.store import Store
+        store = Store({str(tmp_path)!r})
+        run = store.begin_run({{"aggregation": "plain"}})
+        store.put_artefact(run, "aggregate.safetensors", "aggregate", [b"x" * 10])
+        print(run, flush=True)
+        os._exit(9)  # no finish, no fail, no close
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    run = out.stdout.strip()
+    assert out.returncode == 9 and run, out.stderr
+    store = Store(tmp_path)
+    got = store.get_run(run)
+    assert got["status"] == "failed" and got["reason"].startswith("interrupted")
+    assert store.status(verify=True)["problems"] == []
+    assert [a["name"] for a in got["artefacts"]] == ["aggregate.safetensors"]
+
+
+def test_a_live_writers_run_stays_running(tmp_path):
+    store = Store(tmp_path)
+    run = store.begin_run({})
+    assert Store(tmp_path).get_run(run)["status"] == "running"  # this process is alive
+    other = store.begin_run({}, owner="elsewhere:1:1")  # another host: cannot be checked, left as it is
+    assert store.get_run(other)["status"] == "running"
+
+
+def test_evaluations_are_added_as_metrics(tmp_path):
+    store = Store(tmp_path)
+    run = store.begin_run({})
+    store.finish_run(run, report())
+    store.add_metrics(run, "server:synthetic", {"dom0": {"loss": 0.5, "perplexity": 1.6, "tokens": 10}})
+    got = [m for m in store.get_run(run)["metrics"] if m["stage"] == "server:synthetic"]
+    assert {(m["round"], m["name"], m["value"]) for m in got} == {(0, "loss", 0.5), (0, "perplexity", 1.6)}
+    assert json.loads(json.dumps(store.report(run)))["weights"] == {"site-0": 0.5, "site-1": 0.5}
