@@ -174,12 +174,17 @@ def sa_masked(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int,
     client = rnd.client
     client.receive_shares(received)
     mark_aggregated(site, run_id, rnd.digest, client.params.session, rnd.weight, rnd.policy.noise)
-    arrays = {}
+    arrays, tags = {}, {}
+
+    def put(start: int, masked: np.ndarray) -> None:  # each chunk with its upload tag (checked by the server)
+        arrays[f"{start:012d}"], tags[start] = Array(masked), client.upload_tag(masked, start)
+
     for start in range(0, flat.size, CHUNK):
-        arrays[f"{start:012d}"] = Array(client.masked_input_chunk(flat[start:start + CHUNK], start))
-    arrays[f"{flat.size:012d}"] = Array(client.masked_check_block())
+        put(start, client.masked_input_chunk(flat[start:start + CHUNK], start))
+    put(flat.size, client.masked_check_block())
     rnd.save(state)
     return RecordDict({M.MASKED: ArrayRecord(arrays),
+                       M.SA: ConfigRecord({"offsets": list(tags), "tags": list(tags.values())}),
                        M.METRICS: MetricRecord({"clipped": clipped, "elements": int(flat.size)})})
 
 

@@ -105,8 +105,10 @@ def _fail(stage: str, exc: Exception, total: int, alive: int, threshold: int, dr
     )
 
 
-def _check_masked(record, params: SecAggParams) -> list[tuple[int, np.ndarray]]:
-    """The chunks of one masked upload, checked whole BEFORE any is added (a partial input cannot be removed)."""
+def _check_masked(record, tags: ConfigRecord, params: SecAggParams, server: SecAggServer,
+                  client_id: int) -> list[tuple[int, np.ndarray]]:
+    """The chunks of one masked upload, checked whole BEFORE any is added (a partial input cannot be removed):
+    dtype, shape, coverage of the ring, and each chunk's upload tag (a changed chunk raises TamperError)."""
     chunks = []
     for name, array in record.items():
         data = array.numpy()
@@ -122,6 +124,9 @@ def _check_masked(record, params: SecAggParams) -> list[tuple[int, np.ndarray]]:
         position += data.shape[0]
     if position != params.ring_length:
         raise FeddemError(f"masked upload covers {position} ring elements, expected {params.ring_length}")
+    tag_of = dict(zip([int(o) for o in tags["offsets"]], tags["tags"], strict=True))
+    for offset, data in chunks:
+        server.verify_tag(client_id, data, offset, tag_of.get(offset, b""))
     return chunks
 
 
@@ -163,8 +168,9 @@ def secure_sum(grid: Grid, cfg, base: ConfigRecord, weights: dict[int, float], l
     length = sum(int(torch.Size(shapes[name]).numel()) for name in layout)
     params = SecAggParams.create(cid.values(), length, cfg.clip, threshold=threshold, bits=bits)
     all_weights = [float(weights[node_of[i]]) for i in params.client_ids]
+    params, server_key = SecAggServer.with_server_key(params)  # the sites tag their uploads for this key
     params = replace(params, session=round_binding(params, all_weights))  # the sites check it (client.secure_upload)
-    server = SecAggServer(params)
+    server = SecAggServer(params, server_key)
     rnd = _Round(grid, cfg, base, params.session)
     session = {"session": params.session}
     stage = "keys"
@@ -206,7 +212,8 @@ def secure_sum(grid: Grid, cfg, base: ConfigRecord, weights: dict[int, float], l
         clipped: dict[int, int] = {}
 
         def on_masked(node, content):
-            chunks = _check_masked(content.array_records[M.MASKED], params)
+            chunks = _check_masked(content.array_records[M.MASKED], content.config_records[M.SA], params, server,
+                                   cid[node])
             for offset, data in chunks:
                 server.add_masked_chunk(cid[node], data, offset)
             clipped[node] = int(content.metric_records[M.METRICS]["clipped"])

@@ -235,15 +235,92 @@ def test_tampered_check_block_is_detected():
         server.aggregate(None, shares)
 
 
-def test_tampering_outside_the_check_block_is_not_detected_but_only_moves_that_element():
+def test_untagged_round_misses_tampering_outside_the_check_block():
+    """Without a server key (no upload tags) masking alone cannot see a change outside the check block: the reason
+    the product's rounds always tag their uploads (next tests)."""
     def tamper(masked):
         masked[2][10] += np.uint32(1 << 28)
 
     params, clients, server, xs, routed = _to_shares_phase([1, 2, 3, 4], 500)
     server, shares = _finish(params, clients, server, xs, routed, tamper)
-    result = server.aggregate(None, shares)  # documented limitation: masking cannot see this
+    result = server.aggregate(None, shares)
     err = np.abs(result.total - np.sum([x.astype(np.float64) for x in xs.values()], axis=0))
     assert err[10] > 0.1 and np.delete(err, 10).max() <= result.error_bound
+
+
+def _tagged_round(ids, length, chunk):
+    """A tagged round up to the uploads: each client's masked chunks (offset -> array) and their tags."""
+    params, server_key = SecAggServer.with_server_key(SecAggParams.create(ids, length, 1.0))
+    clients = {i: SecAggClient(SecAggParams.from_dict(params.to_dict()), i) for i in params.client_ids}
+    server = SecAggServer(params, server_key)
+    xs = _inputs(ids, length)
+    keys = server.collect_public_keys({i: clients[i].advertise_keys() for i in ids})
+    routed = server.route_shares({i: clients[i].share_keys(keys) for i in ids})
+    uploads = {}
+    for i in ids:
+        clients[i].receive_shares(routed[i])
+        chunks = {o: clients[i].masked_input_chunk(xs[i][o:o + chunk], o) for o in range(0, length, chunk)}
+        chunks[length] = clients[i].masked_check_block()
+        uploads[i] = {o: (c, clients[i].upload_tag(c, o)) for o, c in chunks.items()}
+    return server, clients, xs, uploads
+
+
+@pytest.mark.parametrize("change", ["data", "check block", "moved", "truncated", "tag", "no tag"])
+def test_tagged_upload_detects_any_change_to_a_masked_chunk(change):
+    length, chunk = 1000, 300
+    server, clients, xs, uploads = _tagged_round([1, 2, 3, 4], length, chunk)
+    data, tag = uploads[2][300]
+    if change == "data":
+        data = data.copy()
+        data[7] += np.uint32(1)
+        offset = 300
+    elif change == "check block":
+        data, tag = uploads[2][length]
+        data = data.copy()
+        data[0] ^= np.uint32(1 << 31)
+        offset = length
+    elif change == "moved":  # a real chunk of client 2, presented at another offset
+        offset = 600
+    elif change == "truncated":
+        data, offset = data[:-1], 300
+    elif change == "tag":
+        tag, offset = bytes([tag[0] ^ 1]) + tag[1:], 300
+    else:
+        tag, offset = b"", 300
+    with pytest.raises(TamperError, match=f"offset {offset} of client 2") as caught:
+        server.verify_tag(2, data, offset, tag)
+    assert caught.value.sender == 2
+    with pytest.raises(SecAggError, match="not checked with verify_tag"):
+        server.add_masked_chunk(2, data, offset)  # an unchecked chunk never reaches the sum
+
+
+def test_tagged_round_is_exact_and_a_chunk_of_another_client_fails_its_tag():
+    length, chunk = 1000, 300
+    server, clients, xs, uploads = _tagged_round([1, 2, 3, 4], length, chunk)
+    data, tag = uploads[3][0]
+    with pytest.raises(TamperError, match="client 2"):  # client 3's chunk relabelled as client 2's
+        server.verify_tag(2, data, 0, tag)
+    for i, chunks in uploads.items():
+        for offset, (data, tag) in chunks.items():
+            server.verify_tag(i, data, offset, tag)
+        for offset, (data, _) in chunks.items():
+            server.add_masked_chunk(i, data, offset)
+    request = server.unmask_request()
+    result = server.aggregate(None, {i: clients[i].unmask(*request) for i in request.survivors})
+    exact = np.sum([x.astype(np.float64) for x in xs.values()], axis=0)
+    assert np.abs(result.total - exact).max() <= result.error_bound
+
+
+def test_server_key_must_match_the_params():
+    params, key = SecAggServer.with_server_key(SecAggParams.create([0, 1, 2], 10, 1.0))
+    with pytest.raises(SecAggError, match="private key of params.server_key"):
+        SecAggServer(params)
+    _, other = SecAggServer.with_server_key(params)
+    with pytest.raises(SecAggError, match="private key of params.server_key"):
+        SecAggServer(params, other)
+    with pytest.raises(SecAggError, match="server_key"):
+        SecAggParams.from_dict(params.to_dict() | {"server_key": "not bytes"})
+    assert SecAggParams.from_dict(params.to_dict()) == params
 
 
 @pytest.mark.parametrize("responders", ["exactly_t", "all"])

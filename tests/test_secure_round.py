@@ -145,18 +145,33 @@ def test_dropout_below_threshold_fails_loudly(sites, tiny_base, stage, name):
         _secure(FakeGrid(root, NODES, faults), tiny_base, layout)
 
 
-def test_tampered_masked_vector_fails_the_round(sites, tiny_base):
-    root, layout = sites
-
+def _flip(where):
+    """A fault that changes one element of a masked upload on its way: in a data chunk or in the check block."""
     def tamper(reply):
         record = reply.content.array_records[M.MASKED]
-        last = sorted(record)[-1]  # the check block
-        data = record[last].numpy().copy()
-        data[0] += np.uint32(1)
-        record[last] = Array(data)
+        name = sorted(record)[0 if where == "data" else -1]
+        data = record[name].numpy().copy()
+        data[len(data) // 2] += np.uint32(1 << 20)
+        record[name] = Array(data)
+    return tamper
 
-    with pytest.raises(FeddemError, match="check block"):
-        _secure(FakeGrid(root, NODES, {(NODES[2], M.SA_MASKED): tamper}), tiny_base, layout)
+
+@pytest.mark.parametrize("where", ["data", "check block"])
+def test_tampered_masked_vector_is_detected_and_left_out_of_the_sum(sites, tiny_base, where):
+    """The changed upload fails its tag before any of it is added: the site is dropped with the reason and the
+    sum is exact for the others (never a silently wrong model)."""
+    root, layout = sites
+    result = _secure(FakeGrid(root, NODES, {(NODES[2], M.SA_MASKED): _flip(where)}), tiny_base, layout)
+    assert NODES[2] not in result.survivors and "fails its upload tag" in result.dropped[NODES[2]]
+    survivors = [n for n in NODES if n != NODES[2]]
+    assert (_flat(result.aggregate) - _expected(root, WEIGHTS, survivors)).abs().max() <= result.error_bound
+
+
+def test_tampered_masked_vectors_below_the_threshold_fail_the_round(sites, tiny_base):
+    root, layout = sites
+    faults = {(NODES[0], M.SA_MASKED): _flip("data"), (NODES[3], M.SA_MASKED): _flip("check block")}
+    with pytest.raises(FeddemError, match=r"2 of 4 sites left.*fails its upload tag.*Nothing was merged"):
+        _secure(FakeGrid(root, NODES, faults), tiny_base, layout)
 
 
 def test_clipping_at_the_site_is_counted_and_the_sum_is_of_clipped_inputs(sites, tiny_base):

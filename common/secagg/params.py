@@ -53,11 +53,17 @@ class SecAggParams:
     vector_length: int
     neighbours: Mapping[int, tuple[int, ...]] = field(repr=False)
     check_size: int = 16
+    # The server's X25519 public key of this round (raw 32 bytes): clients tag each masked chunk under a key
+    # agreed with it, and the server checks the tags before adding anything. Empty: uploads are not tagged.
+    server_key: bytes = b""
 
     def __post_init__(self) -> None:
         if not isinstance(self.session, (bytes, bytearray)) or not 8 <= len(self.session) <= 64:
             raise SecAggError("session must be 8 to 64 bytes")
         object.__setattr__(self, "session", bytes(self.session))
+        if not isinstance(self.server_key, (bytes, bytearray)) or len(self.server_key) not in (0, 32):
+            raise SecAggError("server_key must be empty or a raw 32-byte X25519 public key")
+        object.__setattr__(self, "server_key", bytes(self.server_key))
         ids = list(self.client_ids)
         if not all(_is_int(c) and 0 <= c <= MAX_CLIENT_ID for c in ids):
             raise SecAggError(f"client ids must be ints in [0, 2^64), got {ids!r}")
@@ -178,6 +184,7 @@ class SecAggParams:
             # CSR layout aligned with client_ids (empty when all_pairs)
             "neighbour_counts": [] if all_pairs else [len(self.neighbours[c]) for c in self.client_ids],
             "neighbour_ids": [] if all_pairs else [v for c in self.client_ids for v in self.neighbours[c]],
+            "server_key": self.server_key,
         }
 
     @classmethod
@@ -202,6 +209,8 @@ class SecAggParams:
                 raise SecAggError(f"SecAgg parameters lack the field '{name}'")
             if not isinstance(data[name], types):
                 raise SecAggError(f"SecAgg parameter '{name}' has type {type(data[name]).__name__}")
+        if not isinstance(data.get("server_key", b""), (bytes, bytearray)):
+            raise SecAggError(f"SecAgg parameter 'server_key' has type {type(data['server_key']).__name__}")
         ids = [int(c) for c in data["client_ids"]]
         if data["all_pairs"]:
             graph = {c: tuple(v for v in ids if v != c) for c in ids}
@@ -223,6 +232,7 @@ class SecAggParams:
             vector_length=data["vector_length"],
             neighbours=graph,
             check_size=data["check_size"],
+            server_key=bytes(data.get("server_key", b"")),
         )
 
 

@@ -42,8 +42,12 @@ advertised public key; inconsistent Shamir shares when more than t arrive; any c
 inside its check block, and any wrong mask reconstruction or disagreement about who masked with whom (the
 unmasked check block is not all zero -> TamperError); fewer than t clients or shares at any stage
 (ThresholdError); wrong dtypes, lengths, offsets, unknown ids, calls out of order (SecAggError).
-Not detected: a change to a masked vector outside the check block (masking alone cannot see it; that
-needs verifiable aggregation). A wrong self-mask seed or pairwise key changes the whole mask, so the check
+Each masked chunk also carries a Poly1305 tag under a one-time key that the client agrees with the server's round
+key (``params.server_key``, X25519 + HKDF over session, client, offset and length): the server checks every chunk
+of an upload before adding any of it (``verify_tag``), so a chunk changed, truncated, moved or relabelled on its
+way is detected and that upload is left out whole (TamperError naming the client). Untagged rounds (no server
+key) cannot see a change outside the check block; feddem's rounds are always tagged. A server that changes its own
+sum is outside any aggregation protocol: the sites evaluate the merged model they are sent. A wrong self-mask seed or pairwise key changes the whole mask, so the check
 block catches corrupt shares even when exactly t arrive (false-accept probability 2^-(k * check_size)).
 """
 
@@ -56,9 +60,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from . import shamir
 from .errors import RefusalError, SecAggError, TamperError, ThresholdError
@@ -92,6 +97,18 @@ def _pair_seed(private_key: X25519PrivateKey, peer_public: bytes, session: bytes
 def _channel_key(private_key: X25519PrivateKey, peer_public: bytes, session: bytes, a: int, b: int) -> bytes:
     lo, hi = sorted((a, b))
     return agree(private_key, peer_public, _DOMAIN + b"channel/" + session + _id_bytes(lo) + _id_bytes(hi), 16)
+
+
+def _tag_key(private_key: X25519PrivateKey, peer_public: bytes, session: bytes, client: int, offset: int,
+             length: int) -> bytes:
+    """The one-time Poly1305 key of one masked chunk: X25519 of the client's channel key and the server's round
+    key, expanded with the session, the client and the chunk's place (never reused: each range is masked once)."""
+    where = _id_bytes(client) + _id_bytes(offset) + _id_bytes(length)
+    return agree(private_key, peer_public, _DOMAIN + b"upload-tag/" + session + where)
+
+
+def _ring_bytes(chunk: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(chunk)).cast("B")
 
 
 def _associated_data(session: bytes, sender: int, receiver: int) -> bytes:
@@ -357,6 +374,19 @@ class SecAggClient:
             raise SecAggError("masked_check_block: the check block was already masked")
         return self._mask(np.zeros(p.check_size, dtype=p.ring.dtype), p.vector_length)
 
+    def upload_tag(self, masked_chunk: np.ndarray, offset: int) -> bytes:
+        """The 16-byte Poly1305 tag of a masked chunk at ring ``offset``, under a one-time key agreed with the
+        server's round key (``params.server_key``): the server checks it before adding the chunk, so a chunk
+        changed, truncated or moved on its way is detected."""
+        self._expect(("masking",), "upload_tag")
+        if not self.params.server_key:
+            raise SecAggError("upload_tag: the round has no server key (params.server_key is empty)")
+        if not isinstance(masked_chunk, np.ndarray) or masked_chunk.dtype != self.params.ring.dtype:
+            raise SecAggError(f"upload_tag: the masked chunk must be a {self.params.ring.dtype} numpy array")
+        key = _tag_key(self._c_key, self.params.server_key, self.params.session, self.id, int(offset),
+                       masked_chunk.shape[0])
+        return Poly1305.generate_tag(key, _ring_bytes(masked_chunk))
+
     def masked_input(self, received: Mapping[int, bytes], vector: np.ndarray) -> np.ndarray:
         """Stage 3 in one call: y = q(vector) + masks, followed by the masked check block (ring dtype)."""
         vector = self._check_vector(vector, "masked_input")
@@ -418,10 +448,17 @@ class SecAggClient:
 class SecAggServer:
     """The server's side of a round: routes shares, sums masked vectors as they arrive, removes the masks."""
 
-    def __init__(self, params: SecAggParams) -> None:
+    def __init__(self, params: SecAggParams, server_key: X25519PrivateKey | None = None) -> None:
+        """``server_key``: the private half of ``params.server_key`` (required when the round tags uploads; see
+        ``with_server_key``)."""
         if not isinstance(params, SecAggParams):
             raise SecAggError(f"params must be SecAggParams, got {type(params).__name__}")
+        if bool(params.server_key) != (server_key is not None) or (
+                server_key is not None and _public_bytes(server_key) != params.server_key):
+            raise SecAggError("SecAggServer: server_key must be the private key of params.server_key (or both absent)")
         self.params = params
+        self._server_key = server_key
+        self._verified: dict[int, set[tuple[int, int]]] = {}
         self._stage = "keys"
         self._keys: dict[int, tuple[bytes, bytes]] = {}
         self._u2: set[int] = set()
@@ -518,7 +555,35 @@ class SecAggServer:
             )
         self._check_chunk(client_id, masked, 0)
 
+    @staticmethod
+    def with_server_key(params: SecAggParams) -> tuple[SecAggParams, X25519PrivateKey]:
+        """``params`` with a fresh server round key (uploads will be tagged), and its private half."""
+        from dataclasses import replace
+
+        key = X25519PrivateKey.generate()
+        return replace(params, server_key=_public_bytes(key)), key
+
+    def verify_tag(self, client_id: int, chunk: np.ndarray, offset: int, tag: bytes) -> None:
+        """Check a masked chunk's upload tag (TamperError naming the client when it fails). In a tagged round
+        every chunk must pass this before ``add_masked_chunk`` takes it: check a whole upload first, then add."""
+        self._expect(("collect",), "verify_tag")
+        cid, offset = self._check_chunk(client_id, chunk, offset)
+        if self._server_key is None:
+            raise SecAggError("verify_tag: this round does not tag uploads (params.server_key is empty)")
+        if not isinstance(tag, (bytes, bytearray)) or len(tag) != 16:
+            raise TamperError(f"the masked chunk at offset {offset} of client {cid} has no valid 16-byte tag", cid)
+        key = _tag_key(self._server_key, self._keys[cid][0], self.params.session, cid, offset, chunk.shape[0])
+        try:
+            Poly1305.verify_tag(key, _ring_bytes(chunk), bytes(tag))
+        except InvalidSignature:
+            raise TamperError(f"the masked chunk at offset {offset} of client {cid} fails its upload tag: it was "
+                              f"changed on its way (or not sent by that client)", cid) from None
+        self._verified.setdefault(cid, set()).add((offset, chunk.shape[0]))
+
     def _add(self, cid: int, chunk: np.ndarray, offset: int) -> None:
+        if self._server_key is not None and (offset, chunk.shape[0]) not in self._verified.get(cid, ()):
+            raise SecAggError(f"add_masked: the chunk at offset {offset} of client {cid} was not checked with "
+                              f"verify_tag (this round tags uploads)")
         self._coverage[cid].add(offset, offset + chunk.shape[0])
         view = self._acc[offset : offset + chunk.shape[0]]
         np.add(view, chunk, out=view)

@@ -31,6 +31,7 @@ def client_to_state(client: SecAggClient) -> bytes:
     """The client's whole state as bytes (secret: keep it on the client)."""
     params = client.params.to_dict()
     params["session"] = params["session"].hex()
+    params["server_key"] = params["server_key"].hex()
     key = (lambda k: k.private_bytes_raw().hex() if k is not None else None)
     state = {
         "version": VERSION,
@@ -61,6 +62,7 @@ def client_from_state(blob: bytes) -> SecAggClient:
                               f"expected {VERSION}")
         params = dict(state["params"])
         params["session"] = bytes.fromhex(params["session"])
+        params["server_key"] = bytes.fromhex(params.get("server_key", ""))
         client = SecAggClient(SecAggParams.from_dict(params), int(state["id"]), rng=_fresh_rng())
         key = (lambda h: X25519PrivateKey.from_private_bytes(bytes.fromhex(h)) if h is not None else None)
         client._stage = str(state["stage"])
