@@ -1,25 +1,35 @@
 """Distribution vectors `d = theta_site - theta_base`: extract (full or LoRA), check, combine, apply, store.
 
-A vector is a dict from parameter name to a float32 CPU tensor. A full vector covers every trainable parameter; a
-LoRA vector covers only the adapted weight matrices, each the dense low-rank update `scale * B @ A` that peft
+A vector is a mapping from parameter name to a float32 CPU tensor. A full vector covers every trainable parameter;
+a LoRA vector covers only the adapted weight matrices, each the dense low-rank update `scale * B @ A` that peft
 would merge, so vectors of different sites add up exactly like full ones.
+
+Streaming (billion-parameter vectors): a vector need not be in memory. A `LazyVector` produces one tensor at a
+time on access (from a safetensors file: `open_vector`, `open_tensors`; or from anything else, e.g. the secure
+sum's accumulator); `write_safetensors` writes tensors as they come (the header is planned from their names,
+dtypes and shapes) and `save_sharded` splits them into HF-style shards with a `model.safetensors.index.json`;
+`merged_tensors` yields `base + scale * vector` tensor by tensor with the same arithmetic as `apply_vector`;
+`flat_chunks` reads a vector as consecutive flat float32 chunks in a given name order. A stream holds at most one
+tensor (plus one chunk) of the vector at a time.
 """
 
 import hashlib
+import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from common.errors import FeddemError
 
-Vector = dict[str, torch.Tensor]
+Vector = Mapping[str, torch.Tensor]  # a dict, or a LazyVector that loads each tensor on access
 
 
 def parameters_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -89,17 +99,42 @@ def add_into(total: Vector, vector: Vector, weight: float = 1.0) -> None:
             total[name] = t.to(torch.float32) * weight
 
 
+def _merged(p: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
+    """p + scale * delta in float32, in p's dtype: the one merge arithmetic (in place and streaming)."""
+    return (p.float() + scale * delta.to(p.device, torch.float32)).to(p.dtype)
+
+
 @torch.no_grad()
 def apply_vector(model: torch.nn.Module, vector: Vector, scale: float = 1.0) -> None:
-    """theta += scale * vector, in place; arithmetic in float32, stored back in each parameter's dtype."""
+    """theta += scale * vector, in place; arithmetic in float32, stored back in each parameter's dtype. A lazy
+    vector is read one tensor at a time."""
     params = dict(model.named_parameters())
-    for name, delta in vector.items():
+    for name in vector:
         if name not in params:
             raise FeddemError(f"cannot apply the vector: the model has no parameter '{name}'")
+    for name, delta in vector.items():
         p = params[name]
         if tuple(p.shape) != tuple(delta.shape):
             raise FeddemError(f"cannot apply the vector: '{name}' is {tuple(delta.shape)}, model has {tuple(p.shape)}")
-        p.copy_((p.float() + scale * delta.to(p.device, torch.float32)).to(p.dtype))
+        p.copy_(_merged(p, delta, scale))
+
+
+def merged_tensors(base: Mapping[str, torch.Tensor], vector: Vector, scale: float = 1.0
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Streaming merge: (name, base + scale * vector) for every tensor of `base`, in its order and dtype, one at a
+    time (a tensor the vector lacks is passed through); the same arithmetic as `apply_vector`."""
+    unknown = [name for name in vector if name not in base]
+    if unknown:
+        raise FeddemError(f"cannot merge the vector: the base model has no parameter(s) {unknown[:5]}")
+    shapes = shapes_of(vector)
+    for name in base:
+        p = base[name]
+        if name not in shapes:
+            yield name, p
+            continue
+        if tuple(p.shape) != shapes[name]:
+            raise FeddemError(f"cannot merge the vector: '{name}' is {shapes[name]}, the base has {tuple(p.shape)}")
+        yield name, _merged(p, vector[name], scale)
 
 
 def vector_norm(vector: Vector) -> float:
@@ -107,13 +142,234 @@ def vector_norm(vector: Vector) -> float:
 
 
 def vector_to_record(vector: Vector) -> ArrayRecord:
-    """A vector as a Flower ArrayRecord of float32 numpy arrays (Flower chunks it on the wire)."""
+    """A vector as a Flower ArrayRecord of float32 numpy arrays (Flower chunks it on the wire); a lazy vector is
+    serialised one tensor at a time."""
     return ArrayRecord({name: Array(t.contiguous().numpy()) for name, t in vector.items()})
 
 
 def vector_from_record(record: ArrayRecord) -> Vector:
-    """The vector carried by an ArrayRecord (inverse of `vector_to_record`)."""
-    return {name: torch.from_numpy(np.array(array.numpy(), copy=True)) for name, array in record.items()}
+    """The vector carried by an ArrayRecord (inverse of `vector_to_record`), read lazily: each tensor is decoded
+    when it is used, so applying or summing it never holds a second copy of the whole vector."""
+    specs = {name: (_TORCH_DTYPES.get(str(array.dtype), torch.float32), tuple(array.shape))
+             for name, array in record.items()}
+    return LazyVector(specs, lambda name: torch.from_numpy(record[name].numpy()))
+
+
+class LazyVector(Mapping):
+    """A read-only vector whose tensors are produced on access by `load(name)`, one at a time; `specs` gives each
+    name's (dtype, shape) without loading it. Iteration follows the order of `specs`."""
+
+    def __init__(self, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], load: Callable[[str], torch.Tensor]):
+        self.specs, self._load = dict(specs), load
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.specs:
+            raise KeyError(name)
+        return self._load(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __contains__(self, name) -> bool:
+        return name in self.specs
+
+    def scaled(self, weight: float) -> "LazyVector":
+        """weight * this vector, still lazy (float32)."""
+        return LazyVector({n: (torch.float32, shape) for n, (_, shape) in self.specs.items()},
+                          lambda name: self._load(name).float() * weight)
+
+
+def scaled(vector: Vector, weight: float) -> "LazyVector":
+    """weight * vector as a lazy vector: each tensor is scaled when it is read."""
+    source = vector if isinstance(vector, LazyVector) else LazyVector(specs_of(vector), vector.__getitem__)
+    return source.scaled(weight)
+
+
+def specs_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """name -> (dtype, shape), without loading a lazy vector's data."""
+    if isinstance(tensors, LazyVector):
+        return dict(tensors.specs)
+    return {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+
+
+def shapes_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: shape for name, (_, shape) in specs_of(tensors).items()}
+
+
+def numel_of(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(math.prod(shape) for shape in shapes_of(tensors).values())
+
+
+# --- safetensors, streamed -------------------------------------------------------------------------------------
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_FROM_ST = {code: dtype for dtype, code in _ST_DTYPES.items()}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64,
+                 "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}
+
+
+def _nbytes(dtype: torch.dtype, shape) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _tensor_bytes(t: torch.Tensor):
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
+def write_safetensors(path: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                      tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None,
+                      digest: bool = False) -> None:
+    """Write a safetensors file from a stream of (name, tensor) in the order of `specs` (name -> dtype, shape),
+    holding one tensor at a time; atomically (temporary file, fsync, rename). With `digest`, the header's
+    metadata gets `DIGEST_KEY`: the `vector_digest` of the content (the stream must then be in sorted-name order)."""
+    path = Path(path)
+    names = list(specs)
+    if digest and names != sorted(names):
+        raise FeddemError("a digest needs the tensors in sorted-name order")
+    header, offset = {}, 0
+    for name, (dtype, shape) in specs.items():
+        size = _nbytes(dtype, shape)
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    meta = dict(metadata or {})
+    placeholder = "0" * 64
+    if digest:
+        meta[DIGEST_KEY] = placeholder
+    if meta:
+        header = {"__metadata__": meta} | header
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    hasher = hashlib.sha256() if digest else None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(len(raw).to_bytes(8, "little"))
+            fh.write(raw)
+            stream = iter(tensors)
+            for expected in names:
+                name, t = next(stream, (None, None))
+                dtype, shape = specs[expected]
+                if name != expected or t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    got = "nothing" if name is None else f"'{name}' {t.dtype} {tuple(t.shape)}"
+                    raise FeddemError(f"writing '{path.name}': expected '{expected}' {dtype} {tuple(shape)}, "
+                                      f"got {got}")
+                data = _tensor_bytes(t)
+                fh.write(data)
+                if hasher is not None:
+                    hasher.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+                    hasher.update(data)
+                del t, data
+            if digest:
+                at = 8 + raw.index(f'"{DIGEST_KEY}":"{placeholder}"'.encode()) + len(DIGEST_KEY) + 4
+                fh.seek(at)
+                fh.write(hasher.hexdigest().encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def open_vector(path: str | Path) -> LazyVector:
+    """A stored safetensors file as a lazy vector: the header is read now, each tensor when it is used."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeddemError(f"vector file '{path}' does not exist")
+    return _open_files({path: None})
+
+
+def _open_files(files: dict[Path, list[str] | None]) -> LazyVector:
+    specs, where = {}, {}
+    for file, wanted in files.items():
+        with safe_open(str(file), framework="pt") as fh:
+            for name in (wanted if wanted is not None else fh.keys()):
+                piece = fh.get_slice(name)
+                specs[name] = (_FROM_ST[piece.get_dtype()], tuple(piece.get_shape()))
+                where[name] = file
+
+    def load(name: str) -> torch.Tensor:
+        with safe_open(str(where[name]), framework="pt") as fh:  # mapped only while one tensor is read
+            return fh.get_tensor(name)
+
+    return LazyVector(specs, load)
+
+
+INDEX = "model.safetensors.index.json"
+WEIGHTS = "model.safetensors"
+
+
+def open_tensors(folder: str | Path) -> LazyVector | None:
+    """The weights of a Hugging Face model folder (`model.safetensors`, or shards listed in
+    `model.safetensors.index.json`) as a lazy vector in the files' own dtypes; None when it has no safetensors."""
+    folder = Path(folder)
+    if (folder / INDEX).is_file():
+        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        files: dict[Path, list[str]] = {}
+        for name, file in weight_map.items():
+            files.setdefault(folder / file, []).append(name)
+        return _open_files(files)
+    if (folder / WEIGHTS).is_file():
+        return _open_files({folder / WEIGHTS: None})
+    return None
+
+
+def save_sharded(folder: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 tensors: Iterable[tuple[str, torch.Tensor]], max_shard_size: int) -> list[str]:
+    """Write a stream of tensors as Hugging Face weights: one `model.safetensors`, or, past `max_shard_size`
+    bytes, `model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json` (what `save_pretrained`
+    writes). A tensor larger than a shard gets a shard of its own. Returns the files written."""
+    folder = Path(folder)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, (dtype, shape) in specs.items():
+        nbytes = _nbytes(dtype, shape)
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    n = len(shards)
+    files = [WEIGHTS] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for stale in [folder / INDEX, folder / WEIGHTS, *folder.glob("model-*-of-*.safetensors")]:
+        if stale.name not in files and stale.exists():
+            stale.unlink()
+    stream = iter(tensors)
+    for file, names in zip(files, shards):
+        write_safetensors(folder / file, {name: specs[name] for name in names}, stream, metadata={"format": "pt"})
+    if n > 1:
+        index = {"metadata": {"total_size": sum(_nbytes(*specs[name]) for name in specs)},
+                 "weight_map": {name: file for file, names in zip(files, shards) for name in names}}
+        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return files
+
+
+def flat_chunks(vector: Vector, names: list[str], size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """The vector flattened in the order of `names` as consecutive float32 chunks of `size` elements (the last
+    one shorter): (offset, chunk). Reads one tensor at a time; a chunk may span tensors."""
+    buffer = np.empty(size, dtype=np.float32)
+    filled = offset = 0
+    for name in names:
+        flat = vector[name].detach().to(torch.float32).reshape(-1).numpy()
+        start = 0
+        while start < flat.size:
+            take = min(size - filled, flat.size - start)
+            buffer[filled:filled + take] = flat[start:start + take]
+            filled += take
+            start += take
+            if filled == size:
+                yield offset, buffer.copy()
+                offset += size
+                filled = 0
+        del flat
+    if filled:
+        yield offset, buffer[:filled].copy()
 
 
 DIGEST_KEY = "feddem-sha256"  # safetensors header metadata: the content digest written by `save_vector`
@@ -130,28 +386,17 @@ def vector_digest(vector: Vector) -> str:
 
 
 def save_vector(vector: Vector, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a vector as safetensors atomically (temporary file, fsync, rename), with its content digest in the
-    header (`stored_digest` reads it back without reading the data)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    metadata = dict(metadata or {}) | {DIGEST_KEY: vector_digest(vector)}
-    try:
-        save_file({k: v.contiguous() for k, v in vector.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write a vector (in memory or lazy) as safetensors atomically, one tensor at a time in sorted-name order,
+    with its content digest in the header (`stored_digest` reads it back without reading the data)."""
+    specs = specs_of(vector)
+    names = sorted(specs)
+    write_safetensors(path, {n: specs[n] for n in names}, ((n, vector[n]) for n in names), metadata, digest=True)
 
 
-def load_vector(path: str | Path, verify: bool = False) -> Vector:
-    """Read a vector written by `save_vector`; with `verify`, check its content against the digest in its header."""
-    if not Path(path).is_file():
-        raise FeddemError(f"vector file '{path}' does not exist")
-    vector = load_file(str(path))
+def load_vector(path: str | Path, verify: bool = False) -> LazyVector:
+    """A vector written by `save_vector`, read lazily (one tensor at a time, when used); with `verify`, its content
+    is checked against the digest in its header first (streamed)."""
+    vector = open_vector(path)
     if verify:
         recorded = _header_digest(path)
         if recorded is not None and vector_digest(vector) != recorded:
