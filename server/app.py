@@ -8,6 +8,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.errors import FeddemError
+from server.admin.recorder import recorded
 from server.workflow import run_dem
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -26,7 +27,8 @@ def build_server_app(overrides: dict | None = None, outcome: dict | None = None)
     def main(grid: Grid, context: Context) -> None:
         try:
             cfg = RunConfig.from_record(dict(context.run_config) | (overrides or {}))
-            result = run_dem(grid, cfg, context.run_id)
+            # recorded in the run store when FEDDEM_STORE or FEDDEM_ADMIN_SERVER names one (server/admin/recorder.py)
+            result = recorded(cfg.to_record(), context.run_id, lambda: run_dem(grid, cfg, context.run_id))
         except FeddemError as exc:
             if outcome is None:
                 raise

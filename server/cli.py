@@ -1,5 +1,6 @@
 """`feddem`: the command line. `feddem simulate` runs a whole federated DEM run on this machine; `feddem certs`
-writes a deployment's certificates and site keys (`server.certs`)."""
+writes a deployment's certificates and site keys (`server.certs`); `feddem server` serves the run store over the
+admin API (`server.admin.serve`)."""
 
 import argparse
 import logging
@@ -11,6 +12,7 @@ from common.devices import DEVICES
 from common.errors import FeddemError
 from common.weighting import WEIGHTINGS
 from server import certs
+from server.admin import serve
 
 RENAMED = {"out_dir": "out"}  # option names that differ from the run-config key
 CHOICES = {"weighting": list(WEIGHTINGS), "device": list(DEVICES), "aggregation": list(AGGREGATIONS)}
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(sim)
     certs.add_parser(sub)
+    serve.add_parser(sub)
     abl = sub.add_parser(
         "ablate",
         help="rank candidate data mixtures (subsets of sites) by merging a trusted run's pool of vectors",
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result.out_dir / 'report.png'}")
         elif args.command == "certs":
             certs.run(args)
+        elif args.command == "server":
+            serve.run(args)
         elif args.command == "ablate":
             from server.ablation import ablate_pool, print_ranking
 

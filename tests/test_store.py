@@ -12,7 +12,8 @@ import pytest
 
 from server.store import Store, site_vector_name
 from server.store.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
-from server.store.schema import SCHEMA_VERSION
+from server.store.owner import current_owner
+from server.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 
 def report(sites=("site-0", "site-1"), weights=None) -> dict:
@@ -221,6 +222,33 @@ def test_a_run_whose_writer_died_is_marked_interrupted(tmp_path):
     assert got["status"] == "failed" and got["reason"].startswith("interrupted")
     assert store.status(verify=True)["problems"] == []
     assert [a["name"] for a in got["artefacts"]] == ["aggregate.safetensors"]
+
+
+def test_a_run_whose_recording_process_died_is_marked_interrupted(tmp_path):
+    """Recorded through a server (this process owns the store), written by another process that is gone."""
+    dead = subprocess.run([sys.executable, "-c", "from server.store.owner import current_owner; "
+                           "print(current_owner())"], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(__file__))).stdout.strip()
+    store = Store(tmp_path)
+    live = store.begin_run({}, writer=current_owner())
+    run = store.begin_run({}, writer=dead)
+    assert store.get_run(run)["status"] == "failed" and store.get_run(live)["status"] == "running"
+    with pytest.raises(InvalidArgument, match="writer"):
+        store.begin_run({}, writer="not an owner")
+
+
+def test_a_store_of_schema_1_is_migrated(tmp_path):
+    """A store written before the `writer` column gets it when opened, with its runs kept."""
+    db = sqlite3.connect(tmp_path / "store.db")
+    db.executescript(MIGRATIONS[0] + "PRAGMA user_version = 1;")
+    db.execute("INSERT INTO runs (run_id, status, kind, owner, created, config_json) "
+               "VALUES ('old', 'finished', 'federated', 'elsewhere:1:1', 1.0, '{}')")
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    assert store.get_run("old")["status"] == "finished"
+    assert sqlite3.connect(tmp_path / "store.db").execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert store.begin_run({}, writer=current_owner())
 
 
 def test_a_live_writers_run_stays_running(tmp_path):

@@ -2,8 +2,11 @@
 writer is gone (a crash or kill) and mark it failed. PIDs are reused; the start time tells them apart."""
 
 import os
+import re
 import socket
 from pathlib import Path
+
+OWNER = re.compile(r"^[A-Za-z0-9._-]{1,253}:[0-9]{1,10}:[0-9]{1,20}$")  # host:pid:starttime
 
 
 def _start_time(pid: int) -> str:

@@ -74,6 +74,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX runs_by_status ON runs(status);
     """,
+    # 2: the process that writes a run through the server (its recorder), besides the server that accepted it
+    """
+    ALTER TABLE runs ADD COLUMN writer TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

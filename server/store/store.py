@@ -18,7 +18,7 @@ from pathlib import Path
 
 from server.store.artefacts import ArtefactFiles, check_name
 from server.store.errors import FailedPrecondition, InvalidArgument, NotFound
-from server.store.owner import current_owner, owner_alive
+from server.store.owner import OWNER, current_owner, owner_alive
 from server.store.schema import SCHEMA_VERSION, migrate
 
 KINDS = ("model", "aggregate", "site-vector", "report")
@@ -80,15 +80,21 @@ class Store:
         return _Tx()
 
     def begin_run(self, config: dict, flower_run_id: int = 0, kind: str = "federated",
-                  parent_run: str | None = None, owner: str | None = None) -> str:
+                  parent_run: str | None = None, owner: str | None = None, writer: str = "") -> str:
+        """A new `running` run. `owner`: the process holding this store (default: this one); `writer`: the process
+        that records the run through the server, when it is another one (host:pid:starttime)."""
         if not isinstance(config, dict):
             raise InvalidArgument("the run config must be a JSON object")
+        if writer and not OWNER.match(writer):
+            raise InvalidArgument(f"writer {writer[:80]!r} is not host:pid:starttime")
+        if not 0 <= int(flower_run_id) < 2**64:
+            raise InvalidArgument(f"flower_run_id {flower_run_id} is not an unsigned 64-bit number")
         run_id = new_run_id()
         with self._write() as db:
             db.execute(
-                "INSERT INTO runs (run_id, status, kind, parent_run, flower_run_id, owner, created, aggregation, "
-                "weighting, config_json) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, kind, parent_run, str(int(flower_run_id)), owner or current_owner(), time.time(),
+                "INSERT INTO runs (run_id, status, kind, parent_run, flower_run_id, owner, writer, created, "
+                "aggregation, weighting, config_json) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, kind, parent_run, str(int(flower_run_id)), owner or current_owner(), writer, time.time(),
                  str(config.get("aggregation", "")), str(config.get("weighting", "")), json.dumps(config)),
             )
         return run_id
@@ -152,10 +158,12 @@ class Store:
                             for domain, values in losses.items() for name in ("loss", "perplexity")])
 
     def sweep_interrupted(self) -> list[str]:
-        """Mark failed the running runs whose writer process on this host is gone."""
+        """Mark failed the running runs whose owner (the process that held the store) or writer (the process that
+        recorded through the server) on this host is gone."""
         with self._lock:
-            rows = self._db.execute("SELECT run_id, owner FROM runs WHERE status = 'running'").fetchall()
-        gone = [r["run_id"] for r in rows if owner_alive(r["owner"]) is False]
+            rows = self._db.execute("SELECT run_id, owner, writer FROM runs WHERE status = 'running'").fetchall()
+        gone = [r["run_id"] for r in rows
+                if owner_alive(r["owner"]) is False or (r["writer"] and owner_alive(r["writer"]) is False)]
         if gone:
             with self._write() as db:
                 db.executemany("UPDATE runs SET status = 'failed', ended = ?, reason = ? "
@@ -177,7 +185,7 @@ class Store:
         return rows[0]
 
     def _summary(self, row: sqlite3.Row) -> dict:
-        run = {k: row[k] for k in row.keys() if k not in ("report_json", "owner")}
+        run = {k: row[k] for k in row.keys() if k not in ("report_json", "owner", "writer")}
         run["parent_run"] = run["parent_run"] or ""
         run["ended"] = run["ended"] or 0.0
         run["flower_run_id"] = int(run["flower_run_id"] or 0)

@@ -292,12 +292,14 @@ class RankPoolResponse(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., data: _Optional[str] = ..., ranking: _Optional[_Iterable[_Union[PoolCandidate, _Mapping]]] = ...) -> None: ...
 
 class BeginRunRequest(_message.Message):
-    __slots__ = ("config_json", "flower_run_id")
+    __slots__ = ("config_json", "flower_run_id", "writer")
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     FLOWER_RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    WRITER_FIELD_NUMBER: _ClassVar[int]
     config_json: str
     flower_run_id: int
-    def __init__(self, config_json: _Optional[str] = ..., flower_run_id: _Optional[int] = ...) -> None: ...
+    writer: str
+    def __init__(self, config_json: _Optional[str] = ..., flower_run_id: _Optional[int] = ..., writer: _Optional[str] = ...) -> None: ...
 
 class ArtefactHeader(_message.Message):
     __slots__ = ("run_id", "name", "kind", "size", "sha256")

@@ -1,0 +1,217 @@
+"""What the feddem server computes from its store: re-merges of a trusted run's site vectors, evaluation of a run's
+merged model on data the server holds, and the ranking of candidate mixtures from a run's pool.
+
+Everything read from the store is verified against its recorded sha256 first. Problems come out as StoreErrors
+(the admin API turns them into gRPC statuses): an unknown run is NOT_FOUND, a run that does not allow it
+FAILED_PRECONDITION, bad weights or data INVALID_ARGUMENT.
+"""
+
+import copy
+import math
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from common.config import RunConfig
+from common.errors import FeddemError
+from server.admin.recorder import LocalRecorder, record_outputs
+from server.store import Store
+from server.store.errors import FailedPrecondition, InvalidArgument, StoreError
+
+TRUSTED = "plain"  # the aggregation of a run whose site vectors the server may hold
+
+
+def run_config(run: dict) -> RunConfig:
+    import json
+
+    try:
+        return RunConfig.from_record(json.loads(run["config_json"]))
+    except (FeddemError, ValueError) as exc:
+        raise FailedPrecondition(f"run {run['run_id']} has a config this feddem cannot read: {exc}") from None
+
+
+def pool_artefacts(store: Store, run: dict) -> dict[str, dict]:
+    """A trusted run's stored site vectors (artefact records) by site name; FAILED_PRECONDITION for other runs."""
+    if run["aggregation"] != TRUSTED or run["status"] != "finished":
+        raise FailedPrecondition(f"run {run['run_id']} is a {run['aggregation'] or 'unknown'}-aggregation run "
+                                 f"({run['status']}): only finished trusted (plain) runs made with --keep-pool have "
+                                 f"site vectors on the server; a secure run's vectors never leave the sites")
+    stored = {Path(a["name"]).stem: a for a in store.artefacts(run["run_id"], "site-vector")}
+    if not stored:
+        raise FailedPrecondition(f"run {run['run_id']} holds no site vectors (run it with --aggregation plain "
+                                 f"--keep-pool to keep them)")
+    return stored
+
+
+def load_site_vectors(store: Store, run_id: str, stored: dict[str, dict]) -> dict:
+    """The vectors of `pool_artefacts`, each file verified against its record and its own digest."""
+    from common.vectors import load_vector
+
+    vectors = {}
+    for site, a in stored.items():
+        path = store.files.verify(run_id, a["name"], a["size"], a["sha256"])
+        try:
+            vectors[site] = load_vector(path, verify=True)
+        except Exception as exc:  # safetensors raises its own types for a file that is not one
+            raise FailedPrecondition(f"the stored vector of {site} in run {run_id} cannot be read: {exc}") from None
+    return vectors
+
+
+def base_model(run: dict):
+    """The run's base model, loaded from the reference it was recorded with and checked against its checksum."""
+    from common.modeling import load_model, model_checksum
+
+    try:
+        model = load_model(run["base_ref"])
+    except FeddemError as exc:
+        raise FailedPrecondition(f"the base model of run {run['run_id']} is not available on the server: {exc}") \
+            from None
+    if model_checksum(model) != run["base_checksum"]:
+        raise FailedPrecondition(f"the base model at '{run['base_ref']}' differs from the one run {run['run_id']} "
+                                 f"used (checksum)")
+    return model
+
+
+def check_weights(weights: dict[str, float], sites: list[str], cfg: RunConfig) -> dict[str, float]:
+    """Every site's weight (0 for those not named), refused unless each names a stored site, is finite and within
+    the run's [weight-min, weight-max], and at least one is nonzero."""
+    if not weights:
+        raise InvalidArgument(f"no weights given: name at least one site ({', '.join(sites)})")
+    unknown = sorted(set(weights) - set(sites))
+    if unknown:
+        raise InvalidArgument(f"unknown site(s) {', '.join(map(repr, unknown))}: the run's sites are "
+                              f"{', '.join(sites)}")
+    for site, w in weights.items():
+        if not math.isfinite(w) or not cfg.weight_min <= w <= cfg.weight_max:
+            raise InvalidArgument(f"weight {w!r} of {site} is outside the run's range [weight-min, weight-max] = "
+                                  f"[{cfg.weight_min}, {cfg.weight_max}]")
+    if not any(weights.values()):
+        raise InvalidArgument("every weight is 0: the merge would be the base model")
+    return {s: float(weights.get(s, 0.0)) for s in sites}
+
+
+def remerge(store: Store, run_id: str, weights: dict[str, float]) -> str:
+    """A new run (kind remerge, parent `run_id`): base + sum_i w_i d_i from the run's stored site vectors."""
+    from common.modeling import load_tokenizer
+    from common.vectors import apply_vector, save_vector, weighted_sum
+
+    run = store.get_run(run_id)
+    stored = pool_artefacts(store, run)
+    full = check_weights(dict(weights), sorted(stored), run_config(run))
+    vectors = load_site_vectors(store, run_id, stored)
+    model = base_model(run)
+    aggregate = weighted_sum([vectors[s] for s in full], list(full.values()))
+    apply_vector(model, aggregate)
+    tokenizer = load_tokenizer(str(store.verified_folder(run_id, "model", "model")))
+    parent_report = store.report(run_id)
+    report = {
+        "config": parent_report.get("config", {}),
+        "base_model": parent_report["base_model"],
+        "aggregation": TRUSTED,
+        "sites": [s for s in parent_report["sites"] if s["site"] in full],
+        "weights": full,
+        "eval": {},
+        "failures": {},
+        "timings": {},
+        "remerge_of": run_id,
+    }
+    recorder = LocalRecorder(store)
+    new = recorder.begin(report["config"], kind="remerge", parent_run=run_id)
+    try:
+        with tempfile.TemporaryDirectory(prefix="feddem-remerge-") as tmp:
+            out = Path(tmp)
+            model.save_pretrained(out / "model")
+            tokenizer.save_pretrained(out / "model")
+            save_vector(aggregate, out / "aggregate.safetensors", metadata={"weights": str(full)})
+            record_outputs(recorder, new, out, report)
+    except BaseException as exc:
+        recorder.fail(new, f"remerge failed: {exc}")
+        raise
+    return new
+
+
+def check_data(data: str) -> None:
+    """An evaluation data spec is refused (INVALID_ARGUMENT) before any model is loaded."""
+    from common.data import list_shards
+
+    if data:
+        try:
+            list_shards(data)
+        except FeddemError as exc:
+            raise InvalidArgument(f"data '{data}': {exc}") from None
+
+
+def evaluation_sets(cfg: RunConfig, data: str, tokenizer) -> dict:
+    """The held-out test blocks of each shard of `data` (default: the run's own data spec), by domain."""
+    from client.site import SiteContext, heldout_blocks, load_site_shard
+    from common.data import list_shards
+
+    cfg = replace(cfg, data=data or cfg.data)
+    try:
+        names = list_shards(cfg.data)
+        return {name: heldout_blocks(load_site_shard(cfg, SiteContext(i, name, Path(tempfile.gettempdir()))),
+                                     tokenizer, cfg, "test")
+                for i, name in enumerate(names)}
+    except FeddemError as exc:
+        raise InvalidArgument(f"data '{cfg.data}': {exc}") from None
+
+
+def _losses(model, sets: dict, pad_id: int) -> dict[str, dict]:
+    import torch
+
+    from common.evaluation import evaluate_loss
+
+    return {domain: evaluate_loss(model, blocks, pad_id, torch.device("cpu")) for domain, blocks in sets.items()}
+
+
+def evaluate(store: Store, run_id: str, data: str) -> dict[str, dict]:
+    """Held-out loss per domain of the run's merged model; recorded as metrics of stage `server:<data>`."""
+    from common.modeling import load_model, load_tokenizer
+
+    run = store.get_run(run_id)
+    if not run["has_model"]:
+        raise FailedPrecondition(f"run {run_id} holds no merged model (status {run['status']})")
+    cfg = run_config(run)
+    check_data(data)
+    folder = str(store.verified_folder(run_id, "model", "model"))
+    try:
+        model, tokenizer = load_model(folder), load_tokenizer(folder)
+    except FeddemError as exc:
+        raise FailedPrecondition(f"the stored model of run {run_id} cannot be loaded: {exc}") from None
+    results = _losses(model, evaluation_sets(cfg, data, tokenizer), tokenizer.pad_token_id)
+    store.add_metrics(run_id, f"server:{data or cfg.data}", results)
+    return results
+
+
+def rank_pool(store: Store, run_id: str, candidates: str, data: str) -> list[dict]:
+    """Candidate mixtures (subsets of the run's sites) ranked by the mean held-out loss of the average of their
+    stored vectors (server/ablation.py's ranking)."""
+    from common.modeling import load_tokenizer
+    from common.vectors import apply_vector, weighted_sum
+    from server.ablation import parse_candidates, rank_candidates
+
+    run = store.get_run(run_id)
+    stored = pool_artefacts(store, run)
+    names = sorted(stored)
+    try:
+        chosen = parse_candidates(candidates, names)
+    except FeddemError as exc:
+        raise InvalidArgument(str(exc)) from None
+    check_data(data)
+    vectors = load_site_vectors(store, run_id, stored)
+    base = base_model(run)
+    tokenizer = load_tokenizer(str(store.verified_folder(run_id, "model", "model")))
+    sets = evaluation_sets(run_config(run), data, tokenizer)
+
+    def merge_loss(weights: dict[str, float]) -> dict[str, float]:
+        model = copy.deepcopy(base)
+        members = [n for n in names if weights[n]]
+        apply_vector(model, weighted_sum([vectors[n] for n in members], [weights[n] for n in members]))
+        return {d: r["loss"] for d, r in _losses(model, sets, tokenizer.pad_token_id).items()}
+
+    try:
+        return rank_candidates(chosen, names, merge_loss, sorted(sets))
+    except StoreError:
+        raise
+    except FeddemError as exc:
+        raise InvalidArgument(str(exc)) from None

@@ -1,0 +1,327 @@
+"""`feddem-admin`: the operator's view of a feddem server's run store, over the admin API (TLS, bearer token).
+
+    feddem-admin status [--verify]
+    feddem-admin runs list | show RUN | sites RUN | weights RUN | metrics RUN
+    feddem-admin models list | export RUN --out DIR | remerge RUN --weights site-0=0.7,site-1=0.3
+    feddem-admin evaluate RUN [--data SPEC]
+    feddem-admin pool list | rank RUN --candidates SPEC [--data SPEC]
+
+Output is a table, or JSON with `--json`. `--server`, `--token` and `--ca` default to FEDDEM_ADMIN_SERVER,
+FEDDEM_ADMIN_TOKEN and FEDDEM_ADMIN_CA.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from common.errors import FeddemError
+from server.admin.client import ADDRESS_ENV, CA_ENV, DEFAULT_ADDRESS, TOKEN_ENV, open_channel, to_dict
+
+EXIT_CODES = """exit codes:
+  0  done
+  1  an unexpected error of the server or this tool
+  2  bad usage or a request the server refuses as invalid (INVALID_ARGUMENT), e.g. bad weights
+  3  no such run or artefact (NOT_FOUND)
+  4  the run does not allow it (FAILED_PRECONDITION), e.g. re-merging a secure run
+  5  not authenticated or not allowed (UNAUTHENTICATED, PERMISSION_DENIED): check --token
+  6  the server cannot be reached, or TLS fails (UNAVAILABLE, DEADLINE_EXCEEDED): check --server and --ca
+  7  stored data does not verify against its checksum (DATA_LOSS)"""
+
+EXIT = {"INVALID_ARGUMENT": 2, "OUT_OF_RANGE": 2, "NOT_FOUND": 3, "FAILED_PRECONDITION": 4, "UNAUTHENTICATED": 5,
+        "PERMISSION_DENIED": 5, "UNAVAILABLE": 6, "DEADLINE_EXCEEDED": 6, "DATA_LOSS": 7}
+
+
+class UsageError(FeddemError):
+    pass
+
+
+def _stubs(args):
+    from feddem.admin.v1 import admin_pb2, admin_pb2_grpc
+
+    channel = open_channel(args.server, args.token, args.ca)
+    return admin_pb2, admin_pb2_grpc.AdminServiceStub(channel)
+
+
+# -- output ------------------------------------------------------------------------------------------------------
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) and abs(value) < 1e6 else f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[_cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines) if rows else lines[0] + "\n(none)"
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else ""
+
+
+def _runs_rows(runs: list[dict]) -> list[dict]:
+    return [r | {"created": _when(r["created"]), "remergeable": "yes" if r["remergeable"] else "",
+                 "reason": r["reason"][:60]} for r in runs]
+
+
+RUN_COLUMNS = ["run_id", "status", "kind", "aggregation", "weighting", "created", "remergeable", "reason"]
+
+
+def emit(args, data, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+# -- commands ----------------------------------------------------------------------------------------------------
+
+
+def cmd_status(args):
+    pb, stub = _stubs(args)
+    s = to_dict(stub.GetStatus(pb.GetStatusRequest(verify=args.verify), timeout=args.timeout))
+    lines = [f"server version  {s['version']}", f"store           {s['store']} (schema {s['schema_version']})",
+             "runs            " + (", ".join(f"{n} {k}" for k, n in sorted(s["runs_by_status"].items())) or "none"),
+             f"artefacts       {s['artefacts']} ({s['artefact_bytes']} bytes)"]
+    if s["verified"]:
+        lines.append("verified        " + ("every checksum matches" if not s["problems"] else
+                                           f"{len(s['problems'])} problem(s):\n  " + "\n  ".join(s["problems"])))
+    emit(args, s, "\n".join(lines))
+    return 7 if s["problems"] else 0
+
+
+def _run(args, pb, stub) -> dict:
+    return to_dict(stub.GetRun(pb.GetRunRequest(run_id=args.run), timeout=args.timeout))
+
+
+def cmd_runs(args):
+    pb, stub = _stubs(args)
+    if args.what == "list":
+        runs = to_dict(stub.ListRuns(pb.ListRunsRequest(), timeout=args.timeout))["runs"]
+        emit(args, runs, table(_runs_rows(runs), RUN_COLUMNS))
+        return 0
+    run = _run(args, pb, stub)
+    if args.what == "show":
+        keys = ["run_id", "status", "reason", "kind", "parent_run", "flower_run_id", "aggregation", "weighting",
+                "base_ref", "base_checksum", "base_parameters", "out_dir", "remergeable", "has_model"]
+        text = "\n".join(f"{k:<16}{_cell(run[k])}" for k in keys)
+        text += f"\n{'created':<16}{_when(run['created'])}\n{'ended':<16}{_when(run['ended'])}"
+        text += f"\nsites           {len(run['sites'])}\nartefacts\n" + table(run["artefacts"],
+                                                                              ["name", "kind", "size", "sha256"])
+        emit(args, run, text)
+    elif args.what == "sites":
+        emit(args, run["sites"], table(run["sites"], ["site", "domain", "examples", "tokens", "heldout_examples",
+                                                      "train_loss", "vector_stored"]))
+    elif args.what == "weights":
+        emit(args, run["weights"], table(run["weights"], ["round", "site", "weight"]))
+    elif args.what == "metrics":
+        emit(args, run["metrics"], table(run["metrics"], ["round", "stage", "domain", "name", "value"]))
+    return 0
+
+
+def cmd_models(args):
+    pb, stub = _stubs(args)
+    if args.what == "list":
+        found = to_dict(stub.ListModels(pb.ListModelsRequest(), timeout=args.timeout))["models"]
+        rows = [m | {"created": _when(m["created"]), "weights": ",".join(f"{w['site']}={w['weight']:.3g}"
+                                                                          for w in m["weights"])} for m in found]
+        emit(args, found, table(rows, ["run_id", "kind", "parent_run", "aggregation", "size", "remergeable",
+                                       "created", "weights"]))
+        return 0
+    if args.what == "export":
+        files = export_model(stub.ExportModel(pb.ExportModelRequest(run_id=args.run), timeout=args.timeout),
+                             Path(args.out))
+        emit(args, {"run_id": args.run, "out": str(Path(args.out).resolve()), "files": files},
+             f"exported run {args.run} to {args.out}:\n" + table(files, ["path", "size", "sha256"]))
+        return 0
+    run = to_dict(stub.RemergeModel(pb.RemergeModelRequest(run_id=args.run, weights=parse_weights(args.weights)),
+                                    timeout=args.timeout))
+    emit(args, run, f"re-merged run {args.run} as run {run['run_id']} ({run['status']}):\n"
+         + table(run["weights"], ["site", "weight"]))
+    return 0
+
+
+def cmd_evaluate(args):
+    pb, stub = _stubs(args)
+    r = to_dict(stub.EvaluateModel(pb.EvaluateModelRequest(run_id=args.run, data=args.data), timeout=args.timeout))
+    emit(args, r, f"run {r['run_id']} on {r['data'] or 'its own data'} (held-out test splits, nats/token):\n"
+         + table(r["results"], ["domain", "loss", "perplexity", "tokens"]))
+    return 0
+
+
+def cmd_pool(args):
+    pb, stub = _stubs(args)
+    if args.what == "list":
+        pools = []
+        for run in to_dict(stub.ListRuns(pb.ListRunsRequest(), timeout=args.timeout))["runs"]:
+            if run["remergeable"]:
+                args.run = run["run_id"]
+                full = _run(args, pb, stub)
+                pools.append({"run_id": run["run_id"], "created": run["created"],
+                              "sites": [s["site"] for s in full["sites"] if s["vector_stored"]]})
+        emit(args, pools, table([p | {"created": _when(p["created"])} for p in pools], ["run_id", "created", "sites"]))
+        return 0
+    r = to_dict(stub.RankPool(pb.RankPoolRequest(run_id=args.run, candidates=args.candidates, data=args.data),
+                              timeout=args.timeout))
+    rows = [{"rank": i + 1 if not c["error"] else "-", "mean_loss": c["mean_loss"] if not c["error"] else "",
+             "candidate": "+".join(c["sites"]), "error": c["error"]} for i, c in enumerate(r["ranking"])]
+    emit(args, r, table(rows, ["rank", "mean_loss", "candidate", "error"]))
+    return 0
+
+
+def parse_weights(spec: str) -> dict[str, float]:
+    weights = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        site, sep, value = part.partition("=")
+        try:
+            weights[site.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not site.strip():
+            raise UsageError(f"--weights: '{part}' is not SITE=WEIGHT (e.g. --weights site-0=0.7,site-1=0.3)")
+    if not weights:
+        raise UsageError("--weights: give SITE=WEIGHT,...")
+    return weights
+
+
+def export_model(chunks, out: Path) -> list[dict]:
+    """Write the streamed files into `out` (created; it must not hold anything yet). Each file is checked against
+    its size and sha256; the folder appears only once every file is complete."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out '{out}' exists and is not an empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    files, fh, digest, current = [], None, None, None
+    try:
+        for c in chunks:
+            if current != c.path:
+                if fh is not None:
+                    raise FeddemError(f"the server switched files inside '{current}' before its end")
+                if "/" in c.path or c.path in ("", ".", ".."):
+                    raise FeddemError(f"the server sent a file with a bad name '{c.path}'")
+                current, fh, digest = c.path, open(tmp / c.path, "wb"), hashlib.sha256()
+            fh.write(c.data)
+            digest.update(c.data)
+            if c.last:
+                fh.close()
+                size = (tmp / c.path).stat().st_size
+                if size != c.size or digest.hexdigest() != c.sha256:
+                    raise FeddemError(f"'{c.path}' arrived with {size} bytes / sha256 {digest.hexdigest()[:16]}..., "
+                                      f"the server announced {c.size} / {c.sha256[:16]}...")
+                files.append({"path": c.path, "size": size, "sha256": c.sha256})
+                fh, current = None, None
+        if fh is not None:
+            raise FeddemError(f"the stream ended inside '{current}'")
+        if not files:
+            raise FeddemError("the server sent no files")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if fh is not None:
+            fh.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return files
+
+
+# -- parser ------------------------------------------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser, defaults: bool) -> argparse.ArgumentParser:
+    """The connection and output options, accepted before and after the command (after it, they do not reset
+    what was given before: their defaults are suppressed there)."""
+
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--server", default=default(os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS)),
+                        metavar="HOST:PORT", help=f"the feddem server (default: ${ADDRESS_ENV} or {DEFAULT_ADDRESS})")
+    parser.add_argument("--token", default=default(os.environ.get(TOKEN_ENV, "")),
+                        help=f"bearer token (default: ${TOKEN_ENV})")
+    parser.add_argument("--ca", default=default(os.environ.get(CA_ENV) or None), metavar="FILE",
+                        help=f"CA certificate that signed the server's (default: ${CA_ENV}, else the system's)")
+    parser.add_argument("--json", action="store_true", default=default(False), help="print JSON instead of a table")
+    parser.add_argument("--timeout", type=float, default=default(600.0), help="seconds per call (default: 600)")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common(argparse.ArgumentParser(add_help=False), defaults=False)
+
+    parser = argparse.ArgumentParser(prog="feddem-admin", description=__doc__, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(parser, defaults=True)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(parent, name, func, help_text, **kw):
+        p = parent.add_parser(name, help=help_text, description=help_text, parents=[common], **kw)
+        p.set_defaults(func=func)
+        return p
+
+    status = command(sub, "status", cmd_status, "the server's version, store and run counts")
+    status.add_argument("--verify", action="store_true", help="also re-hash every stored artefact")
+
+    runs = sub.add_parser("runs", help="runs in the store").add_subparsers(dest="what", required=True)
+    command(runs, "list", cmd_runs, "every run: status, kind, aggregation, weighting")
+    for what, text in (("show", "one run: provenance and artefacts"), ("sites", "a run's sites"),
+                       ("weights", "a run's weights by round"), ("metrics", "a run's metrics (held-out loss)")):
+        command(runs, what, cmd_runs, text).add_argument("run", metavar="RUN")
+
+    models = sub.add_parser("models", help="merged models").add_subparsers(dest="what", required=True)
+    command(models, "list", cmd_models, "runs that hold a merged model")
+    export = command(models, "export", cmd_models, "download a run's merged model as a Hugging Face folder")
+    export.add_argument("run", metavar="RUN")
+    export.add_argument("--out", required=True, metavar="DIR", help="new folder for the model")
+    remerge = command(models, "remerge", cmd_models,
+                      "a new model base + sum_i w_i d_i from a trusted run's stored site vectors (recorded as a new "
+                      "run); sites not named get weight 0")
+    remerge.add_argument("run", metavar="RUN")
+    remerge.add_argument("--weights", required=True, metavar="SITE=W,...")
+
+    evaluate = command(sub, "evaluate", cmd_evaluate,
+                       "held-out loss per domain of a run's merged model on data the server holds")
+    evaluate.add_argument("run", metavar="RUN")
+    evaluate.add_argument("--data", default="", metavar="SPEC", help="data spec on the server (default: the run's)")
+
+    pool = sub.add_parser("pool", help="trusted runs' pools of site vectors (ablations)").add_subparsers(
+        dest="what", required=True)
+    command(pool, "list", cmd_pool, "runs whose site vectors the server holds")
+    rank = command(pool, "rank", cmd_pool, "rank candidate mixtures (subsets of sites) by merging the pool")
+    rank.add_argument("run", metavar="RUN")
+    rank.add_argument("--candidates", required=True, metavar="SPEC",
+                      help="K (every subset of up to K sites) or 'site-0,site-1;site-2,site-3'")
+    rank.add_argument("--data", default="", metavar="SPEC", help="data spec on the server (default: the run's)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        print(f"feddem-admin: {code.name}: {exc.details() if hasattr(exc, 'details') else exc}", file=sys.stderr)
+        return EXIT.get(code.name, 1)
+    except FeddemError as exc:
+        print(f"feddem-admin: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

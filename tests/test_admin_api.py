@@ -1,0 +1,299 @@
+"""The admin API against a real `feddem server` on 127.0.0.1, over a store seeded here: authentication, bad input,
+fuzzed and mutated messages (each answered with the right status, the server still serving, the store unchanged),
+export with checksums, and feddem-admin's output and exit codes."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common.vectors import save_vector
+from feddem.admin.v1 import admin_pb2 as pb
+from feddem.admin.v1 import admin_pb2_grpc
+from server import admin_cli
+from server.store import Store, site_vector_name
+from tests.admin_server import ROOT, AdminServer, fingerprint, make_tls
+from tests.test_store import report
+
+SERVICES = {name: pb.DESCRIPTOR.services_by_name[name] for name in ("AdminService", "RecorderService")}
+METHODS = [(s, m) for s in SERVICES.values() for m in s.methods]
+REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION}
+MODEL_BYTES = os.urandom(2 * (1 << 20) + 123)  # more than two streamed chunks
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """A store with a trusted run (model, aggregate, site vectors; its base is not on this machine), a finished
+    secure run, and a run that is still being written (by this process)."""
+    root = tmp_path_factory.mktemp("admin-api")
+    store = Store(root / "store")
+    runs = {}
+    for name, aggregation in (("trusted", "plain"), ("secure", "secure")):
+        run = store.begin_run({"aggregation": aggregation, "weighting": "uniform"}, flower_run_id=7)
+        store.put_artefact(run, "model/config.json", "model", [b'{"model_type": "llama"}'])
+        store.put_artefact(run, "model/model.safetensors", "model", [MODEL_BYTES])
+        store.put_artefact(run, "aggregate.safetensors", "aggregate", [b"sum"])
+        if aggregation == "plain":
+            for i, site in enumerate(("site-0", "site-1")):
+                path = root / f"{site}.safetensors"
+                save_vector({"w": torch.full((3,), float(i))}, path)
+                store.put_file(run, site_vector_name(site), "site-vector", path)
+        store.finish_run(run, report() | {"aggregation": aggregation})
+        runs[name] = run
+    runs["open"] = store.begin_run({"aggregation": "plain"})
+    store.close()
+    return root, runs
+
+
+@pytest.fixture(scope="module")
+def server(seeded):
+    root, runs = seeded
+    tls = make_tls(root / "tls")
+    srv = AdminServer(root / "store", tls, root / "server.log").start()
+    try:
+        yield srv, runs
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def admin(server):
+    srv, _ = server
+    return admin_pb2_grpc.AdminServiceStub(srv.channel())
+
+
+def raw_call(channel, service, method, payload, timeout=30):
+    """Call with raw request bytes (a list of them for a client stream); returns the status code and details."""
+    path = f"/{service.full_name}/{method.name}"
+    try:
+        if method.client_streaming:
+            channel.stream_unary(path)(iter(payload), timeout=timeout)
+        elif method.server_streaming:
+            list(channel.unary_stream(path)(payload, timeout=timeout))
+        else:
+            channel.unary_unary(path)(payload, timeout=timeout)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+    return grpc.StatusCode.OK, ""
+
+
+def _payload(method, data: bytes):
+    return [data] if method.client_streaming else data
+
+
+@pytest.mark.parametrize("token, code", [(None, grpc.StatusCode.UNAUTHENTICATED),
+                                         ("not-the-token-0123456789", grpc.StatusCode.PERMISSION_DENIED)])
+def test_every_method_refuses_a_missing_or_wrong_token(server, admin, token, code):
+    srv, _ = server
+    before = fingerprint(admin, pb)
+    channel = srv.channel(token=token)
+    for service, method in METHODS:
+        got, details = raw_call(channel, service, method, _payload(method, b""))
+        assert got == code and details, (method.name, got, details)
+    assert fingerprint(admin, pb) == before
+
+
+def test_a_server_signed_by_another_ca_is_refused(server, tmp_path):
+    srv, _ = server
+    other = make_tls(tmp_path / "other")
+    got, _ = raw_call(srv.channel(ca=other.ca), *METHODS[0], b"", timeout=10)
+    assert got == grpc.StatusCode.UNAVAILABLE
+    assert admin_cli.main(["status", "--server", srv.address, "--token", srv.token, "--ca", str(other.ca),
+                           "--timeout", "10"]) == 6
+
+
+def test_unknown_methods_are_unimplemented(server):
+    srv, _ = server
+    with pytest.raises(grpc.RpcError) as exc:
+        srv.channel().unary_unary("/feddem.admin.v1.AdminService/DropEverything")(b"", timeout=10)
+    assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def _bad_requests(runs):
+    trusted, secure, open_ = runs["trusted"], runs["secure"], runs["open"]
+    invalid, missing, refused = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                                 grpc.StatusCode.FAILED_PRECONDITION)
+    return [
+        ("GetRun", pb.GetRunRequest(run_id="20990101-000000-ffffff"), missing),
+        ("GetRun", pb.GetRunRequest(run_id=""), invalid),
+        ("GetRun", pb.GetRunRequest(run_id="../store.db"), invalid),
+        ("ExportModel", pb.ExportModelRequest(run_id="nope"), missing),
+        ("ExportModel", pb.ExportModelRequest(run_id=open_), refused),
+        ("RemergeModel", pb.RemergeModelRequest(run_id="nope", weights={"site-0": 1.0}), missing),
+        ("RemergeModel", pb.RemergeModelRequest(run_id=secure, weights={"site-0": 1.0}), refused),
+        ("RemergeModel", pb.RemergeModelRequest(run_id=open_, weights={"site-0": 1.0}), refused),
+        ("RemergeModel", pb.RemergeModelRequest(run_id=trusted, weights={}), invalid),
+        ("RemergeModel", pb.RemergeModelRequest(run_id=trusted, weights={"site-9": 0.5}), invalid),
+        ("RemergeModel", pb.RemergeModelRequest(run_id=trusted, weights={"site-0": math.nan}), invalid),
+        ("RemergeModel", pb.RemergeModelRequest(run_id=trusted, weights={"site-0": math.inf}), invalid),
+        ("RemergeModel", pb.RemergeModelRequest(run_id=trusted, weights={"site-0": -0.5}), invalid),
+        ("RemergeModel", pb.RemergeModelRequest(run_id=trusted, weights={"site-0": 1.5}), invalid),
+        ("RemergeModel", pb.RemergeModelRequest(run_id=trusted, weights={"site-0": 0.0, "site-1": 0.0}), invalid),
+        # valid weights, but this run's base model is not on the server
+        ("RemergeModel", pb.RemergeModelRequest(run_id=trusted, weights={"site-0": 0.5}), refused),
+        ("EvaluateModel", pb.EvaluateModelRequest(run_id=trusted, data="/no/such/folder"), invalid),
+        ("EvaluateModel", pb.EvaluateModelRequest(run_id=trusted, data="synthetic:nope"), invalid),
+        ("EvaluateModel", pb.EvaluateModelRequest(run_id=open_, data="synthetic"), refused),
+        ("EvaluateModel", pb.EvaluateModelRequest(run_id="nope"), missing),
+        ("RankPool", pb.RankPoolRequest(run_id=secure, candidates="1"), refused),
+        ("RankPool", pb.RankPoolRequest(run_id=trusted, candidates="site-0,site-7"), invalid),
+        ("RankPool", pb.RankPoolRequest(run_id=trusted, candidates="9"), invalid),
+        ("BeginRun", pb.BeginRunRequest(config_json="[1, 2]"), invalid),
+        ("BeginRun", pb.BeginRunRequest(config_json="{not json"), invalid),
+        ("BeginRun", pb.BeginRunRequest(config_json="{}", writer="bad writer"), invalid),
+        ("FinishRun", pb.FinishRunRequest(run_id=open_, report_json="{}"), invalid),
+        ("FinishRun", pb.FinishRunRequest(run_id=open_, report_json="nope"), invalid),
+        ("FinishRun", pb.FinishRunRequest(run_id=trusted, report_json=json.dumps(report())), refused),
+        ("FinishRun", pb.FinishRunRequest(run_id="nope", report_json=json.dumps(report())), missing),
+        ("FailRun", pb.FailRunRequest(run_id=trusted, reason="x"), refused),
+        ("FailRun", pb.FailRunRequest(run_id="nope", reason="x"), missing),
+        ("PutArtefact", [pb.PutArtefactRequest(data=b"no header")], invalid),
+        ("PutArtefact", [], invalid),
+        ("PutArtefact", [pb.PutArtefactRequest(header=pb.ArtefactHeader(run_id=trusted, name="x.bin",
+                                                                        kind="report", size=1)),
+                         pb.PutArtefactRequest(data=b"x")], refused),
+        ("PutArtefact", [pb.PutArtefactRequest(header=pb.ArtefactHeader(run_id=open_, name="../x", kind="report",
+                                                                        size=1))], invalid),
+        ("PutArtefact", [pb.PutArtefactRequest(header=pb.ArtefactHeader(run_id=open_, name="a.bin", kind="movie",
+                                                                        size=1))], invalid),
+        ("PutArtefact", [pb.PutArtefactRequest(header=pb.ArtefactHeader(run_id=open_, name="a.bin", kind="report",
+                                                                        size=5)),
+                         pb.PutArtefactRequest(data=b"abc")], invalid),
+        ("PutArtefact", [pb.PutArtefactRequest(header=pb.ArtefactHeader(run_id=open_, name="a.bin", kind="report",
+                                                                        size=3, sha256="00" * 32)),
+                         pb.PutArtefactRequest(data=b"abc")], invalid),
+        ("PutArtefact", [pb.PutArtefactRequest(header=pb.ArtefactHeader(run_id=open_, name="a.bin", kind="report",
+                                                                        size=3)),
+                         pb.PutArtefactRequest(header=pb.ArtefactHeader(run_id=open_))], invalid),
+    ]
+
+
+def _method(name):
+    return next((s, m) for s, m in METHODS if m.name == name)
+
+
+def _serialized(request):
+    if isinstance(request, list):
+        return [r.SerializeToString() for r in request]
+    return request.SerializeToString()
+
+
+def test_bad_requests_get_the_right_status_and_change_nothing(server, admin):
+    srv, runs = server
+    channel, before = srv.channel(), fingerprint(admin, pb)
+    for name, request, code in _bad_requests(runs):
+        got, details = raw_call(channel, *_method(name), _serialized(request))
+        assert (got, bool(details)) == (code, True), (name, request, got, details)
+    not_utf8 = b"\x0a\x02\xff\xfe"  # field 1 (run_id), 2 bytes that are not UTF-8
+    for name in ("GetRun", "ExportModel", "FailRun"):
+        got, details = raw_call(channel, *_method(name), not_utf8)
+        assert got == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in details, (name, got, details)
+    assert fingerprint(admin, pb) == before
+    assert not list((srv.store / "artefacts").rglob("*.tmp"))
+    assert admin.GetStatus(pb.GetStatusRequest(verify=True), timeout=30).problems == []
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(METHODS), st.lists(st.binary(max_size=200), min_size=1, max_size=3))
+def test_random_bytes_are_invalid_arguments(server, admin, method, blobs):
+    srv, _ = server
+    service, m = method
+    before = fingerprint(admin, pb)
+    got, details = raw_call(srv.channel(), service, m, blobs if m.client_streaming else blobs[0])
+    assert got in REFUSALS | {grpc.StatusCode.OK}, (m.name, got, details)
+    if got != grpc.StatusCode.OK:
+        assert details and fingerprint(admin, pb) == before
+
+
+def _mutate(data: bytes, edits) -> bytes:
+    buf = bytearray(data)
+    for kind, pos, value in edits:
+        at = pos % (len(buf) + 1)
+        if kind == 0 and buf:
+            buf[at % len(buf)] = value
+        elif kind == 1:
+            buf.insert(at, value)
+        elif kind == 2 and buf:
+            del buf[at % len(buf)]
+        elif kind == 3:
+            del buf[at:]
+    return bytes(buf)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_mutated_messages_are_refused_or_served(server, admin, data):
+    srv, runs = server
+    name, request, _ = data.draw(st.sampled_from(_bad_requests(runs)))
+    edits = data.draw(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10_000), st.integers(0, 255)),
+                               min_size=1, max_size=4))
+    payload = _serialized(request)
+    payload = [_mutate(p, edits) for p in payload] if isinstance(payload, list) else _mutate(payload, edits)
+    before = fingerprint(admin, pb)
+    got, details = raw_call(srv.channel(), *_method(name), payload)
+    assert got in REFUSALS | {grpc.StatusCode.OK}, (name, got, details)
+    if got != grpc.StatusCode.OK:
+        assert details and fingerprint(admin, pb) == before
+    assert admin.GetStatus(pb.GetStatusRequest(), timeout=30).version  # still serving
+
+
+def run_cli(srv, *args, env_auth=True) -> tuple[int, str, str]:
+    """feddem-admin through its console entry point, in a subprocess (the environment names the server)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDDEM_ADMIN_")}
+    if env_auth:
+        env |= srv.env
+    p = subprocess.run([sys.executable, "-m", "server.admin_cli", *args], capture_output=True, text=True, env=env,
+                       timeout=120, cwd=ROOT)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_export_streams_every_file_and_checks_it(server, tmp_path):
+    srv, runs = server
+    code, out, err = run_cli(srv, "models", "export", runs["trusted"], "--out", str(tmp_path / "m"), "--json")
+    assert code == 0, err
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == MODEL_BYTES
+    assert sorted(f["path"] for f in json.loads(out)["files"]) == ["config.json", "model.safetensors"]
+    # a stored file that no longer matches its checksum: DATA_LOSS, and no folder is left behind
+    stored = srv.store / "artefacts" / runs["trusted"] / "model" / "model.safetensors"
+    stored.write_bytes(MODEL_BYTES[:-1] + bytes([MODEL_BYTES[-1] ^ 1]))
+    try:
+        code, _, err = run_cli(srv, "models", "export", runs["trusted"], "--out", str(tmp_path / "bad"))
+        assert code == 7 and "DATA_LOSS" in err and not (tmp_path / "bad").exists()
+        assert list(tmp_path.iterdir()) == [tmp_path / "m"]
+        code, out, _ = run_cli(srv, "status", "--verify")
+        assert code == 7 and "model/model.safetensors" in out
+    finally:
+        stored.write_bytes(MODEL_BYTES)
+    assert run_cli(srv, "models", "export", runs["trusted"], "--out", str(tmp_path / "m"))[0] == 2  # not empty
+
+
+def test_cli_exit_codes_and_outputs(server):
+    srv, runs = server
+    code, out, _ = run_cli(srv, "runs", "list")
+    assert code == 0 and all(run in out for run in runs.values()) and out.splitlines()[0].startswith("RUN_ID")
+    code, out, _ = run_cli(srv, "runs", "list", "--json")
+    assert code == 0 and {r["run_id"]: r["status"] for r in json.loads(out)} == {
+        runs["trusted"]: "finished", runs["secure"]: "finished", runs["open"]: "running"}
+    code, out, _ = run_cli(srv, "models", "list", "--json")
+    assert code == 0 and {m["run_id"]: m["remergeable"] for m in json.loads(out)} == {
+        runs["trusted"]: True, runs["secure"]: False}
+    code, out, _ = run_cli(srv, "pool", "list", "--json")
+    assert code == 0 and json.loads(out) == [{"run_id": runs["trusted"], "created": json.loads(out)[0]["created"],
+                                              "sites": ["site-0", "site-1"]}]
+    assert run_cli(srv, "runs", "show", "20990101-000000-ffffff")[0] == 3
+    assert run_cli(srv, "models", "remerge", runs["secure"], "--weights", "site-0=1")[0] == 4
+    assert run_cli(srv, "models", "remerge", runs["trusted"], "--weights", "site-0=nan")[0] == 2
+    assert run_cli(srv, "models", "remerge", runs["trusted"], "--weights", "site-0")[0] == 2  # not SITE=W
+    assert run_cli(srv, "evaluate", runs["trusted"], "--data", "/no/such")[0] == 2
+    assert run_cli(srv, "runs", "list", env_auth=False)[0] == 6  # the default address: nothing there
+    code, _, err = run_cli(srv, "runs", "list", "--server", srv.address, "--ca", str(srv.tls.ca), env_auth=False)
+    assert code == 5 and "UNAUTHENTICATED" in err
+    code, _, err = run_cli(srv, "runs", "list", "--token", "wrong-token-0123456789")
+    assert code == 5 and "PERMISSION_DENIED" in err
