@@ -7,7 +7,7 @@
     feddem-admin pool list | rank RUN --candidates SPEC [--data SPEC]
 
 Output is a table, or JSON with `--json`. `--server`, `--token` and `--ca` default to FEDDEM_ADMIN_SERVER,
-FEDDEM_ADMIN_TOKEN and FEDDEM_ADMIN_CA.
+FEDDEM_ADMIN_TOKEN and FEDDEM_ADMIN_CA (`--cert`/`--key`, a client certificate: FEDDEM_ADMIN_CERT/_KEY).
 """
 
 import argparse
@@ -24,7 +24,9 @@ from pathlib import Path
 import grpc
 
 from common.errors import FeddemError
-from server.admin.client import ADDRESS_ENV, CA_ENV, DEFAULT_ADDRESS, TOKEN_ENV, open_channel, to_dict
+from server.admin.client import (
+    ADDRESS_ENV, CA_ENV, CERT_ENV, DEFAULT_ADDRESS, KEY_ENV, TOKEN_ENV, open_channel, to_dict,
+)
 
 EXIT_CODES = """exit codes:
   0  done
@@ -47,7 +49,7 @@ class UsageError(FeddemError):
 def _stubs(args):
     from feddem.admin.v1 import admin_pb2, admin_pb2_grpc
 
-    channel = open_channel(args.server, args.token, args.ca)
+    channel = open_channel(args.server, args.token, args.ca, args.cert, args.key)
     return admin_pb2, admin_pb2_grpc.AdminServiceStub(channel)
 
 
@@ -254,6 +256,10 @@ def _common(parser: argparse.ArgumentParser, defaults: bool) -> argparse.Argumen
                         help=f"bearer token (default: ${TOKEN_ENV})")
     parser.add_argument("--ca", default=default(os.environ.get(CA_ENV) or None), metavar="FILE",
                         help=f"CA certificate that signed the server's (default: ${CA_ENV}, else the system's)")
+    parser.add_argument("--cert", default=default(os.environ.get(CERT_ENV) or None), metavar="FILE",
+                        help=f"client certificate, for a server started with --client-ca (default: ${CERT_ENV})")
+    parser.add_argument("--key", default=default(os.environ.get(KEY_ENV) or None), metavar="FILE",
+                        help=f"the client certificate's key (default: ${KEY_ENV})")
     parser.add_argument("--json", action="store_true", default=default(False), help="print JSON instead of a table")
     parser.add_argument("--timeout", type=float, default=default(600.0), help="seconds per call (default: 600)")
     return parser

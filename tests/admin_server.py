@@ -30,12 +30,38 @@ def make_tls(folder: Path) -> Tls:
     return Tls(paths.ca_cert, paths.server_cert, paths.server_key)
 
 
+def make_client_cert(tls: Tls, name: str = "operator") -> tuple[Path, Path]:
+    """A client certificate (client auth) signed by the CA of `tls`; returns (cert, key) files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_key = serialization.load_pem_private_key(tls.ca.with_name("ca.key").read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(tls.ca.read_bytes())
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA384()))
+    cert_file, key_file = tls.ca.parent / f"{name}.crt", tls.ca.parent / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
 class AdminServer:
     """`feddem server` in a subprocess, on a free port of 127.0.0.1."""
 
-    def __init__(self, store: Path, tls: Tls, log: Path, token: str | None = None):
-        self.store, self.tls, self.log = store, tls, log
-        self.token = token or secrets.token_urlsafe(24)
+    def __init__(self, store: Path, tls: Tls, log: Path, token: str | None = None, client_ca: Path | None = None):
+        """`token=""`: no token (then `client_ca` must be given: client certificates only)."""
+        self.store, self.tls, self.log, self.client_ca = store, tls, log, client_ca
+        self.token = secrets.token_urlsafe(24) if token is None else token
         self.token_file = log.with_suffix(".token")
         self.token_file.write_text(self.token + "\n")
         self.address = f"127.0.0.1:{free_ports(1)[0]}"
@@ -43,9 +69,11 @@ class AdminServer:
 
     def start(self, timeout: float = 60.0) -> "AdminServer":
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDDEM_ADMIN_")}
+        auth = ["--token-file", str(self.token_file)] if self.token else []
+        auth += ["--client-ca", str(self.client_ca)] if self.client_ca else []
         self.proc = start([sys.executable, "-m", "server.cli", "server", "--store", str(self.store), "--address",
-                           self.address, "--cert", str(self.tls.cert), "--key", str(self.tls.key), "--token-file",
-                           str(self.token_file)], env, self.log, cwd=ROOT)
+                           self.address, "--cert", str(self.tls.cert), "--key", str(self.tls.key), *auth], env,
+                          self.log, cwd=ROOT)
         deadline = time.monotonic() + timeout
         while "admin API on" not in self.log.read_text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -60,10 +88,13 @@ class AdminServer:
         return {"FEDDEM_ADMIN_SERVER": self.address, "FEDDEM_ADMIN_TOKEN": self.token,
                 "FEDDEM_ADMIN_CA": str(self.tls.ca)}
 
-    def channel(self, token: str | None = "", ca: Path | None = None) -> grpc.Channel:
+    def channel(self, token: str | None = "", ca: Path | None = None, client: tuple | None = None) -> grpc.Channel:
+        """A channel with this server's token (or `token`; None: no token), trusting its CA (or `ca`), with an
+        optional client certificate (cert, key)."""
         from server.admin.client import open_channel
 
-        return open_channel(self.address, self.token if token == "" else (token or ""), ca or self.tls.ca)
+        return open_channel(self.address, self.token if token == "" else (token or ""), ca or self.tls.ca,
+                            *(client or (None, None)))
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -19,7 +19,7 @@ from feddem.admin.v1 import admin_pb2 as pb
 from feddem.admin.v1 import admin_pb2_grpc
 from server import admin_cli
 from server.store import Store, site_vector_name
-from tests.admin_server import ROOT, AdminServer, fingerprint, make_tls
+from tests.admin_server import ROOT, AdminServer, fingerprint, make_client_cert, make_tls
 from tests.test_store import report
 
 SERVICES = {name: pb.DESCRIPTOR.services_by_name[name] for name in ("AdminService", "RecorderService")}
@@ -297,3 +297,35 @@ def test_cli_exit_codes_and_outputs(server):
     assert code == 5 and "UNAUTHENTICATED" in err
     code, _, err = run_cli(srv, "runs", "list", "--token", "wrong-token-0123456789")
     assert code == 5 and "PERMISSION_DENIED" in err
+
+
+def test_client_certificates(tmp_path):
+    """A server started with --client-ca refuses a client without a certificate that CA signed; with a token as
+    well, it needs both."""
+    tls = make_tls(tmp_path / "tls")
+    client = make_client_cert(tls)
+    stranger = make_client_cert(make_tls(tmp_path / "other"), "stranger")
+    status = _method("GetStatus")
+    for token in ("", None):  # certificates only, then certificates and a token
+        srv = AdminServer(tmp_path / f"store{token is None}", tls, tmp_path / f"server{token is None}.log",
+                          token=token, client_ca=tls.ca).start()
+        try:
+            assert raw_call(srv.channel(client=client), *status, b"")[0] == grpc.StatusCode.OK
+            assert raw_call(srv.channel(), *status, b"", timeout=10)[0] == grpc.StatusCode.UNAVAILABLE
+            assert raw_call(srv.channel(client=stranger), *status, b"", timeout=10)[0] == grpc.StatusCode.UNAVAILABLE
+            if token is None:
+                assert raw_call(srv.channel(token=None, client=client), *status, b"")[0] == \
+                    grpc.StatusCode.UNAUTHENTICATED
+            code, out, err = run_cli(srv, "status", "--json", "--cert", str(client[0]), "--key", str(client[1]))
+            assert code == 0 and json.loads(out)["schema_version"] >= 1, err
+        finally:
+            srv.stop()
+
+
+def test_the_server_refuses_to_run_without_authentication(tmp_path):
+    tls = make_tls(tmp_path / "tls")
+    with pytest.raises(RuntimeError, match="refusing to serve without authentication"):
+        AdminServer(tmp_path / "store", tls, tmp_path / "server.log", token="").start(timeout=30)
+    short = AdminServer(tmp_path / "store", tls, tmp_path / "short.log", token="short")
+    with pytest.raises(RuntimeError, match="shorter than 16"):
+        short.start(timeout=30)

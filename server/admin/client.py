@@ -8,6 +8,7 @@ import grpc
 from common.errors import FeddemError
 
 ADDRESS_ENV, TOKEN_ENV, CA_ENV = "FEDDEM_ADMIN_SERVER", "FEDDEM_ADMIN_TOKEN", "FEDDEM_ADMIN_CA"
+CERT_ENV, KEY_ENV = "FEDDEM_ADMIN_CERT", "FEDDEM_ADMIN_KEY"  # a client certificate, for servers that ask for one
 DEFAULT_ADDRESS = "127.0.0.1:9095"
 MAX_MESSAGE = 16 << 20  # bytes; artefacts travel in 1 MiB chunks, reports are far smaller
 
@@ -19,12 +20,20 @@ def _read(path: str | Path, what: str) -> bytes:
         raise FeddemError(f"cannot read the {what} '{path}': {exc.strerror}") from None
 
 
-def open_channel(address: str, token: str, ca: str | Path | None) -> grpc.Channel:
+def open_channel(address: str, token: str, ca: str | Path | None, cert: str | Path | None = None,
+                 key: str | Path | None = None) -> grpc.Channel:
     """A TLS channel to a feddem server. `ca`: the CA certificate that signed the server's (None: the system's
-    roots). The token goes with every call as a bearer token (gRPC sends call credentials only over TLS)."""
+    roots). The token goes with every call as a bearer token (gRPC sends call credentials only over TLS);
+    `cert`/`key`: a client certificate and its key, for a server started with --client-ca."""
     if not address:
         raise FeddemError(f"no server address: give --server HOST:PORT or set {ADDRESS_ENV}")
-    credentials = grpc.ssl_channel_credentials(root_certificates=_read(ca, "CA certificate") if ca else None)
+    if bool(cert) != bool(key):
+        raise FeddemError("a client certificate needs both --cert and --key")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(ca, "CA certificate") if ca else None,
+        private_key=_read(key, "client key") if key else None,
+        certificate_chain=_read(cert, "client certificate") if cert else None,
+    )
     if token:
         credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
     options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]

@@ -59,12 +59,15 @@ class LocalRecorder:
 class RemoteRecorder:
     """Records through a feddem server's RecorderService (TLS, bearer token)."""
 
-    def __init__(self, server: str, token: str, ca: str | Path | None):
+    CALL_TIMEOUT, UPLOAD_TIMEOUT = 120.0, 6 * 3600.0  # seconds
+
+    def __init__(self, server: str, token: str, ca: str | Path | None, cert: str | None = None,
+                 key: str | None = None):
         from feddem.admin.v1 import admin_pb2_grpc
         from server.admin.client import open_channel
 
         self.pb = _pb()
-        self.channel = open_channel(server, token, ca)
+        self.channel = open_channel(server, token, ca, cert, key)
         self.stub = admin_pb2_grpc.RecorderServiceStub(self.channel)
 
     def begin(self, config: dict, flower_run_id: int = 0, kind: str = "federated", parent_run: str = "") -> str:
@@ -73,7 +76,7 @@ class RemoteRecorder:
         from server.store.owner import current_owner
 
         run = self.stub.BeginRun(self.pb.BeginRunRequest(config_json=json.dumps(config), flower_run_id=flower_run_id,
-                                                         writer=current_owner()))
+                                                         writer=current_owner()), timeout=self.CALL_TIMEOUT)
         return run.run_id
 
     def put_file(self, run_id: str, name: str, kind: str, path: Path) -> dict:
@@ -86,14 +89,15 @@ class RemoteRecorder:
                 while chunk := fh.read(CHUNK):
                     yield self.pb.PutArtefactRequest(data=chunk)
 
-        a = self.stub.PutArtefact(parts())
+        a = self.stub.PutArtefact(parts(), timeout=self.UPLOAD_TIMEOUT)
         return {"name": a.name, "kind": a.kind, "size": a.size, "sha256": a.sha256}
 
     def finish(self, run_id: str, report: dict, out_dir: str = "") -> None:
-        self.stub.FinishRun(self.pb.FinishRunRequest(run_id=run_id, report_json=json.dumps(report), out_dir=out_dir))
+        self.stub.FinishRun(self.pb.FinishRunRequest(run_id=run_id, report_json=json.dumps(report), out_dir=out_dir),
+                            timeout=self.CALL_TIMEOUT)
 
     def fail(self, run_id: str, reason: str) -> None:
-        self.stub.FailRun(self.pb.FailRunRequest(run_id=run_id, reason=reason))
+        self.stub.FailRun(self.pb.FailRunRequest(run_id=run_id, reason=reason), timeout=self.CALL_TIMEOUT)
 
 
 def _pb():
@@ -104,13 +108,14 @@ def _pb():
 
 def recorder_from_environment(environ: dict | None = None) -> Recorder | None:
     """The recorder that the environment names, or None when it names none (the run is not recorded)."""
-    from server.admin.client import ADDRESS_ENV, CA_ENV, TOKEN_ENV
+    from server.admin.client import ADDRESS_ENV, CA_ENV, CERT_ENV, KEY_ENV, TOKEN_ENV
 
     env = os.environ if environ is None else environ
     if env.get(STORE_ENV):
         return LocalRecorder(env[STORE_ENV])
     if env.get(ADDRESS_ENV):
-        return RemoteRecorder(env[ADDRESS_ENV], env.get(TOKEN_ENV, ""), env.get(CA_ENV) or None)
+        return RemoteRecorder(env[ADDRESS_ENV], env.get(TOKEN_ENV, ""), env.get(CA_ENV) or None,
+                              env.get(CERT_ENV) or None, env.get(KEY_ENV) or None)
     return None
 
 
