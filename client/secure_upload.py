@@ -14,9 +14,9 @@ node. The weight and the policy are fixed at `sa_keys`; later messages of the ro
 """
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from safetensors import safe_open
 
@@ -30,7 +30,7 @@ from common.errors import FeddemError
 from common.secagg import SecAggClient, SecAggError, SecAggParams
 from common.secagg.params import round_binding
 from common.secagg.quantize import _fresh_rng
-from common.vectors import Vector
+from common.vectors import Vector, flat_chunks
 
 log = logging.getLogger("feddem.site")
 
@@ -44,21 +44,23 @@ def vector_layout(site: SiteContext, run_id: int) -> list[str]:
         return sorted(fh.keys())
 
 
-def flatten_weighted(vector: Vector, names: list[str], weight: float, clip: float,
-                     noise_std: float = 0.0) -> tuple[np.ndarray, int]:
-    """`weight * vector` as one float32 array in the order of `names`, plus Gaussian noise of `noise_std` when
-    asked, clipped to [-clip, clip]; and how many elements were clipped."""
+def weighted_chunks(vector: Vector, names: list[str], weight: float, clip: float, noise_std: float = 0.0,
+                    size: int = CHUNK) -> Iterator[tuple[int, np.ndarray, int]]:
+    """`weight * vector` flattened in the order of `names`, plus Gaussian noise of `noise_std` when asked, clipped
+    to [-clip, clip], as consecutive float32 chunks of `size` elements: (offset, chunk, elements clipped in it).
+    Streams: one tensor of the (possibly lazy) vector and one chunk at a time."""
     if sorted(vector) != list(names):
         raise FeddemError(f"the server's vector layout ({len(names)} names) is not this site's "
                           f"({len(vector)} names)")
-    flat = torch.cat([(vector[n] * weight).reshape(-1) for n in names]).numpy()
-    if noise_std > 0:
-        flat += _fresh_rng().normal(0.0, noise_std, flat.size).astype(np.float32)
-    over = np.abs(flat) > clip
-    clipped = int(np.count_nonzero(over))
-    if clipped:
-        np.clip(flat, -clip, clip, out=flat)
-    return flat, clipped
+    rng = _fresh_rng() if noise_std > 0 else None
+    for offset, chunk in flat_chunks(vector, names, size):
+        chunk *= np.float32(weight)
+        if rng is not None:
+            chunk += rng.normal(0.0, noise_std, chunk.size).astype(np.float32)
+        clipped = int(np.count_nonzero(np.abs(chunk) > clip))
+        if clipped:
+            np.clip(chunk, -clip, clip, out=chunk)
+        yield offset, chunk, clipped
 
 
 def _pairs(ids: list[int], values: list) -> dict[int, object]:
@@ -160,32 +162,31 @@ def sa_masked(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int,
     received = _pairs(list(sa["from"]), [bytes(c) for c in sa["ct"]])
     check_peers(rnd.policy, site, len(set(received) - {rnd.client.id}), "masked")
     check_not_aggregated(site, run_id, rnd.digest, rnd.policy.budget)
-    vector = stored_vector(site, run_id)
+    vector = stored_vector(site, run_id)  # lazy: read one tensor at a time
     if vector_digest(site, run_id) != rnd.digest:
         raise FeddemError(f"{site.name}: the stored vector changed during the secure-aggregation round")
     names = sorted(vector)
     # this site's part of the distributed noise: n equal parts of variance noise^2 / n
     noise_std = rnd.policy.noise / np.sqrt(len(rnd.client.params.client_ids))
-    flat, clipped = flatten_weighted(vector, names, rnd.weight, rnd.client.params.clip, noise_std)
-    del vector
-    if clipped:
-        log.warning("%s: %d of %d elements of w*d exceed clip %g and were clipped", site.name, clipped, flat.size,
-                    rnd.client.params.clip)
     client = rnd.client
     client.receive_shares(received)
     mark_aggregated(site, run_id, rnd.digest, client.params.session, rnd.weight, rnd.policy.noise)
-    arrays, tags = {}, {}
+    arrays, tags, clipped, elements = {}, {}, 0, 0
 
     def put(start: int, masked: np.ndarray) -> None:  # each chunk with its upload tag (checked by the server)
         arrays[f"{start:012d}"], tags[start] = Array(masked), client.upload_tag(masked, start)
 
-    for start in range(0, flat.size, CHUNK):
-        put(start, client.masked_input_chunk(flat[start:start + CHUNK], start))
-    put(flat.size, client.masked_check_block())
+    for start, chunk, over in weighted_chunks(vector, names, rnd.weight, client.params.clip, noise_std):
+        put(start, client.masked_input_chunk(chunk, start))
+        clipped, elements = clipped + over, elements + chunk.size
+    if clipped:
+        log.warning("%s: %d of %d elements of w*d exceed clip %g and were clipped", site.name, clipped, elements,
+                    client.params.clip)
+    put(elements, client.masked_check_block())
     rnd.save(state)
     return RecordDict({M.MASKED: ArrayRecord(arrays),
                        M.SA: ConfigRecord({"offsets": list(tags), "tags": list(tags.values())}),
-                       M.METRICS: MetricRecord({"clipped": clipped, "elements": int(flat.size)})})
+                       M.METRICS: MetricRecord({"clipped": clipped, "elements": elements})})
 
 
 def sa_unmask(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, content: RecordDict,

@@ -53,6 +53,8 @@ class RunConfig:
     device: str = _opt("auto", "training device of the sites: auto, cpu or cuda")
     seed: int = _opt(0, "seed of data generation, training order and initialisation")
     base_steps: int = _opt(300, "embedded model only: pre-training steps of the cached base")
+    max_shard_size: str = _opt("5GB", "largest weight file of the exported model (e.g. 500MB, 5GB); a larger model "
+                               "is written in shards with a model.safetensors.index.json, as save_pretrained does")
     out_dir: str = _opt("", "run folder for the merged model and report; empty = $FEDDEM_HOME/runs/<time>")
     timeout: float = _opt(3600.0, "seconds to wait for the sites at each stage")
     aggregation: str = _opt("secure", "how weighted vectors reach the server: 'secure' (SecAgg+: the server "
@@ -110,6 +112,7 @@ class RunConfig:
             raise FeddemError(f"unknown weighting '{self.weighting}': choose one of {', '.join(WEIGHTINGS)}")
         if self.device not in DEVICES:
             raise FeddemError(f"unknown device '{self.device}': choose one of {', '.join(DEVICES)}")
+        self.max_shard_bytes  # a size transformers understands
         self._validate_aggregation()
         self._validate_weighting()
 
@@ -182,6 +185,19 @@ class RunConfig:
         if self.aggregation == "secure" and self.sites - 1 < self.min_peers:
             raise FeddemError(f"secure aggregation with min-peers {self.min_peers} needs at least "
                               f"{self.min_peers + 1} sites, got --sites {self.sites} (or use --aggregation plain)")
+
+    @property
+    def max_shard_bytes(self) -> int:
+        """`max-shard-size` in bytes."""
+        from transformers.utils.hub import convert_file_size_to_int
+
+        try:
+            size = convert_file_size_to_int(self.max_shard_size)
+        except (ValueError, TypeError):
+            size = 0
+        if not isinstance(size, int) or size < 1:
+            raise FeddemError(f"max-shard-size must be a size such as 500MB or 5GB, got {self.max_shard_size!r}")
+        return size
 
     def threshold_for(self, participants: int) -> int:
         """The Shamir threshold for an aggregation over `participants` sites (see `secagg-threshold`)."""

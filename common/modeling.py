@@ -4,12 +4,14 @@ Also the model checksum that sites compare with the run config before they train
 """
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
 from common.errors import FeddemError
+from common.vectors import LazyVector, Vector, merged_tensors, open_tensors, save_sharded, specs_of
 from common.tokenizer import build_byte_tokenizer
 
 # The embedded default: a ~1M-parameter Llama-style model over the byte tokenizer (259 tokens).
@@ -96,3 +98,54 @@ def model_checksum(model: torch.nn.Module) -> str:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def model_folder(ref: str) -> Path | None:
+    """The local folder holding a model's files: the folder itself, or the hub cache's snapshot of a hub name that
+    was loaded before (no download); None when there is none."""
+    if _is_local(ref):
+        return Path(ref).expanduser()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, local_files_only=True))
+    except Exception:  # not in the cache: the caller falls back to a loaded model
+        return None
+
+
+def model_tensors(model: torch.nn.Module) -> LazyVector:
+    """A loaded model's state (what `save_pretrained` writes: a tied weight once, under its first name)."""
+    state, seen, specs = model.state_dict(), set(), {}
+    for name, t in state.items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        specs[name] = (t.dtype, tuple(t.shape))
+    return LazyVector(specs, lambda name: state[name].detach().cpu())
+
+
+def base_tensors(ref: str, names=()) -> LazyVector:
+    """The base model's weights, lazily and in their stored dtype: straight from its safetensors files when they hold
+    every name in `names` (one tensor in memory at a time), else from the loaded model."""
+    folder = model_folder(ref)
+    stored = open_tensors(folder) if folder is not None else None
+    if stored is not None and all(name in stored for name in names):
+        return stored
+    return model_tensors(load_model(ref))
+
+
+def export_merged(ref: str, vector: Vector, out_dir: str | Path, max_shard_size: int) -> list[str]:
+    """Write base + vector as a Hugging Face model folder (config and weights; the caller adds the tokenizer),
+    streaming: one base tensor and one vector tensor at a time, into shards of at most `max_shard_size` bytes with
+    a `model.safetensors.index.json` when there are several. Weights keep the base's stored dtype (a bf16 base
+    gives a bf16 model; the sum is formed in float32). Returns the weight files written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = base_tensors(ref, list(vector))
+    files = save_sharded(out_dir, specs_of(base), merged_tensors(base, vector), max_shard_size)
+    _load(AutoConfig.from_pretrained, ref).save_pretrained(out_dir)
+    folder = model_folder(ref)
+    if folder is not None and (folder / "generation_config.json").is_file():
+        shutil.copyfile(folder / "generation_config.json", out_dir / "generation_config.json")
+    return files

@@ -77,6 +77,7 @@ class _Round:
                     node = pending.pop(message_id)
                     progressed = True
                     self._take(stage, node, reply, on_reply, ok)
+                    del reply  # a masked upload is a whole vector: hold one reply at a time, never two
             if pending and not progressed:
                 time.sleep(POLL_SECONDS)
         for node in pending.values():

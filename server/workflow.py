@@ -6,7 +6,6 @@ reach the server by secure aggregation (`server.secure_aggregation`, default) or
 the clear (`plain_aggregate`).
 """
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,11 +19,10 @@ from common import messages as M
 from common.config import RunConfig
 from common.data import list_shards
 from common.errors import FeddemError
-from common.modeling import load_model, load_tokenizer, model_checksum
+from common.modeling import export_merged, load_model, load_tokenizer, model_checksum
 from common.paths import feddem_home
 from common.vectors import (
-    Vector, add_into, apply_vector, check_vector, parameters_of, save_vector, vector_from_record, vector_to_record,
-    weighted_sum,
+    Vector, add_into, apply_vector, check_vector, save_vector, vector_from_record, vector_to_record, weighted_sum,
 )
 from common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights, strategy
 from server.base import resolve_base_ref
@@ -100,16 +98,52 @@ class Stage:
             raise FeddemError(f"{name}: no site succeeded ({'; '.join(self.failures.values())})")
         return ok
 
+    def stream(self, name: str, message_type: str, per_node: dict[int, RecordDict]):
+        """Like `run`, but yields (node, content) as each reply arrives and pulls replies one at a time, so a
+        stage whose replies are whole vectors (plain uploads) holds one of them at a time, not one per site."""
+        pending = {}
+        for node, content in per_node.items():
+            ids = list(self.grid.push_messages([site_message(self.cfg, self.base, node, message_type, content)]))
+            if ids:
+                pending[ids[0]] = node
+            else:
+                self.failures[f"node-{node}"] = f"{name}: the message could not be sent"
+        log.info("%s: %d site(s)", name, len(pending))
+        deadline, delay, succeeded = time.monotonic() + self.cfg.timeout, 0.01, 0
+        while pending and time.monotonic() < deadline:
+            progressed = False
+            for message_id in list(pending):
+                for reply in self.grid.pull_messages([message_id]):
+                    node, progressed = pending.pop(message_id), True
+                    reason = failure_reason(reply)
+                    if reason is not None:
+                        self.failures[f"node-{node}"] = f"{name}: {reason}"
+                        log.warning("node-%d failed: %s", node, self.failures[f"node-{node}"])
+                        continue
+                    succeeded += 1
+                    content = reply.content
+                    del reply
+                    yield node, content
+                    del content
+            delay = 0.01 if progressed else min(1.0, delay * 2)
+            if pending and not progressed:
+                time.sleep(delay)
+        for node in pending.values():
+            self.failures[f"node-{node}"] = f"{name}: no reply within {self.cfg.timeout:.0f} s"
+            log.warning("node-%d failed: %s", node, self.failures[f"node-{node}"])
+        if not succeeded:
+            raise FeddemError(f"{name}: no site succeeded ({'; '.join(self.failures.values())})")
+
 
 def _site_record(content: RecordDict) -> dict:
     return dict(content.config_records[M.SITE]) | dict(content.metric_records[M.METRICS])
 
 
 def fetch_uploads(stage: Stage, sites: dict, weights: dict[int, float], base_params: dict):
-    """Ask each site for `w_i * d_i` in the clear (plain aggregation); yields (node, checked vector) as they come."""
-    uploads = stage.run("upload", M.UPLOAD, {n: RecordDict({M.WEIGHT: ConfigRecord({"weight": w})})
-                                             for n, w in weights.items()})
-    for node, content in uploads.items():
+    """Ask each site for `w_i * d_i` in the clear (plain aggregation); yields (node, checked vector) as they come,
+    one reply at a time (the vector is read lazily from its message)."""
+    for node, content in stage.stream("upload", M.UPLOAD, {n: RecordDict({M.WEIGHT: ConfigRecord({"weight": w})})
+                                                           for n, w in weights.items()}):
         vector = vector_from_record(content.array_records[M.VECTOR])
         check_vector(vector, base_params, f"upload of {sites[node]['site']}")
         yield node, vector
@@ -143,8 +177,7 @@ def _secure_aggregate(grid: Grid, cfg: RunConfig, stage: Stage, trained: dict, s
     if any(names != layout for names in layouts.values()):
         raise FeddemError("the sites' vectors cover different parameters (vector layouts differ): check that all "
                           "sites run the same configuration (full vs LoRA)")
-    shapes = {name: t.shape for name, t in base_params.items()}
-    result = secure_sum(grid, cfg, stage.base, weights, layout, shapes)
+    result = secure_sum(grid, cfg, stage.base, weights, layout, base_params)
     for node, why in result.dropped.items():
         stage.failures[f"node-{node}"] = f"secure aggregation, {why}"
     name = {n: sites[n]["site"] for n in weights}
@@ -296,8 +329,11 @@ def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
     model_ref = resolve_base_ref(cfg)
     base_model = load_model(model_ref)
     checksum = model_checksum(base_model)
-    base_params = parameters_of(base_model)
-    base_info = {"ref": model_ref, "checksum": checksum, "parameters": sum(t.numel() for t in base_params.values())}
+    # the server keeps the parameters' shapes, not a copy of them nor the model: the merge and the export stream
+    # the base from its files (common.modeling.export_merged)
+    base_params = {name: p.shape for name, p in base_model.named_parameters()}
+    base_info = {"ref": model_ref, "checksum": checksum, "parameters": sum(p.numel() for p in base_model.parameters())}
+    del base_model
     lap("setup")
 
     nodes = _wait_for_nodes(grid, cfg.sites, cfg.timeout)
@@ -312,7 +348,7 @@ def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
         if merged_so_far is not None:
             request[M.START] = vector_to_record(merged_so_far)
         if ALIGNMENT in chosen.needs:
-            current = copy.deepcopy(base_model)
+            current = load_model(model_ref)
             if merged_so_far is not None:
                 apply_vector(current, merged_so_far)
             request[M.TARGET] = vector_to_record(target_direction(current, load_tokenizer(model_ref), cfg))
@@ -337,7 +373,6 @@ def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
                       | ({"search": search} if search else {}))
         nodes = sorted(contributors)  # a site that dropped out does not come back in later rounds
 
-    apply_vector(base_model, merged_so_far)
     merged_losses = evaluate_merge(stage, nodes, merged_so_far, "test", "evaluation")
     merged = {sites[n]["site"]: loss for n, loss in merged_losses.items()}
     lap("evaluate")
@@ -352,7 +387,7 @@ def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
         lap("ablation")
 
     model_dir = out / "model"
-    base_model.save_pretrained(model_dir)
+    export_merged(model_ref, merged_so_far, model_dir, cfg.max_shard_bytes)
     load_tokenizer(model_ref).save_pretrained(model_dir)
     save_vector(merged_so_far, out / "aggregate.safetensors", metadata={"weights": str(used)})
     lap("export")

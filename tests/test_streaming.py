@@ -1,0 +1,186 @@
+"""Streaming vectors: a vector split across many chunks or shards gives exactly what the in-memory path gives."""
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from client.secure_upload import weighted_chunks
+from client.upload import upload_weighted_vector
+from common.errors import FeddemError
+from common.modeling import build_model, export_merged, model_tensors, tiny_llama_config
+from common.vectors import (
+    INDEX, apply_vector, extract_vector, flat_chunks, load_vector, merged_tensors, open_tensors, parameters_of,
+    save_sharded, save_vector, specs_of, stored_digest, vector_digest, vector_from_record, write_safetensors,
+)
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.fixture
+def base_and_vector(tmp_path):
+    base = build_model(tiny_llama_config(**SMALL), seed=0)
+    base.save_pretrained(tmp_path / "base")
+    tuned = copy.deepcopy(base)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(1e-2 * torch.randn(p.shape, generator=gen))
+    return base, extract_vector(tuned, parameters_of(base))
+
+
+def test_sharded_streaming_export_loads_and_equals_the_in_memory_merge(tmp_path, base_and_vector):
+    base, vector = base_and_vector
+    save_vector(vector, tmp_path / "vector.safetensors")
+    stored = load_vector(tmp_path / "vector.safetensors")
+    out = tmp_path / "merged"
+    files = export_merged(str(tmp_path / "base"), stored, out, max_shard_size=20_000)  # ~100 KB model: many shards
+    assert len(files) > 3 and (out / INDEX).is_file()
+    index = json.loads((out / INDEX).read_text())
+    assert sorted(set(index["weight_map"].values())) == sorted(files)
+    assert all((out / f).stat().st_size <= 20_000 + 4096 or len(load_file(out / f)) == 1 for f in files)
+
+    expected = copy.deepcopy(base)
+    apply_vector(expected, vector)  # the in-memory merge
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    got = dict(loaded.named_parameters())
+    for name, p in expected.named_parameters():
+        assert torch.equal(got[name], p), name
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_one_shard_is_a_plain_model_file_and_bf16_bases_stay_bf16(tmp_path, base_and_vector):
+    base, vector = base_and_vector
+    base.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    files = export_merged(str(tmp_path / "bf16"), vector, tmp_path / "out", max_shard_size=10**9)
+    assert files == ["model.safetensors"] and not (tmp_path / "out" / INDEX).exists()
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    apply_vector(bf16, vector)  # float32 arithmetic, stored back in bf16
+    for name, p in bf16.named_parameters():
+        assert torch.equal(stored[name], p), name
+
+
+def test_streaming_merge_of_a_model_state_matches_apply_vector(base_and_vector):
+    base, vector = base_and_vector
+    expected = copy.deepcopy(base)
+    apply_vector(expected, vector, scale=0.5)
+    merged = dict(merged_tensors(model_tensors(base), vector, scale=0.5))
+    assert "lm_head.weight" not in merged  # a tied weight once, as save_pretrained writes it
+    for name, p in expected.named_parameters():
+        assert torch.equal(merged[name], p), name
+    with pytest.raises(FeddemError, match="no parameter"):
+        list(merged_tensors(model_tensors(base), {"nope.weight": torch.zeros(2)}))
+
+
+def test_flat_chunks_span_tensors_in_the_given_order(base_and_vector):
+    _, vector = base_and_vector
+    names = sorted(vector)
+    expected = torch.cat([vector[n].reshape(-1) for n in names]).numpy()
+    for size in (1, 777, expected.size, expected.size + 5):
+        chunks = list(flat_chunks(vector, names, size))
+        assert [o for o, _ in chunks] == list(range(0, expected.size, size))
+        assert all(c.size == size for _, c in chunks[:-1])
+        assert np.array_equal(np.concatenate([c for _, c in chunks]), expected)
+
+
+def test_secure_upload_chunks_equal_the_whole_weighted_clipped_vector(tmp_path, base_and_vector):
+    _, vector = base_and_vector
+    save_vector(vector, tmp_path / "v.safetensors")
+    lazy = load_vector(tmp_path / "v.safetensors")
+    names = sorted(vector)
+    whole = torch.cat([(vector[n] * 3.0).reshape(-1) for n in names]).numpy()
+    clip = float(np.quantile(np.abs(whole), 0.9))
+    parts = list(weighted_chunks(lazy, names, 3.0, clip, size=1000))
+    assert np.array_equal(np.concatenate([c for _, c, _ in parts]), np.clip(whole, -clip, clip))
+    assert sum(n for _, _, n in parts) == int(np.count_nonzero(np.abs(whole) > clip)) > 0
+    with pytest.raises(FeddemError, match="layout"):
+        list(weighted_chunks(lazy, names[1:], 1.0, 1.0))
+
+
+def test_streamed_files_round_trip_with_their_digest(tmp_path, base_and_vector):
+    _, vector = base_and_vector
+    save_vector(vector, tmp_path / "v.safetensors")
+    assert stored_digest(tmp_path / "v.safetensors") == vector_digest(vector)  # written while streaming
+    plain = load_file(tmp_path / "v.safetensors")  # an ordinary safetensors file
+    lazy = load_vector(tmp_path / "v.safetensors", verify=True)
+    assert set(plain) == set(lazy) == set(vector)
+    assert all(torch.equal(plain[n], vector[n]) and torch.equal(lazy[n], vector[n]) for n in vector)
+    save_vector(lazy, tmp_path / "copy.safetensors")  # lazy in, streamed out
+    assert stored_digest(tmp_path / "copy.safetensors") == vector_digest(vector)
+    data = bytearray((tmp_path / "v.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (tmp_path / "v.safetensors").write_bytes(bytes(data))
+    with pytest.raises(FeddemError, match="corrupt"):
+        load_vector(tmp_path / "v.safetensors", verify=True)
+    specs = specs_of(vector)
+    with pytest.raises(FeddemError, match="expected"):  # a stream that does not follow its plan
+        write_safetensors(tmp_path / "bad.safetensors", specs, reversed(list(vector.items())))
+    assert not (tmp_path / "bad.safetensors").exists() and not list(tmp_path.glob("bad*.tmp"))
+
+
+def test_records_and_plain_uploads_are_read_lazily_and_exactly(tmp_path, base_and_vector):
+    _, vector = base_and_vector
+    save_vector(vector, tmp_path / "v.safetensors")
+    record = upload_weighted_vector(load_vector(tmp_path / "v.safetensors"), 0.25)
+    back = vector_from_record(record)
+    assert set(back) == set(vector)
+    assert all(torch.equal(back[n], vector[n] * 0.25) for n in vector)
+
+
+def test_resharding_a_model_folder_keeps_every_tensor(tmp_path, base_and_vector):
+    base, _ = base_and_vector
+    source = open_tensors(tmp_path / "base")
+    files = save_sharded(tmp_path / "re", specs_of(source), source.items(), max_shard_size=30_000)
+    again = open_tensors(tmp_path / "re")
+    assert len(files) > 1 and list(again) == list(source)
+    assert all(torch.equal(again[n], source[n]) for n in source)
+    single = save_sharded(tmp_path / "re", specs_of(source), source.items(), max_shard_size=10**9)
+    assert single == ["model.safetensors"] and not (tmp_path / "re" / INDEX).exists()  # stale shards removed
+    assert not list((tmp_path / "re").glob("model-*"))
+
+
+PEAK = textwrap.dedent("""
+    import json, sys
+    from transformers import AutoConfig
+    from common.modeling import export_merged
+    from common.vectors import load_vector
+    def status(key):  # KiB
+        return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
+    folder, out = sys.argv[1], sys.argv[2]
+    vector = load_vector(folder + "/vector.safetensors")
+    AutoConfig.from_pretrained(folder + "/base")  # imports done
+    open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
+    start = status("VmRSS")
+    export_merged(folder + "/base", vector, out, max_shard_size=32 << 20)
+    print(json.dumps({"start": start, "peak": status("VmHWM")}))
+""")
+
+
+def test_streaming_export_holds_a_few_tensors_not_the_model(tmp_path):
+    """A 16-tensor 'model' of 16 x 4M floats (256 MB): merging and exporting it stays far below one model size."""
+    names = [f"layer{i:02d}.weight" for i in range(16)]
+    folder = tmp_path / "m"
+    shape = (2048, 2048)
+    save_sharded(folder / "base", {n: (torch.float32, shape) for n in names},
+                 ((n, torch.full(shape, float(i))) for i, n in enumerate(names)), max_shard_size=64 << 20)
+    (folder / "base" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_vector({n: torch.full(shape, 0.5) for n in names}, folder / "vector.safetensors")
+    run = subprocess.run([sys.executable, "-c", PEAK, str(folder), str(tmp_path / "out")], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    grown = (figures["peak"] - figures["start"]) * 1024
+    model_bytes = 16 * 2048 * 2048 * 4
+    assert grown < 0.6 * model_bytes, f"export grew RSS by {grown / 2**20:.0f} MiB for a {model_bytes >> 20} MiB model"
+    merged = open_tensors(tmp_path / "out")
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) == 8
+    assert all(torch.equal(merged[n], torch.full(shape, i + 0.5)) for i, n in enumerate(names))
