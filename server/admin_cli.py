@@ -38,7 +38,7 @@ EXIT_CODES = """exit codes:
   6  the server cannot be reached, or TLS fails (UNAVAILABLE, DEADLINE_EXCEEDED): check --server and --ca
   7  stored data does not verify against its checksum (DATA_LOSS)"""
 
-EXIT = {"INVALID_ARGUMENT": 2, "OUT_OF_RANGE": 2, "NOT_FOUND": 3, "FAILED_PRECONDITION": 4, "UNAUTHENTICATED": 5,
+EXIT = {"INVALID_ARGUMENT": 2, "OUT_OF_RANGE": 2, "ALREADY_EXISTS": 2, "NOT_FOUND": 3, "FAILED_PRECONDITION": 4, "UNAUTHENTICATED": 5,
         "PERMISSION_DENIED": 5, "UNAVAILABLE": 6, "DEADLINE_EXCEEDED": 6, "DATA_LOSS": 7}
 
 

@@ -24,7 +24,8 @@ from tests.test_store import report
 
 SERVICES = {name: pb.DESCRIPTOR.services_by_name[name] for name in ("AdminService", "RecorderService")}
 METHODS = [(s, m) for s in SERVICES.values() for m in s.methods]
-REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION}
+REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.ALREADY_EXISTS}
 MODEL_BYTES = os.urandom(2 * (1 << 20) + 123)  # more than two streamed chunks
 
 

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from server.store import Store, site_vector_name
-from server.store.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from server.store.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from server.store.owner import current_owner
 from server.store.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -107,6 +107,29 @@ def test_announced_size_and_checksum_must_match(tmp_path):
         store.put_artefact(run, "a.bin", "weights", [b"abc"])
     assert store.artefacts(run) == []
     assert not [p for p in (tmp_path / "artefacts").rglob("*") if p.is_file()]  # no file, no temporary
+
+
+def test_an_artefact_is_written_once(tmp_path):
+    store = Store(tmp_path)
+    run = store.begin_run({})
+    store.put_artefact(run, "report.json", "report", [b"first"])
+    with pytest.raises(AlreadyExists):
+        store.put_artefact(run, "report.json", "report", [b"second"])
+    assert b"".join(store.read_artefact(run, "report.json")) == b"first"
+
+
+def test_a_run_that_ends_while_an_artefact_streams_does_not_record_it(tmp_path):
+    store = Store(tmp_path)
+    run = store.begin_run({})
+
+    def chunks():
+        yield b"half"
+        store.fail_run(run, "stopped meanwhile")
+        yield b"rest"
+
+    with pytest.raises(FailedPrecondition):
+        store.put_artefact(run, "model/model.safetensors", "model", chunks())
+    assert store.artefacts(run) == [] and not [p for p in (tmp_path / "artefacts").rglob("*") if p.is_file()]
 
 
 def test_a_failing_writer_leaves_nothing(tmp_path):

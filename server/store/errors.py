@@ -1,4 +1,4 @@
-"""Errors of the run store, each naming the gRPC status the admin API answers with (see server/admin/auth.py)."""
+"""Errors of the run store, each naming the gRPC status the admin API answers with (see server/admin/service.py)."""
 
 from common.errors import FeddemError
 
@@ -19,6 +19,10 @@ class InvalidArgument(StoreError):
 
 class FailedPrecondition(StoreError):
     status = "FAILED_PRECONDITION"
+
+
+class AlreadyExists(StoreError):
+    status = "ALREADY_EXISTS"
 
 
 class DataLoss(StoreError):

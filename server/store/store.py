@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from server.store.artefacts import ArtefactFiles, check_name
-from server.store.errors import FailedPrecondition, InvalidArgument, NotFound
+from server.store.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from server.store.owner import OWNER, current_owner, owner_alive
 from server.store.schema import SCHEMA_VERSION, migrate
 
@@ -45,6 +45,7 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True)
         self.files = ArtefactFiles(self.root / "artefacts")
         self._lock = threading.RLock()
+        self._writing: set[tuple[str, str]] = set()  # artefacts whose file is being written
         self._db = sqlite3.connect(self.root / "store.db", check_same_thread=False, isolation_level=None,
                                    timeout=30.0)
         self._db.row_factory = sqlite3.Row
@@ -109,16 +110,30 @@ class Store:
 
     def put_artefact(self, run_id: str, name: str, kind: str, chunks: Iterable[bytes], size: int | None = None,
                      sha256: str | None = None) -> dict:
-        """Store one artefact of a running run (the file first, then its record)."""
+        """Store one artefact of a running run: the file first, then its record. A name is written once: a second
+        write could leave a file that differs from its record (ALREADY_EXISTS)."""
         if kind not in KINDS:
             raise InvalidArgument(f"unknown artefact kind '{kind}': one of {', '.join(KINDS)}")
         check_name(name)
+        key = (run_id, name)
         with self._lock:
             self._running(run_id)
-        written, digest = self.files.write(run_id, name, chunks, size, sha256)
-        with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO artefacts (run_id, name, kind, size, sha256, created) "
-                       "VALUES (?, ?, ?, ?, ?, ?)", (run_id, name, kind, written, digest, time.time()))
+            if key in self._writing or self._rows("SELECT 1 FROM artefacts WHERE run_id = ? AND name = ?", *key):
+                raise AlreadyExists(f"run {run_id} already has an artefact '{name}' (or it is being written)")
+            self._writing.add(key)
+        try:
+            written, digest = self.files.write(run_id, name, chunks, size, sha256)
+            try:
+                with self._write() as db:
+                    self._running(run_id)  # the run may have ended while the file streamed in
+                    db.execute("INSERT INTO artefacts (run_id, name, kind, size, sha256, created) "
+                               "VALUES (?, ?, ?, ?, ?, ?)", (run_id, name, kind, written, digest, time.time()))
+            except BaseException:
+                self.files.path(run_id, name).unlink(missing_ok=True)
+                raise
+        finally:
+            with self._lock:
+                self._writing.discard(key)
         return {"name": name, "kind": kind, "size": written, "sha256": digest}
 
     def put_file(self, run_id: str, name: str, kind: str, path: Path) -> dict:
