@@ -215,14 +215,20 @@ def test_schema_is_migrated_and_a_newer_one_refused(tmp_path):
 
 
 def test_stray_temporaries_are_removed_on_open(tmp_path):
+    """Those of ended runs go; those of a run another live process is writing stay (it may be mid-write)."""
     store = Store(tmp_path)
-    run = store.begin_run({})
+    run, live = store.begin_run({}), store.begin_run({})
     store.put_artefact(run, "model/config.json", "model", [b"{}"])
+    store.fail_run(run, "crashed")
     store.close()
     stray = tmp_path / "artefacts" / run / "model" / ".model.safetensors.abcd1234.tmp"
-    stray.write_bytes(b"half a file")
+    writing = tmp_path / "artefacts" / live / ".aggregate.safetensors.0123abcd.tmp"
+    for p in (stray, writing):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a file")
     Store(tmp_path)
     assert not stray.exists() and (tmp_path / "artefacts" / run / "model" / "config.json").exists()
+    assert writing.exists()
 
 
 def test_a_run_whose_writer_died_is_marked_interrupted(tmp_path):

@@ -104,8 +104,9 @@ def remerge(store: Store, run_id: str, weights: dict[str, float]) -> str:
     apply_vector(model, aggregate)
     tokenizer = load_tokenizer(str(store.verified_folder(run_id, "model", "model")))
     parent_report = store.report(run_id)
-    report = {
-        "config": parent_report.get("config", {}),
+    report = {  # the weights were given by hand: the config says so
+        "config": parent_report.get("config", {}) | {"weighting": "manual",
+                                                     "weights": ",".join(f"{s}={w!r}" for s, w in full.items())},
         "base_model": parent_report["base_model"],
         "aggregation": TRUSTED,
         "sites": [s for s in parent_report["sites"] if s["site"] in full],

@@ -1,6 +1,7 @@
 """Artefact files of the run store: written atomically (temporary file, fsync, rename, fsync of the folder) with
 their size and sha256 computed on the way, and verified on every read. A crash leaves either the old state or the
-whole new file, never a partial one; stray temporaries are removed when the store opens."""
+whole new file, never a partial one; stray temporaries are removed when the store opens (those of runs that are
+not being written any more)."""
 
 import hashlib
 import os
@@ -95,9 +96,11 @@ class ArtefactFiles:
             pass
         return self.path(run_id, name)
 
-    def remove_temporaries(self) -> int:
-        """Delete temporaries of writes that never finished (a crash between open and rename)."""
-        stale = [p for p in self.root.rglob(f"*{TMP_SUFFIX}") if p.is_file()]
+    def remove_temporaries(self, keep_runs: set[str] = frozenset()) -> int:
+        """Delete temporaries of writes that never finished (a crash between open and rename), except those of
+        `keep_runs` (runs still being written, perhaps by another process sharing the store)."""
+        stale = [p for p in self.root.rglob(f"*{TMP_SUFFIX}")
+                 if p.is_file() and p.relative_to(self.root).parts[0] not in keep_runs]
         for p in stale:
             p.unlink(missing_ok=True)
         return len(stale)

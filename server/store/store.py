@@ -53,8 +53,9 @@ class Store:
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute("PRAGMA foreign_keys = ON")
         migrate(self._db)
-        self.files.remove_temporaries()
         self.sweep_interrupted()
+        running = {r["run_id"] for r in self._rows("SELECT run_id FROM runs WHERE status = 'running'")}
+        self.files.remove_temporaries(keep_runs=running)
 
     def close(self) -> None:
         with self._lock:
