@@ -94,7 +94,8 @@ def test_remerge_from_the_stored_site_vectors(recorded, tmp_path):
     srv, run_id, out, report, _ = recorded
     same = ",".join(f"{s}={w!r}" for s, w in report["weights"].items())
     again = cli_json(srv, "models", "remerge", run_id, "--weights", same)
-    assert (again["kind"], again["parent_run"], again["status"]) == ("remerge", run_id, "finished")
+    assert (again["kind"], again["parent_run"], again["status"], again["weighting"]) == ("remerge", run_id,
+                                                                                        "finished", "manual")
     cli_json(srv, "models", "export", again["run_id"], "--out", str(tmp_path / "same"))
     original, remerged = model_params(out / "model"), model_params(tmp_path / "same")
     assert original.keys() == remerged.keys()
