@@ -3,11 +3,13 @@ ServerApp records its runs).
 
 Requests are parsed here from their bytes (not by gRPC), so a malformed message is INVALID_ARGUMENT like any other
 bad input. Every error becomes a gRPC status with a message: a StoreError carries its status name; another
-FeddemError is INVALID_ARGUMENT; anything unexpected is INTERNAL (and logged with its traceback).
+FeddemError is INVALID_ARGUMENT; a store locked by another process too long is UNAVAILABLE (retry); anything
+unexpected is INTERNAL (and logged with its traceback).
 """
 
 import json
 import logging
+import sqlite3
 from importlib import metadata
 
 import grpc
@@ -29,6 +31,8 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode[exc.status], str(exc)
     if isinstance(exc, FeddemError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        return grpc.StatusCode.UNAVAILABLE, f"the store is busy ({exc}): try again"
     log.exception("admin API: unexpected error")
     return grpc.StatusCode.INTERNAL, f"internal error of the feddem server: {type(exc).__name__}: {exc}"
 
