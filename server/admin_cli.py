@@ -31,15 +31,15 @@ from server.admin.client import (
 EXIT_CODES = """exit codes:
   0  done
   1  an unexpected error of the server or this tool
-  2  bad usage or a request the server refuses as invalid (INVALID_ARGUMENT), e.g. bad weights
+  2  bad usage or a request the server refuses as invalid (INVALID_ARGUMENT, ALREADY_EXISTS), e.g. bad weights
   3  no such run or artefact (NOT_FOUND)
   4  the run does not allow it (FAILED_PRECONDITION), e.g. re-merging a secure run
   5  not authenticated or not allowed (UNAUTHENTICATED, PERMISSION_DENIED): check --token
   6  the server cannot be reached, or TLS fails (UNAVAILABLE, DEADLINE_EXCEEDED): check --server and --ca
   7  stored data does not verify against its checksum (DATA_LOSS)"""
 
-EXIT = {"INVALID_ARGUMENT": 2, "OUT_OF_RANGE": 2, "ALREADY_EXISTS": 2, "NOT_FOUND": 3, "FAILED_PRECONDITION": 4, "UNAUTHENTICATED": 5,
-        "PERMISSION_DENIED": 5, "UNAVAILABLE": 6, "DEADLINE_EXCEEDED": 6, "DATA_LOSS": 7}
+EXIT = {"INVALID_ARGUMENT": 2, "OUT_OF_RANGE": 2, "ALREADY_EXISTS": 2, "NOT_FOUND": 3, "FAILED_PRECONDITION": 4,
+        "UNAUTHENTICATED": 5, "PERMISSION_DENIED": 5, "UNAVAILABLE": 6, "DEADLINE_EXCEEDED": 6, "DATA_LOSS": 7}
 
 
 class UsageError(FeddemError):

@@ -13,7 +13,7 @@ DEFAULT_ADDRESS = "127.0.0.1:9095"
 MAX_MESSAGE = 16 << 20  # bytes; artefacts travel in 1 MiB chunks, reports are far smaller
 
 
-def _read(path: str | Path, what: str) -> bytes:
+def read_file(path: str | Path, what: str) -> bytes:
     try:
         return Path(path).expanduser().read_bytes()
     except OSError as exc:
@@ -30,9 +30,9 @@ def open_channel(address: str, token: str, ca: str | Path | None, cert: str | Pa
     if bool(cert) != bool(key):
         raise FeddemError("a client certificate needs both --cert and --key")
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read(ca, "CA certificate") if ca else None,
-        private_key=_read(key, "client key") if key else None,
-        certificate_chain=_read(cert, "client certificate") if cert else None,
+        root_certificates=read_file(ca, "CA certificate") if ca else None,
+        private_key=read_file(key, "client key") if key else None,
+        certificate_chain=read_file(cert, "client certificate") if cert else None,
     )
     if token:
         credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))

@@ -18,22 +18,18 @@ import grpc
 
 from common.errors import FeddemError
 from server.admin.auth import TokenAuth
-from server.admin.client import DEFAULT_ADDRESS, MAX_MESSAGE, TOKEN_ENV
+from server.admin.client import DEFAULT_ADDRESS, MAX_MESSAGE, TOKEN_ENV, read_file
 from server.admin.service import handlers
 from server.store import Store, default_store_path
 
 log = logging.getLogger("feddem.admin")
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return Path(path).expanduser().read_bytes()
-    except OSError as exc:
-        raise FeddemError(f"cannot read the {what} '{path}': {exc.strerror}") from None
-
-
 def read_token(token_file: Path | None) -> str:
-    token = _read(token_file, "token file").decode().strip() if token_file else os.environ.get(TOKEN_ENV, "").strip()
+    if token_file:
+        token = read_file(token_file, "token file").decode().strip()
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
     if token and len(token) < 16:
         raise FeddemError("the admin token is shorter than 16 characters: use a random one, e.g. "
                           "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
@@ -47,8 +43,8 @@ def start_server(store: Store, address: str, cert: Path, key: Path, token: str,
         raise FeddemError(f"refusing to serve without authentication: give --token-file (or set {TOKEN_ENV}), "
                           f"and/or --client-ca")
     credentials = grpc.ssl_server_credentials(
-        [(_read(key, "TLS key"), _read(cert, "TLS certificate"))],
-        root_certificates=_read(client_ca, "client CA certificate") if client_ca else None,
+        [(read_file(key, "TLS key"), read_file(cert, "TLS certificate"))],
+        root_certificates=read_file(client_ca, "client CA certificate") if client_ca else None,
         require_client_auth=client_ca is not None,
     )
     server = grpc.server(
