@@ -91,17 +91,18 @@ def check_weights(weights: dict[str, float], sites: list[str], cfg: RunConfig) -
 
 
 def remerge(store: Store, run_id: str, weights: dict[str, float]) -> str:
-    """A new run (kind remerge, parent `run_id`): base + sum_i w_i d_i from the run's stored site vectors."""
-    from common.modeling import load_tokenizer
-    from common.vectors import apply_vector, save_vector, weighted_sum
+    """A new run (kind remerge, parent `run_id`): base + sum_i w_i d_i from the run's stored site vectors, exported
+    the way a run exports its merged model (common.modeling.export_merged)."""
+    from common.modeling import export_merged, load_tokenizer
+    from common.vectors import save_vector, weighted_sum
 
     run = store.get_run(run_id)
     stored = pool_artefacts(store, run)
-    full = check_weights(dict(weights), sorted(stored), run_config(run))
+    cfg = run_config(run)
+    full = check_weights(dict(weights), sorted(stored), cfg)
     vectors = load_site_vectors(store, run_id, stored)
-    model = base_model(run)
+    base_model(run)  # loaded to check that the base on this server is the run's (checksum)
     aggregate = weighted_sum([vectors[s] for s in full], list(full.values()))
-    apply_vector(model, aggregate)
     tokenizer = load_tokenizer(str(store.verified_folder(run_id, "model", "model")))
     parent_report = store.report(run_id)
     report = {  # the weights were given by hand: the config says so
@@ -121,7 +122,7 @@ def remerge(store: Store, run_id: str, weights: dict[str, float]) -> str:
     try:
         with tempfile.TemporaryDirectory(prefix="feddem-remerge-") as tmp:
             out = Path(tmp)
-            model.save_pretrained(out / "model")
+            export_merged(run["base_ref"], aggregate, out / "model", cfg.max_shard_bytes)
             tokenizer.save_pretrained(out / "model")
             save_vector(aggregate, out / "aggregate.safetensors", metadata={"weights": str(full)})
             record_outputs(recorder, new, out, report)
