@@ -25,7 +25,7 @@ def recorded(tmp_path_factory, tiny_base):
     os.environ.update(srv.env)  # the simulation's ServerApp records through the server
     try:
         report, result = simulate_cli(root / "run", "--sites", "3", "--aggregation", "plain", "--keep-pool",
-                                      "--steps", "5", "--train-examples", "60")
+                                      "--steps", "5", "--train-examples", "60", "--max-shard-size", "2MB")
     except BaseException:
         srv.stop()
         raise
@@ -49,7 +49,11 @@ def cli_json(srv, *args):
 
 
 def model_params(folder) -> dict:
-    return load_file(str(folder / "model.safetensors"))
+    """Every weight of a model folder (one file, or shards with an index)."""
+    params = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        params |= load_file(str(f))
+    return params
 
 
 def test_the_run_is_recorded_as_its_folder_says(recorded):
@@ -85,6 +89,7 @@ def test_export_gives_the_runs_model(recorded, tmp_path):
     srv, run_id, out, _, _ = recorded
     exported = cli_json(srv, "models", "export", run_id, "--out", str(tmp_path / "model"))
     assert sorted(f["path"] for f in exported["files"]) == sorted(p.name for p in (out / "model").iterdir())
+    assert "model.safetensors.index.json" in {f["path"] for f in exported["files"]}  # sharded (--max-shard-size)
     for f in (out / "model").iterdir():
         assert (tmp_path / "model" / f.name).read_bytes() == f.read_bytes()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "model").num_parameters() > 0
