@@ -15,7 +15,9 @@ tensor (plus one chunk) of the vector at a time.
 
 import ctypes
 import ctypes.util
+import gc
 import hashlib
+import io
 import json
 import math
 import os
@@ -40,10 +42,14 @@ except (OSError, AttributeError):
     _LIBC = None
 
 
-def release_memory() -> None:
+def release_memory(collect: bool = False) -> None:
     """Give freed heap memory back to the OS (glibc `malloc_trim`). Streaming allocates and frees one tensor-sized
     block after another; once glibc has raised its mmap threshold those blocks come from the heap and the freed
-    ones stay resident, so without this RSS creeps up by about a tensor per step. Called after each tensor."""
+    ones stay resident, so without this RSS creeps up by about a tensor per step. Called after each tensor.
+    `collect`: run the cycle collector first: a Flower message sits in reference cycles, so a whole-vector reply
+    that was let go is only freed by it (called once per reply, not per tensor)."""
+    if collect:
+        gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
@@ -53,14 +59,19 @@ def parameters_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().to("cpu", torch.float32).clone() for name, p in model.named_parameters()}
 
 
-def extract_vector(model: torch.nn.Module, base: dict[str, torch.Tensor]) -> Vector:
-    """Full distribution vector: every parameter of `model` minus the same parameter of the base."""
-    vector = {}
-    for name, p in model.named_parameters():
+def extract_vector(model: torch.nn.Module, base: Mapping[str, torch.Tensor]) -> "LazyVector":
+    """Full distribution vector: every parameter of `model` minus the same parameter of the base (a dict, or a
+    lazy source such as the base's own files: `common.modeling.base_tensors`). Lazy: each difference is formed
+    when it is read (`save_vector` streams it to disk), so read it before the model changes again."""
+    params = dict(model.named_parameters())
+    for name, p in params.items():
         if name not in base:
             raise FeddemError(f"parameter '{name}' of the fine-tuned model is not in the base model")
-        vector[name] = p.detach().to("cpu", torch.float32) - base[name]
-    return vector
+
+    def difference(name: str) -> torch.Tensor:
+        return params[name].detach().to("cpu", torch.float32) - base[name].to(torch.float32)
+
+    return LazyVector({name: (torch.float32, tuple(p.shape)) for name, p in params.items()}, difference)
 
 
 _PEFT_PREFIX = "base_model.model."
@@ -141,11 +152,14 @@ def apply_vector(model: torch.nn.Module, vector: Vector, scale: float = 1.0) -> 
 def merged_tensors(base: Mapping[str, torch.Tensor], vector: Vector, scale: float = 1.0
                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """Streaming merge: (name, base + scale * vector) for every tensor of `base`, in its order and dtype, one at a
-    time (a tensor the vector lacks is passed through); the same arithmetic as `apply_vector`."""
+    time (a tensor the vector lacks is passed through); the same arithmetic as `apply_vector`. A merged tensor is
+    valid until the next one is asked for: the sums are formed in one reused buffer (fresh memory for every
+    tensor costs more in page faults than the sum itself), so consume each one (write it, copy it) in turn."""
     unknown = [name for name in vector if name not in base]
     if unknown:
         raise FeddemError(f"cannot merge the vector: the base model has no parameter(s) {unknown[:5]}")
     shapes = shapes_of(vector)
+    buffer = torch.empty(0, dtype=torch.float32)
     for name in base:
         p = base[name]
         if name not in shapes:
@@ -153,7 +167,12 @@ def merged_tensors(base: Mapping[str, torch.Tensor], vector: Vector, scale: floa
             continue
         if tuple(p.shape) != shapes[name]:
             raise FeddemError(f"cannot merge the vector: '{name}' is {shapes[name]}, the base has {tuple(p.shape)}")
-        yield name, _merged(p, vector[name], scale)
+        if buffer.numel() < p.numel():
+            buffer = torch.empty(p.numel(), dtype=torch.float32)
+        out = buffer[:p.numel()].view(p.shape)
+        torch.add(p.float(), vector[name].to(torch.float32), alpha=scale, out=out)  # = _merged(p, delta, scale)
+        yield name, out.to(p.dtype)
+        del p
 
 
 def vector_norm(vector: Vector) -> float:
@@ -177,6 +196,24 @@ def vector_from_record(record: ArrayRecord) -> Vector:
     specs = {name: (_TORCH_DTYPES.get(str(array.dtype), torch.float32), tuple(array.shape))
              for name, array in record.items()}
     return LazyVector(specs, lambda name: torch.from_numpy(record[name].numpy()))
+
+
+def array_view(array: Array) -> np.ndarray:
+    """A read-only numpy view of a Flower `Array`'s bytes (no copy, unlike `Array.numpy()`): for reading a large
+    record, e.g. a masked upload, without a second copy of it."""
+    if array.stype != "numpy.ndarray":
+        raise FeddemError(f"an array of serialisation type {array.stype!r} cannot be read (expected numpy.ndarray)")
+    stream = io.BytesIO(array.data)  # shares the bytes until written to
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(stream)
+    except ValueError as exc:
+        raise FeddemError(f"malformed array: {exc}") from None
+    if dtype.hasobject:
+        raise FeddemError("an array of Python objects cannot be read")
+    flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 class LazyVector(Mapping):
@@ -310,18 +347,41 @@ def open_vector(path: str | Path) -> LazyVector:
     return _open_files({path: None})
 
 
+def _header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's header (without metadata) and where its data starts."""
+    with open(file, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+_NP_VIEW = {torch.bfloat16: np.uint16}  # dtypes numpy lacks: mapped as same-size integers, viewed back in torch
+
+
 def _open_files(files: dict[Path, list[str] | None]) -> LazyVector:
     specs, where = {}, {}
     for file, wanted in files.items():
-        with safe_open(str(file), framework="pt") as fh:
-            for name in (wanted if wanted is not None else fh.keys()):
-                piece = fh.get_slice(name)
-                specs[name] = (_FROM_ST[piece.get_dtype()], tuple(piece.get_shape()))
-                where[name] = file
+        header, start = _header(file)
+        for name in (wanted if wanted is not None else header):
+            entry = header[name]
+            if entry["dtype"] not in _FROM_ST:
+                raise FeddemError(f"'{file.name}': tensor '{name}' has dtype {entry['dtype']}, which feddem does not read")
+            specs[name] = (_FROM_ST[entry["dtype"]], tuple(entry["shape"]))
+            where[name] = (file, start + entry["data_offsets"][0])
 
     def load(name: str) -> torch.Tensor:
-        with safe_open(str(where[name]), framework="pt") as fh:  # mapped only while one tensor is read
-            return fh.get_tensor(name)
+        """The tensor mapped from its file (copy-on-write, no copy made now): its pages are read as it is used and
+        the mapping goes away with the tensor."""
+        dtype, shape = specs[name]
+        file, offset = where[name]
+        if math.prod(shape) == 0:
+            return torch.empty(shape, dtype=dtype)
+        np_dtype = _NP_VIEW.get(dtype) or torch.empty((), dtype=dtype).numpy().dtype
+        mapped = np.memmap(file, dtype=np_dtype, mode="c", offset=offset, shape=shape or (1,))
+        t = torch.from_numpy(mapped)
+        t = t.view(dtype) if dtype in _NP_VIEW else t
+        return t.reshape(shape)
 
     return LazyVector(specs, load)
 

@@ -27,7 +27,7 @@ from common.errors import FeddemError
 from common.secagg import SecAggError, SecAggParams, SecAggServer, choose_bits, error_bound
 from common.secagg.params import round_binding
 from common.secagg.protocol import _CIPHERTEXT_BYTES, KEY_BYTES
-from common.vectors import Vector
+from common.vectors import Vector, array_view, release_memory
 from server.messaging import failure_reason, site_message
 
 log = logging.getLogger("feddem.server")
@@ -78,6 +78,7 @@ class _Round:
                     progressed = True
                     self._take(stage, node, reply, on_reply, ok)
                     del reply  # a masked upload is a whole vector: hold one reply at a time, never two
+                    release_memory(collect=True)  # and give its memory back before the next one arrives
             if pending and not progressed:
                 time.sleep(POLL_SECONDS)
         for node in pending.values():
@@ -112,7 +113,7 @@ def _check_masked(record, tags: ConfigRecord, params: SecAggParams, server: SecA
     dtype, shape, coverage of the ring, and each chunk's upload tag (a changed chunk raises TamperError)."""
     chunks = []
     for name, array in record.items():
-        data = array.numpy()
+        data = array_view(array)  # a view of the message's bytes: the upload is not copied
         if data.dtype != params.ring.dtype or data.ndim != 1:
             raise FeddemError(f"masked chunk '{name}' has dtype {data.dtype} and shape {data.shape}, "
                               f"expected a 1-D {params.ring.dtype} array")
@@ -132,16 +133,23 @@ def _check_masked(record, tags: ConfigRecord, params: SecAggParams, server: SecA
 
 
 def _unflatten(server: SecAggServer, layout: list[str], shapes: dict[str, torch.Size]) -> Vector:
+    """The unmasked sum as float32 tensors, written block by block over the ring accumulator itself (each block
+    is read before it is overwritten; a float32 element is no larger than a ring element), so the sum takes no
+    memory beyond the accumulator's: the tensors are views of it."""
+    acc = server._acc  # the accumulator; the server is done with it after this
+    values = acc.view(np.float32)
+    length = server.params.vector_length
+    for start in range(0, length, _BLOCK):
+        block = min(_BLOCK, length - start)
+        values[start:start + block] = server.unmask_chunk(start, block)
+    server._acc = None
+    flat = torch.from_numpy(values[:length])
     vector: Vector = {}
     offset = 0
     for name in layout:
-        out = torch.empty(shapes[name], dtype=torch.float32)
-        flat = out.view(-1)
-        for start in range(0, flat.numel(), _BLOCK):
-            length = min(_BLOCK, flat.numel() - start)
-            flat[start:start + length] = torch.from_numpy(server.unmask_chunk(offset + start, length))
-        vector[name] = out
-        offset += flat.numel()
+        count = int(torch.Size(shapes[name]).numel())
+        vector[name] = flat[offset:offset + count].view(shapes[name])
+        offset += count
     return vector
 
 

@@ -22,7 +22,8 @@ from common.errors import FeddemError
 from common.modeling import export_merged, load_model, load_tokenizer, model_checksum
 from common.paths import feddem_home
 from common.vectors import (
-    Vector, add_into, apply_vector, check_vector, save_vector, vector_from_record, vector_to_record, weighted_sum,
+    Vector, add_into, apply_vector, check_vector, release_memory, save_vector, vector_from_record, vector_to_record,
+    weighted_sum,
 )
 from common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights, strategy
 from server.base import resolve_base_ref
@@ -125,6 +126,7 @@ class Stage:
                     del reply
                     yield node, content
                     del content
+                    release_memory(collect=True)
             delay = 0.01 if progressed else min(1.0, delay * 2)
             if pending and not progressed:
                 time.sleep(delay)
