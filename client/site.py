@@ -146,8 +146,7 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
         if step % every == 0 or step == cfg.steps:
             log.info("%s (%s): step %d/%d, loss %.4f", site.name, shard.name, step, cfg.steps, loss)
 
-    settings = TrainSettings(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                             seed=cfg.seed + site.index)
+    settings = TrainSettings.from_run_config(cfg, seed=cfg.seed + site.index)
     stats = train_causal_lm(model, train_blocks, settings, device, on_step)
     local_eval = evaluate_loss(model, heldout, tokenizer.pad_token_id, device)
     if cfg.lora:

@@ -29,6 +29,11 @@ class RunConfig:
     batch_size: int = _opt(16, "sequences per micro-batch")
     seq_len: int = _opt(128, "tokens per training sequence")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    tokens_per_step: int = _opt(0, "gradient accumulation to a token budget: when > 0, micro-batches per optimizer "
+                                "step are raised (above grad-accum) until a step sees at least this many tokens")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory for long "
+                                        "sequences or large models, about a third slower")
+    compile: bool = _opt(False, "torch.compile the model for fine-tuning (pays off for long runs on a GPU)")
     lora: bool = _opt(False, "fine-tune LoRA adapters (peft) and send LoRA vectors instead of full weights")
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: int = _opt(16, "LoRA alpha")
@@ -102,6 +107,8 @@ class RunConfig:
         for name in ("sites", "steps", "batch_size", "grad_accum", "train_examples", "eval_examples", "lora_r"):
             if getattr(self, name) < 1:
                 raise FeddemError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.tokens_per_step < 0:
+            raise FeddemError(f"tokens-per-step must be 0 (off) or positive, got {self.tokens_per_step}")
         if self.seq_len < 8:
             raise FeddemError(f"seq-len must be at least 8, got {self.seq_len}")
         if not self.lr > 0:

@@ -1,9 +1,14 @@
 """The fine-tuning loop, shared by the sites and by the embedded base model's pre-training.
 
-AdamW (fused on CUDA), linear warm-up then cosine decay, gradient clipping, gradient accumulation, and bf16
-autocast on CUDA. Batches are drawn from packed token blocks in seeded random order (epoch by epoch).
+AdamW (fused on CUDA), linear warm-up then cosine decay, gradient clipping, gradient accumulation (a fixed number
+of micro-batches, or as many as a token budget per optimizer step needs), bf16 autocast on CUDA, optional gradient
+checkpointing and `torch.compile`. Batches are drawn from packed token blocks (`common.data.pack_blocks`: texts
+concatenated and cut into full sequences, no padding) in seeded random order (epoch by epoch); the models load with
+PyTorch SDPA attention (`common.modeling`). Everything the loop allocates is released before it returns, and
+`release_device_memory` empties the CUDA cache, so virtual sites that take turns on one GPU start from free memory.
 """
 
+import gc
 import math
 import time
 from dataclasses import dataclass
@@ -25,6 +30,16 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    tokens_per_step: int = 0  # > 0: raise grad_accum until one optimizer step sees at least this many tokens
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% slower)
+    compile_backend: str = ""  # "" = eager; else torch.compile's backend (e.g. "inductor")
+
+    @classmethod
+    def from_run_config(cls, cfg, seed: int) -> "TrainSettings":
+        """The site's settings from the run config (`common.config.RunConfig`)."""
+        return cls(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=seed,
+                   tokens_per_step=cfg.tokens_per_step, gradient_checkpointing=cfg.gradient_checkpointing,
+                   compile_backend="inductor" if cfg.compile else "")
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -32,6 +47,21 @@ class TrainSettings:
                 raise FeddemError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise FeddemError(f"lr must be a positive number, got {self.lr}")
+        if self.tokens_per_step < 0:
+            raise FeddemError(f"tokens-per-step must be 0 (off) or positive, got {self.tokens_per_step}")
+
+    def accumulation(self, seq_len: int) -> int:
+        """Micro-batches per optimizer step: grad_accum, or more when the token budget needs them."""
+        if self.tokens_per_step <= 0:
+            return self.grad_accum
+        return max(self.grad_accum, math.ceil(self.tokens_per_step / (self.batch_size * seq_len)))
+
+
+def release_device_memory(device: torch.device | str | None = None) -> None:
+    """Free what Python no longer references, and hand cached CUDA blocks back (between virtual sites)."""
+    gc.collect()
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.empty_cache()
 
 
 def _batches(num_blocks: int, batch_size: int, seed: int):
@@ -57,7 +87,11 @@ def train_causal_lm(
 ) -> dict:
     """Fine-tune `model` in place on [n, seq_len] token blocks; returns loss and throughput figures."""
     settings.validate()
+    accum = settings.accumulation(blocks.shape[1])
     model.to(device).train()
+    if settings.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    forward = torch.compile(model, backend=settings.compile_backend) if settings.compile_backend else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=settings.lr, weight_decay=settings.weight_decay, fused=device.type == "cuda"
@@ -68,25 +102,35 @@ def train_causal_lm(
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     losses: list[float] = []
     start = time.perf_counter()
-    for step in range(1, settings.steps + 1):
-        step_loss = 0.0
-        for _ in range(settings.grad_accum):
-            batch = blocks[next(batches)].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model(input_ids=batch, labels=batch).loss / settings.grad_accum
-            loss.backward()
-            step_loss += loss.item()
-        if not math.isfinite(step_loss):
-            raise FeddemError(f"training diverged at step {step} (loss {step_loss}); lower the learning rate")
-        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        schedule.step()
+    try:
+        for step in range(1, settings.steps + 1):
+            step_loss = torch.zeros((), device=device)
+            for _ in range(accum):
+                batch = blocks[next(batches)].to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss = forward(input_ids=batch, labels=batch).loss / accum
+                loss.backward()
+                step_loss += loss.detach()  # no host sync per micro-batch
+            step_loss = float(step_loss)
+            if not math.isfinite(step_loss):
+                raise FeddemError(f"training diverged at step {step} (loss {step_loss}); lower the learning rate")
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            if on_step is not None:
+                on_step(step, step_loss)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    finally:
         optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-        if on_step is not None:
-            on_step(step, step_loss)
-    seconds = time.perf_counter() - start
-    tokens = settings.steps * settings.grad_accum * settings.batch_size * blocks.shape[1]
+        del optimizer, schedule, forward
+        if settings.gradient_checkpointing:
+            model.activation_checkpointing_disable()
+        release_device_memory(device)
+    tokens = settings.steps * accum * settings.batch_size * blocks.shape[1]
     tail = losses[-max(1, len(losses) // 10) :]
     model.eval()
     return {
@@ -94,4 +138,5 @@ def train_causal_lm(
         "train_tokens": tokens,
         "train_seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+        "grad_accum": accum,
     }
