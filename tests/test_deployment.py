@@ -25,6 +25,7 @@ import yaml
 
 from common.synthetic import make_domain
 from server.certs import generate
+from tests.admin_server import AdminServer, Tls
 from tests.conftest import TINY_BASE_STEPS
 from tests.processes import TAG_VAR, ListenWatch, free_ports, start, stop_tree, tagged
 
@@ -44,6 +45,7 @@ class Deployment:
     certs: Path
     other_ca: Path
     watch: ListenWatch
+    admin: AdminServer
     procs: list = field(default_factory=list)
     runtime_ports: dict = field(default_factory=dict)
 
@@ -123,12 +125,16 @@ def deployment(tmp_path_factory, tiny_base, feddem_home):
     )
     (port,) = free_ports(1)
     watch = ListenWatch(tag)
-    dep = Deployment(root, env, tag, port, certs, other_ca, watch)
+    # the feddem server beside the SuperLink (its certificate), where the ServerApp records the run (deploy/compose.yaml)
+    admin = AdminServer(root / "store", Tls(certs / "ca.crt", certs / "superlink" / "server.crt",
+                                            certs / "superlink" / "server.key"), root / "feddem-server.log")
+    dep = Deployment(root, env, tag, port, certs, other_ca, watch, admin)
+    admin.start()
     link = start([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
                   "--ssl-certfile", str(certs / "superlink" / "server.crt"),
                   "--ssl-keyfile", str(certs / "superlink" / "server.key"),
                   "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port)],
-                 dict(env, FLWR_HOME=str(root / "flwr-superlink")), root / "superlink.log")
+                 dict(env, FLWR_HOME=str(root / "flwr-superlink"), **admin.env), root / "superlink.log")
     dep.procs.append(link)
     watch.start()
     try:
@@ -147,6 +153,7 @@ def deployment(tmp_path_factory, tiny_base, feddem_home):
         yield dep
     finally:
         watch.finish()
+        admin.stop()
         stop_tree([psutil.Process(p.pid) for p in dep.procs if p.poll() is None], tag)
         leftover = tagged(tag)
         stop_tree(leftover, tag)
@@ -218,6 +225,18 @@ def test_secure_run_at_sites_with_their_own_data(deployment, tiny_base, tmp_path
         base, merged = report["eval"]["base"][s["domain"]]["loss"], report["eval"]["merged"][s["domain"]]["loss"]
         assert merged < base, (s["domain"], base, merged)
         assert (dep.root / "work" / s["site"][-1] / "runs").is_dir()  # the vector stays in the site's work-dir
+
+    # the ServerApp recorded the run in the feddem server's store, as an operator sees it with feddem-admin
+    admin = subprocess.run([str(BIN / "feddem-admin"), "--json", "runs", "list"], capture_output=True, text=True,
+                           timeout=120, env=dict(os.environ, **dep.admin.env))
+    assert admin.returncode == 0, admin.stderr
+    (recorded,) = json.loads(admin.stdout)
+    assert recorded["status"] == "finished" and recorded["aggregation"] == "secure", recorded
+    assert recorded["flower_run_id"] == int(run_id.group(1)) and recorded["has_model"], recorded
+    sites = subprocess.run([str(BIN / "feddem-admin"), "--json", "runs", "sites", recorded["run_id"]],
+                           capture_output=True, text=True, timeout=120, env=dict(os.environ, **dep.admin.env))
+    assert sites.returncode == 0, sites.stderr
+    assert "site-a" in sites.stdout and "site-d" not in sites.stdout, sites.stdout
 
     health = _compose_healthcheck("site-1", {":9094": f":{dep.runtime_ports['a']}"})
     assert health.returncode == 0, health.stderr

@@ -3,6 +3,7 @@ installed Flower's own argument parsers (so a flag that 1.41 lacks fails here), 
 match the layout `feddem certs` writes, and every service has its health check and persistent volumes. Where the
 machine has them, `docker compose config` and `kubectl kustomize` check the files too."""
 
+import os
 import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
@@ -13,7 +14,9 @@ from flwr.common.config import parse_config_args
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
+from server.admin.client import ADDRESS_ENV, CA_ENV, TOKEN_ENV
 from server.certs import CertPaths
+from server.cli import build_parser
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 CERTS = CertPaths(Path("certs"))  # compose.yaml lives in deploy/, `feddem certs` writes deploy/certs
@@ -146,6 +149,52 @@ def test_kubernetes_manifests():
         assert pod["securityContext"]["runAsNonRoot"] is True
 
 
+def _feddem_server_args(command: list[str]):
+    """A feddem-server command parsed by feddem's own CLI (a flag `feddem server` lacks fails here)."""
+    assert command[:2] == ["feddem", "server"], command
+    return build_parser().parse_args(command[1:])
+
+
+def test_compose_feddem_server_and_the_serverapp_recording_through_it():
+    compose = _compose()
+    services = compose["services"]
+    server = services["feddem-server"]
+    args = _feddem_server_args(server["command"])
+    mounts = _mounts(server)
+    for flag, layout in ((args.cert, CERTS.server_cert), (args.key, CERTS.server_key)):
+        path = PurePosixPath(str(flag))
+        assert Path(mounts[str(path.parent)]) / path.name == Path(".") / layout, (flag, layout)
+    assert PurePosixPath(str(args.store)).is_relative_to("/var/lib/feddem")  # on the run-store volume
+    host, port = args.address.rsplit(":", 1)
+    assert host == "0.0.0.0" and f"{port}:{port}" in server["ports"]
+    assert TOKEN_ENV in server["environment"] and args.token_file is None  # the token from deploy/.env
+    # the ServerApp (in the SuperLink's container) records every run through the admin API, over TLS with ca.crt
+    env = services["superlink"]["environment"]
+    assert env[ADDRESS_ENV] == f"feddem-server:{port}"
+    assert env[TOKEN_ENV] == server["environment"][TOKEN_ENV]
+    ca = PurePosixPath(env[CA_ENV])
+    assert Path(_mounts(services["superlink"])[str(ca)]) == Path(".") / CERTS.ca_cert
+
+
+def test_kubernetes_feddem_server_beside_the_superlink():
+    link = next(d for d in _manifests() if d["kind"] == "StatefulSet")
+    pod = link["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    server = containers["feddem-server"]
+    args = _feddem_server_args(server["args"])
+    mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts[str(PurePosixPath(str(args.cert)).parent)]]["secret"]["secretName"] == "superlink-tls"
+    token = PurePosixPath(str(args.token_file))
+    assert volumes[mounts[str(token.parent)]]["secret"]["secretName"] == "feddem-admin-token"
+    assert mounts["/var/lib/feddem"] == "run-store"
+    port = int(args.address.rsplit(":", 1)[1])
+    assert server["ports"][0]["containerPort"] == port
+    env = {e["name"]: e for e in containers["superlink"]["env"]}
+    assert env[ADDRESS_ENV]["value"] == f"127.0.0.1:{port}"  # same pod
+    assert env[TOKEN_ENV]["valueFrom"]["secretKeyRef"] == {"name": "feddem-admin-token", "key": token.name}
+
+
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl on this machine")
 def test_kubectl_kustomize_builds():
     result = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, timeout=120)
@@ -163,5 +212,6 @@ def _docker_compose_works() -> bool:
 @pytest.mark.skipif(not _docker_compose_works(), reason="no `docker compose` on this machine")
 def test_docker_compose_config(tmp_path):
     result = subprocess.run(["docker", "compose", "-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, FEDDEM_ADMIN_TOKEN="a-token-for-the-check"))
     assert result.returncode == 0, result.stderr
