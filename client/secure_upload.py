@@ -45,7 +45,7 @@ def vector_layout(site: SiteContext, run_id: int) -> list[str]:
 
 
 def weighted_chunks(vector: Vector, names: list[str], weight: float, clip: float, noise_std: float = 0.0,
-                    size: int = CHUNK) -> Iterator[tuple[int, np.ndarray, int]]:
+                    size: int | None = None) -> Iterator[tuple[int, np.ndarray, int]]:
     """`weight * vector` flattened in the order of `names`, plus Gaussian noise of `noise_std` when asked, clipped
     to [-clip, clip], as consecutive float32 chunks of `size` elements: (offset, chunk, elements clipped in it).
     Streams: one tensor of the (possibly lazy) vector and one chunk at a time."""
@@ -53,7 +53,7 @@ def weighted_chunks(vector: Vector, names: list[str], weight: float, clip: float
         raise FeddemError(f"the server's vector layout ({len(names)} names) is not this site's "
                           f"({len(vector)} names)")
     rng = _fresh_rng() if noise_std > 0 else None
-    for offset, chunk in flat_chunks(vector, names, size):
+    for offset, chunk in flat_chunks(vector, names, size or CHUNK):
         chunk *= np.float32(weight)
         if rng is not None:
             chunk += rng.normal(0.0, noise_std, chunk.size).astype(np.float32)

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -184,3 +185,39 @@ def test_streaming_export_holds_a_few_tensors_not_the_model(tmp_path):
     merged = open_tensors(tmp_path / "out")
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) == 8
     assert all(torch.equal(merged[n], torch.full(shape, i + 0.5)) for i, n in enumerate(names))
+
+
+def test_secure_sum_of_vectors_split_across_many_chunks(tmp_path, base_and_vector, monkeypatch):
+    """The site masks its stored vector in many small chunks (spanning tensors), the server adds them as they come
+    and unmasks in small blocks in place: the sum is the exact weighted sum within the secure bound."""
+    import client.secure_upload as site_side
+    import server.secure_aggregation as server_side
+    from client.site import SiteContext
+    from common.config import RunConfig
+    from flwr.app import ConfigRecord
+    from tests.fakegrid import RUN_ID, FakeGrid, task_identity
+
+    nodes = [101, 202, 303, 404]
+    base, _ = base_and_vector
+    shapes = {name: p.shape for name, p in base.named_parameters()}
+    gen = torch.Generator().manual_seed(5)
+    vectors = {}
+    for i, node in enumerate(nodes):
+        vectors[node] = {name: 1e-2 * torch.randn(shape, generator=gen) for name, shape in shapes.items()}
+        save_vector(vectors[node], SiteContext(i, f"site-{i}", tmp_path / f"site-{i}").vector_path(RUN_ID))
+    chunks = []
+    check = server_side._check_masked
+    monkeypatch.setattr(site_side, "CHUNK", 1000)
+    monkeypatch.setattr(server_side, "_BLOCK", 777)
+    monkeypatch.setattr(server_side, "_check_masked", lambda record, *a: chunks.append(len(record)) or
+                        check(record, *a))
+    weights = dict(zip(nodes, [0.1, 0.2, 0.3, 0.4]))
+    cfg = RunConfig(sites=4, model=str(tmp_path / "base"), device="cpu", timeout=5.0)
+    with task_identity():
+        result = server_side.secure_sum(FakeGrid(tmp_path, nodes), cfg, ConfigRecord(
+            {"model-ref": str(tmp_path / "base"), "model-checksum": ""}), weights, sorted(shapes), shapes)
+    total = sum(p.numel() for p in base.parameters())
+    assert result.survivors == nodes and chunks == [math.ceil(total / 1000) + 1] * 4  # + the check block
+    for name in shapes:
+        exact = sum(weights[n] * vectors[n][name].double() for n in nodes)
+        assert (result.aggregate[name].double() - exact).abs().max() <= result.error_bound, name
