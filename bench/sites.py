@@ -5,7 +5,7 @@ the embedded tiny model, small steps), with the synthetic domains repeated so th
 base is pre-trained and cached before the first timed run. For each count it prints the wall time in total and
 per site, the per-site time relative to the smallest count (about 1.0 = linear growth), the peak RSS of the whole
 process tree (sampled), and how many of the run's processes were still alive afterwards (found by a tag in their
-environment, then stopped).
+environment, 15 s after the run's own process exited; then stopped).
 
     python bench/sites.py                        # 5, 10, 20 and 50 sites
     python bench/sites.py --sites 5 10 --out /tmp/sites
@@ -79,8 +79,15 @@ def run_sites(n: int, args, home: Path, out: Path) -> dict:
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
-    time.sleep(1.0)
-    left = tagged(tag)
+    deadline = time.monotonic() + 15.0  # Ray's own processes may take a few seconds to go after the driver exits
+    while (left := tagged(tag)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    names = []
+    for proc in left:
+        try:
+            names.append(" ".join(proc.cmdline())[:120])
+        except psutil.Error:
+            pass
     if left:
         stop(left)
     report_path = out / f"sites-{n}" / "report.json"
@@ -90,7 +97,8 @@ def run_sites(n: int, args, home: Path, out: Path) -> dict:
             "wall_per_site_s": round(seconds / n, 2), "run_s": timings.get("total"), "timings": timings,
             "merged_sites": len(report.get("eval", {}).get("merged", {})) if report else 0,
             "failures": len(report.get("failures", {})) if report else None,
-            "peak_tree_rss_mb": round(peak[0] / 2**20), "processes_left": len(left), "log": str(log)}
+            "peak_tree_rss_mb": round(peak[0] / 2**20), "processes_left": len(left), "left": names,
+            "log": str(log)}
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,10 @@
 """Running a DEM run on one machine with Flower's Simulation Engine (Ray, kept on loopback)."""
 
 import os
+import signal
+import time
+import uuid
+from pathlib import Path
 
 from common.config import RunConfig
 from common.errors import FeddemError
@@ -17,6 +21,44 @@ def loopback_environment() -> None:
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+TAG_VAR = "FEDDEM_SIMULATION_TAG"  # inherited by every process the simulation starts (Ray's raylet, workers, ...)
+
+
+def _tagged_pids(tag: str) -> list[int]:
+    """Live processes (other than this one) whose environment carries the tag (Linux /proc)."""
+    needle = f"{TAG_VAR}={tag}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+def stop_leftovers(tag: str, grace: float = 10.0) -> int:
+    """Wait up to `grace` seconds for the simulation's processes to end, then terminate (and kill) the rest: Ray can
+    leave a busy actor process behind after shutdown, and with many sites those pile up. Returns how many."""
+    deadline = time.monotonic() + grace
+    while (pids := _tagged_pids(tag)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        time.sleep(1.0)
+        if not (pids := _tagged_pids(tag)):
+            break
+    return len(pids)
 
 
 def backend_config(cfg: RunConfig) -> dict:
@@ -50,12 +92,21 @@ def simulate(cfg: RunConfig) -> RunResult:
     from server.app import build_server_app
 
     outcome: dict = {}
-    run_simulation(
-        server_app=build_server_app(cfg.to_record(), outcome),
-        client_app=client_app,
-        num_supernodes=cfg.sites,
-        backend_config=backend_config(cfg),
-    )
+    tag, previous = uuid.uuid4().hex, os.environ.get(TAG_VAR)
+    os.environ[TAG_VAR] = tag  # a fresh tag per run: only this run's processes carry it
+    try:
+        run_simulation(
+            server_app=build_server_app(cfg.to_record(), outcome),
+            client_app=client_app,
+            num_supernodes=cfg.sites,
+            backend_config=backend_config(cfg),
+        )
+    finally:
+        if previous is None:
+            os.environ.pop(TAG_VAR, None)
+        else:
+            os.environ[TAG_VAR] = previous
+        stop_leftovers(tag)
     if "error" in outcome:
         raise FeddemError(outcome["error"])
     if "result" not in outcome:
