@@ -77,8 +77,10 @@ class _Round:
                     node = pending.pop(message_id)
                     progressed = True
                     self._take(stage, node, reply, on_reply, ok)
+                    large = reply.has_content() and len(reply.content.array_records) > 0
                     del reply  # a masked upload is a whole vector: hold one reply at a time, never two
-                    release_memory(collect=True)  # and give its memory back before the next one arrives
+                    if large:
+                        release_memory(collect=True)  # and give its memory back before the next one arrives
             if pending and not progressed:
                 time.sleep(POLL_SECONDS)
         for node in pending.values():
