@@ -82,6 +82,9 @@ def deployed(cfg_text: str, cfg, root: Path, env: dict) -> tuple[float, dict]:
                     "--host", "127.0.0.1", "--port", str(port)],
                    dict(env, FLWR_HOME=str(root / "flwr-superlink")), root / "superlink.log")]
     cli_env = dict(env, FLWR_HOME=str(root / "flwr-cli"))
+    # sites sharing this machine get its cores in equal parts, as Ray gives each simulated site one CPU (a real
+    # site has its own machine); without this, torch threads oversubscribe the cores and training is several x slower
+    threads = str(max(1, (os.cpu_count() or 1) // cfg.sites))
     try:
         _wait_for_port(port, procs[0])
         (root / "flwr-cli").mkdir()
@@ -101,7 +104,8 @@ def deployed(cfg_text: str, cfg, root: Path, env: dict) -> tuple[float, dict]:
                                 "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config",
                                 f'data-path="{folder}" site-name="{name}" domain="{domain}" '
                                 f'work-dir="{root / "work" / name}"'],
-                               dict(env, FLWR_HOME=str(root / f"flwr-{name}")), root / f"{name}.log"))
+                               dict(env, FLWR_HOME=str(root / f"flwr-{name}"), OMP_NUM_THREADS=threads),
+                               root / f"{name}.log"))
         out = root / "deployed-run"
         run_config = f'{cfg_text} out-dir="{out}"'.strip()
         started = time.perf_counter()

@@ -14,7 +14,6 @@ sites' guards refuse): the caller reports the effective weights.
 """
 
 import logging
-import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -27,12 +26,11 @@ from common.errors import FeddemError
 from common.secagg import SecAggError, SecAggParams, SecAggServer, choose_bits, error_bound
 from common.secagg.params import round_binding
 from common.secagg.protocol import _CIPHERTEXT_BYTES, KEY_BYTES
-from common.vectors import Vector, array_view, release_memory
-from server.messaging import failure_reason, site_message
+from common.vectors import Vector, array_view
+from server.messaging import failure_reason, pull_one_at_a_time, push_each
 
 log = logging.getLogger("feddem.server")
 
-POLL_SECONDS = 0.05
 _BLOCK = 1 << 20  # elements unmasked at a time
 
 
@@ -60,29 +58,15 @@ class _Round:
     def exchange(self, stage: str, message_type: str, per_node: dict[int, RecordDict], on_reply) -> set[int]:
         """Send one message per node, then pull replies ONE at a time and hand each to `on_reply(node, content)`
         as it arrives (a FeddemError there drops the node). Returns the nodes that succeeded."""
-        pending: dict[str, int] = {}
-        for node, content in per_node.items():
-            ids = list(self.grid.push_messages([site_message(self.cfg, self.base, node, message_type, content)]))
-            if ids:
-                pending[ids[0]] = node
-            else:
-                self.dropped[node] = f"{stage}: the message could not be sent"
+        def not_sent(node):
+            self.dropped[node] = f"{stage}: the message could not be sent"
+
+        pending = push_each(self.grid, self.cfg, self.base, message_type, per_node, not_sent)
         log.info("secure aggregation, %s: %d site(s)", stage, len(pending))
         ok: set[int] = set()
-        deadline = time.monotonic() + self.cfg.timeout
-        while pending and time.monotonic() < deadline:
-            progressed = False
-            for message_id in list(pending):
-                for reply in self.grid.pull_messages([message_id]):
-                    node = pending.pop(message_id)
-                    progressed = True
-                    self._take(stage, node, reply, on_reply, ok)
-                    large = reply.has_content() and len(reply.content.array_records) > 0
-                    del reply  # a masked upload is a whole vector: hold one reply at a time, never two
-                    if large:
-                        release_memory(collect=True)  # and give its memory back before the next one arrives
-            if pending and not progressed:
-                time.sleep(POLL_SECONDS)
+        for node, reply in pull_one_at_a_time(self.grid, pending, self.cfg.timeout):
+            self._take(stage, node, reply, on_reply, ok)
+            del reply  # a masked upload is a whole vector: held one at a time
         for node in pending.values():
             self.dropped[node] = f"{stage}: no reply within {self.cfg.timeout:.0f} s"
         return ok

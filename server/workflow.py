@@ -22,12 +22,12 @@ from common.errors import FeddemError
 from common.modeling import export_merged, load_model, load_tokenizer, model_checksum
 from common.paths import feddem_home
 from common.vectors import (
-    Vector, add_into, apply_vector, check_vector, release_memory, save_vector, vector_from_record, vector_to_record,
+    Vector, add_into, apply_vector, check_vector, save_vector, vector_from_record, vector_to_record,
     weighted_sum,
 )
 from common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights, strategy
 from server.base import resolve_base_ref
-from server.messaging import failure_reason, site_message
+from server.messaging import failure_reason, pull_one_at_a_time, push_each, site_message
 from server.report import build_report, write_report
 from server.ablation import POOL, parse_candidates, rank_candidates, write_ablation
 from server.search import search_merge
@@ -102,34 +102,23 @@ class Stage:
     def stream(self, name: str, message_type: str, per_node: dict[int, RecordDict]):
         """Like `run`, but yields (node, content) as each reply arrives and pulls replies one at a time, so a
         stage whose replies are whole vectors (plain uploads) holds one of them at a time, not one per site."""
-        pending = {}
-        for node, content in per_node.items():
-            ids = list(self.grid.push_messages([site_message(self.cfg, self.base, node, message_type, content)]))
-            if ids:
-                pending[ids[0]] = node
-            else:
-                self.failures[f"node-{node}"] = f"{name}: the message could not be sent"
+        def not_sent(node):
+            self.failures[f"node-{node}"] = f"{name}: the message could not be sent"
+
+        pending = push_each(self.grid, self.cfg, self.base, message_type, per_node, not_sent)
         log.info("%s: %d site(s)", name, len(pending))
-        deadline, delay, succeeded = time.monotonic() + self.cfg.timeout, 0.01, 0
-        while pending and time.monotonic() < deadline:
-            progressed = False
-            for message_id in list(pending):
-                for reply in self.grid.pull_messages([message_id]):
-                    node, progressed = pending.pop(message_id), True
-                    reason = failure_reason(reply)
-                    if reason is not None:
-                        self.failures[f"node-{node}"] = f"{name}: {reason}"
-                        log.warning("node-%d failed: %s", node, self.failures[f"node-{node}"])
-                        continue
-                    succeeded += 1
-                    content = reply.content
-                    del reply
-                    yield node, content
-                    del content
-                    release_memory(collect=True)
-            delay = 0.01 if progressed else min(1.0, delay * 2)
-            if pending and not progressed:
-                time.sleep(delay)
+        succeeded = 0
+        for node, reply in pull_one_at_a_time(self.grid, pending, self.cfg.timeout):
+            reason = failure_reason(reply)
+            if reason is not None:
+                self.failures[f"node-{node}"] = f"{name}: {reason}"
+                log.warning("node-%d failed: %s", node, self.failures[f"node-{node}"])
+                continue
+            succeeded += 1
+            content = reply.content
+            del reply
+            yield node, content
+            del content
         for node in pending.values():
             self.failures[f"node-{node}"] = f"{name}: no reply within {self.cfg.timeout:.0f} s"
             log.warning("node-%d failed: %s", node, self.failures[f"node-{node}"])
