@@ -47,26 +47,11 @@ def _write_shards(cfg, root: Path) -> list[tuple[Path, str]]:
     return folders
 
 
-def _wait_for_port(port: int, proc, timeout: float = 120) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the SuperLink exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-
-
 def deployed(cfg_text: str, cfg, root: Path, env: dict) -> tuple[float, dict]:
     import psutil
 
     from server.certs import generate
-    from tests.processes import TAG_VAR, free_ports, start, stop_tree, tagged
+    from tests.processes import TAG_VAR, free_ports, start, stop_tree, tagged, wait_for_port
 
     names = [f"site-{i}" for i in range(cfg.sites)]
     certs = root / "certs"
@@ -86,7 +71,7 @@ def deployed(cfg_text: str, cfg, root: Path, env: dict) -> tuple[float, dict]:
     # site has its own machine); without this, torch threads oversubscribe the cores and training is several x slower
     threads = str(max(1, (os.cpu_count() or 1) // cfg.sites))
     try:
-        _wait_for_port(port, procs[0])
+        wait_for_port(port, procs[0], 120)
         (root / "flwr-cli").mkdir()
         (root / "flwr-cli" / "config.toml").write_text(
             f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\n'

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -72,6 +73,20 @@ def start(args: list[str], env: dict, log: Path, cwd: Path | None = None) -> sub
     """Start a process with its output in `log`; the caller must stop it (`stop_tree`)."""
     with open(log, "wb") as out:
         return subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    """Wait until something listens on 127.0.0.1:`port` (RuntimeError if `proc` exits first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
 class ListenWatch(threading.Thread):

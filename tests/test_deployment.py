@@ -11,7 +11,6 @@ transport is only a deprecated internal fallback, and the SuperNode speaks HTTPS
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from common.synthetic import make_domain
 from server.certs import generate
 from tests.admin_server import AdminServer, Tls
 from tests.conftest import TINY_BASE_STEPS
-from tests.processes import TAG_VAR, ListenWatch, free_ports, start, stop_tree, tagged
+from tests.processes import TAG_VAR, ListenWatch, free_ports, start, stop_tree, tagged, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -72,19 +71,6 @@ class Deployment:
         proc = start(args, env, self.root / f"{name}.log")
         self.procs.append(proc)
         return proc
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
 def _compose_healthcheck(service: str, replace: dict[str, str]) -> subprocess.CompletedProcess:
@@ -138,7 +124,7 @@ def deployment(tmp_path_factory, tiny_base, feddem_home):
     dep.procs.append(link)
     watch.start()
     try:
-        _wait_for_port(port, link, 120)
+        wait_for_port(port, link, 120)
         health = _compose_healthcheck("superlink", {":8000": f":{port}", "/certs/ca.crt": str(certs / "ca.crt")})
         assert health.returncode == 0, health.stderr
         cli_home = root / "flwr-cli"
