@@ -128,9 +128,10 @@ def add_into(total: Vector, vector: Vector, weight: float = 1.0) -> None:
         release_memory()
 
 
-def _merged(p: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
-    """p + scale * delta in float32, in p's dtype: the one merge arithmetic (in place and streaming)."""
-    return torch.add(p.float(), delta.to(p.device, torch.float32), alpha=scale).to(p.dtype)
+def _merged(p: torch.Tensor, delta: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """p + scale * delta in float32 (into `out` when given), in p's dtype: the one merge arithmetic (in place and
+    streaming)."""
+    return torch.add(p.float(), delta.to(p.device, torch.float32), alpha=scale, out=out).to(p.dtype)
 
 
 @torch.no_grad()
@@ -171,8 +172,7 @@ def merged_tensors(base: Mapping[str, torch.Tensor], vector: Vector, scale: floa
         if buffer.numel() < p.numel():
             buffer = torch.empty(p.numel(), dtype=torch.float32)
         out = buffer[:p.numel()].view(p.shape)
-        torch.add(p.float(), vector[name].to(torch.float32), alpha=scale, out=out)  # = _merged(p, delta, scale)
-        yield name, out.to(p.dtype)
+        yield name, _merged(p, vector[name], scale, out)
         del p
 
 
@@ -283,6 +283,12 @@ def _tensor_bytes(t: torch.Tensor):
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
+def _hash_tensor(hasher, name: str, t: torch.Tensor, data) -> None:
+    """One tensor's part of a vector's content digest (`vector_digest`, and the one `save_vector` writes)."""
+    hasher.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    hasher.update(data)
+
+
 def write_safetensors(path: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
                       tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None,
                       digest: bool = False) -> None:
@@ -324,8 +330,7 @@ def write_safetensors(path: str | Path, specs: dict[str, tuple[torch.dtype, tupl
                 data = _tensor_bytes(t)
                 fh.write(data)
                 if hasher is not None:
-                    hasher.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-                    hasher.update(data)
+                    _hash_tensor(hasher, name, t, data)
                 del t, data
                 release_memory()
             if digest:
@@ -466,9 +471,8 @@ def vector_digest(vector: Vector) -> str:
     """SHA-256 of a vector's content (names, dtypes, shapes and bytes, in sorted-name order)."""
     digest = hashlib.sha256()
     for name in sorted(vector):
-        t = vector[name].detach().contiguous().cpu()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        t = vector[name]
+        _hash_tensor(digest, name, t, _tensor_bytes(t))
     return digest.hexdigest()
 
 

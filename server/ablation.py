@@ -77,6 +77,45 @@ def rank_candidates(candidates: list[tuple[str, ...]], names: list[str],
     return scored + [r for r in rows if "error" in r]
 
 
+def test_sets(cfg, tokenizer, domains: list[str] | None = None) -> dict:
+    """The test half of the held-out split of each shard of `cfg.data` (only `domains` when given), as token blocks
+    by domain: what a pool's merges are scored on, here and on the feddem server."""
+    from client.site import SiteContext, heldout_blocks, load_site_shard
+    from common.data import list_shards
+
+    shards = list_shards(cfg.data)
+    wanted = domains or shards
+    unknown = [d for d in wanted if d not in shards]
+    if unknown:
+        raise FeddemError(f"evaluation domain(s) {unknown} are not in data '{cfg.data}' ({', '.join(shards)})")
+    sets = {}
+    for index, name in enumerate(shards):
+        if name in wanted:
+            shard = load_site_shard(cfg, SiteContext(index, name, Path(".")))
+            sets[shard.name] = heldout_blocks(shard, tokenizer, cfg, "test")
+    return sets
+
+
+def pool_merge_loss(base, vectors: dict, sets: dict, pad_id: int, device
+                    ) -> Callable[[dict[str, float]], dict[str, float]]:
+    """The scorer `rank_candidates` needs for a pool held in memory: weights -> loss per domain of
+    base + sum_i w_i d_i on `sets` (the base model itself is left as it is)."""
+    import copy
+
+    from common.evaluation import evaluate_loss
+    from common.vectors import apply_vector, weighted_sum
+
+    names = sorted(vectors)
+
+    def merge_loss(weights: dict[str, float]) -> dict[str, float]:
+        model = copy.deepcopy(base)
+        members = [n for n in names if weights[n]]
+        apply_vector(model, weighted_sum([vectors[n] for n in members], [weights[n] for n in members]))
+        return {d: evaluate_loss(model, blocks, pad_id, device)["loss"] for d, blocks in sets.items()}
+
+    return merge_loss
+
+
 def write_ablation(rows: list[dict], out: Path) -> None:
     """ablation.json (the ranking) and ablation.png (mean loss by candidate, best first)."""
     import matplotlib
@@ -111,15 +150,10 @@ def ablate_pool(run_dir: Path, spec: str, data: str = "", domains: list[str] | N
                 out: Path | None = None) -> list[dict]:
     """`feddem ablate`: rank candidate mixtures from a trusted run's pool, evaluating each merge on the test splits
     of the data this machine holds (the run's data spec unless `data` is given); writes ablation.json/png."""
-    import copy
-
-    from client.site import SiteContext, heldout_blocks, load_site_shard
     from common.config import RunConfig
-    from common.data import list_shards
     from common.devices import resolve_device
-    from common.evaluation import evaluate_loss
     from common.modeling import load_model, load_tokenizer, model_checksum
-    from common.vectors import apply_vector, load_vector, weighted_sum
+    from common.vectors import load_vector
     from server.report import read_report
 
     run_dir = Path(run_dir)
@@ -139,24 +173,8 @@ def ablate_pool(run_dir: Path, spec: str, data: str = "", domains: list[str] | N
     tokenizer = load_tokenizer(ref)
     vectors = {path.stem: load_vector(path, verify=True) for path in files}
     names = sorted(vectors)
-    device = resolve_device(cfg.device)
-    shards = list_shards(cfg.data)
-    wanted = domains or shards
-    unknown = [d for d in wanted if d not in shards]
-    if unknown:
-        raise FeddemError(f"evaluation domain(s) {unknown} are not in data '{cfg.data}' ({', '.join(shards)})")
-    tests = {}
-    for index, name in enumerate(shards):
-        if name in wanted:
-            shard = load_site_shard(cfg, SiteContext(index, name, run_dir))
-            tests[shard.name] = heldout_blocks(shard, tokenizer, cfg, "test")
-
-    def merge_loss(weights: dict[str, float]) -> dict[str, float]:
-        model = copy.deepcopy(base)
-        members = [n for n in names if weights[n]]
-        apply_vector(model, weighted_sum([vectors[n] for n in members], [weights[n] for n in members]))
-        return {d: evaluate_loss(model, blocks, tokenizer.pad_token_id, device)["loss"] for d, blocks in tests.items()}
-
+    tests = test_sets(cfg, tokenizer, domains)
+    merge_loss = pool_merge_loss(base, vectors, tests, tokenizer.pad_token_id, resolve_device(cfg.device))
     rows = rank_candidates(parse_candidates(spec, names), names, merge_loss, sorted(tests))
     write_ablation(rows, Path(out) if out else run_dir)
     return rows

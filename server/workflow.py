@@ -27,7 +27,7 @@ from common.vectors import (
 )
 from common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights, strategy
 from server.base import resolve_base_ref
-from server.messaging import failure_reason, pull_one_at_a_time, push_each, site_message
+from server.messaging import failure_reason, pull_one_at_a_time, push_each
 from server.report import build_report, write_report
 from server.ablation import POOL, parse_candidates, rank_candidates, write_ablation
 from server.search import search_merge
@@ -79,29 +79,14 @@ class Stage:
         self.failures: dict[str, str] = {}
 
     def run(self, name: str, message_type: str, per_node: dict[int, RecordDict]) -> dict[int, RecordDict]:
-        messages = [site_message(self.cfg, self.base, node, message_type, content)
-                    for node, content in per_node.items()]
-        log.info("%s: %d site(s)", name, len(messages))
-        replies = self.grid.send_and_receive(messages, timeout=self.cfg.timeout)
-        ok: dict[int, RecordDict] = {}
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            reason = failure_reason(reply)
-            if reason is None:
-                ok[node] = reply.content
-            else:
-                self.failures[f"node-{node}"] = f"{name}: {reason}"
-        for node in set(per_node) - set(ok):
-            self.failures.setdefault(f"node-{node}", f"{name}: no reply within {self.cfg.timeout:.0f} s")
-        for who, why in self.failures.items():
-            log.warning("%s failed: %s", who, why)
-        if not ok:
-            raise FeddemError(f"{name}: no site succeeded ({'; '.join(self.failures.values())})")
-        return ok
+        """The contents of the successful replies by node (failures recorded in `failures`; a FeddemError when no
+        site succeeded)."""
+        return dict(self.stream(name, message_type, per_node))
 
     def stream(self, name: str, message_type: str, per_node: dict[int, RecordDict]):
-        """Like `run`, but yields (node, content) as each reply arrives and pulls replies one at a time, so a
-        stage whose replies are whole vectors (plain uploads) holds one of them at a time, not one per site."""
+        """Send one message per node and yield (node, content) of each successful reply as it arrives, pulling
+        replies one at a time, so a stage whose replies are whole vectors (plain uploads) holds one of them at a
+        time, not one per site. Failures go to `failures`; a FeddemError at the end when no site succeeded."""
         def not_sent(node):
             self.failures[f"node-{node}"] = f"{name}: the message could not be sent"
 

@@ -6,7 +6,6 @@ Everything read from the store is verified against its recorded sha256 first. Pr
 FAILED_PRECONDITION, bad weights or data INVALID_ARGUMENT.
 """
 
-import copy
 import math
 import tempfile
 from dataclasses import replace
@@ -145,15 +144,11 @@ def check_data(data: str) -> None:
 
 def evaluation_sets(cfg: RunConfig, data: str, tokenizer) -> dict:
     """The held-out test blocks of each shard of `data` (default: the run's own data spec), by domain."""
-    from client.site import SiteContext, heldout_blocks, load_site_shard
-    from common.data import list_shards
+    from server.ablation import test_sets
 
     cfg = replace(cfg, data=data or cfg.data)
     try:
-        names = list_shards(cfg.data)
-        return {name: heldout_blocks(load_site_shard(cfg, SiteContext(i, name, Path(tempfile.gettempdir()))),
-                                     tokenizer, cfg, "test")
-                for i, name in enumerate(names)}
+        return test_sets(cfg, tokenizer)
     except FeddemError as exc:
         raise InvalidArgument(f"data '{cfg.data}': {exc}") from None
 
@@ -188,9 +183,10 @@ def evaluate(store: Store, run_id: str, data: str) -> dict[str, dict]:
 def rank_pool(store: Store, run_id: str, candidates: str, data: str) -> list[dict]:
     """Candidate mixtures (subsets of the run's sites) ranked by the mean held-out loss of the average of their
     stored vectors (server/ablation.py's ranking)."""
+    import torch
+
     from common.modeling import load_tokenizer
-    from common.vectors import apply_vector, weighted_sum
-    from server.ablation import parse_candidates, rank_candidates
+    from server.ablation import parse_candidates, pool_merge_loss, rank_candidates
 
     run = store.get_run(run_id)
     stored = pool_artefacts(store, run)
@@ -205,11 +201,7 @@ def rank_pool(store: Store, run_id: str, candidates: str, data: str) -> list[dic
     tokenizer = load_tokenizer(str(store.verified_folder(run_id, "model", "model")))
     sets = evaluation_sets(run_config(run), data, tokenizer)
 
-    def merge_loss(weights: dict[str, float]) -> dict[str, float]:
-        model = copy.deepcopy(base)
-        members = [n for n in names if weights[n]]
-        apply_vector(model, weighted_sum([vectors[n] for n in members], [weights[n] for n in members]))
-        return {d: r["loss"] for d, r in _losses(model, sets, tokenizer.pad_token_id).items()}
+    merge_loss = pool_merge_loss(base, vectors, sets, tokenizer.pad_token_id, torch.device("cpu"))
 
     try:
         return rank_candidates(chosen, names, merge_loss, sorted(sets))
