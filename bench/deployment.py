@@ -34,7 +34,8 @@ def _config(text: str) -> dict:
 
 def _write_shards(cfg, root: Path) -> list[tuple[Path, str]]:
     """Each simulated site's shard written as train/test jsonl files (what a deployed site holds)."""
-    from client.site import SiteContext, load_site_shard
+    from client.site_context import SiteContext
+    from client.site import load_site_shard
 
     folders = []
     for i in range(cfg.sites):

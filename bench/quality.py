@@ -35,7 +35,8 @@ log = logging.getLogger("feddem.bench")
 
 
 def _site_data(cfg, n_sites):
-    from client.site import SiteContext, heldout_blocks, load_site_shard
+    from client.site_context import SiteContext
+    from client.site import heldout_blocks, load_site_shard
     from common.data import pack_blocks
     from common.modeling import load_tokenizer
     from server.base import resolve_base_ref
@@ -145,7 +146,8 @@ def fedavg(cfg, base, data, tokenizer, rounds: int) -> dict[str, float]:
 
     @client_app.train()
     def train(msg: Message, context):  # a FedAvg site: its own data, the global model, steps/R local steps
-        from client.site import SiteContext, load_site_shard
+        from client.site_context import SiteContext
+        from client.site import load_site_shard
         from common.data import pack_blocks
         from common.modeling import load_model, load_tokenizer
 

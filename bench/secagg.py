@@ -121,7 +121,7 @@ def feddem_client_app(seed: int, length: int):
 
     from client import app as site_app
     from client.guard import record_path
-    from client.site import SiteContext
+    from client.site_context import SiteContext
     from common import messages as M
     from common.vectors import save_vector
 

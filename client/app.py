@@ -3,6 +3,10 @@
 A site's clean refusal or failure (bad data, wrong checksum, a privacy-guard refusal, ...) comes back as a `failure`
 record with the reason, so the server can report it and go on with the other sites. The four `query.sa_*` handlers
 are the site's side of secure aggregation (`client.secure_upload`); `train.upload` is the plain path.
+
+`client.site` (transformers, datasets) is imported by the handlers that train or evaluate, not at module load: in
+a deployment every message starts a fresh `flwr-clientapp` process, and the upload and secure-aggregation stages
+need only the stored vector.
 """
 
 import logging
@@ -11,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import secure_upload
-from client.site import SiteContext, evaluate_merged, fine_tune, stored_vector
+from client.site_context import SiteContext, stored_vector
 from client.upload import upload_weighted_vector
 from common import messages as M
 from common.config import RunConfig
@@ -51,6 +55,8 @@ def _optional_vector(content: RecordDict, name: str):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     def work(msg, site, cfg, ref, checksum):
+        from client.site import fine_tune
+
         embed = EMBEDDING in strategy(cfg.strategy_name).needs
         result = fine_tune(cfg, site, ref, checksum, context.run_id, _optional_vector(msg.content, M.START),
                            _optional_vector(msg.content, M.TARGET), embed)
@@ -77,6 +83,8 @@ def upload(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     def work(msg, site, cfg, ref, checksum):
+        from client.site import evaluate_merged
+
         aggregate = vector_from_record(msg.content.array_records[M.AGGREGATE])
         split = str(msg.content.config_records[M.EVAL]["split"]) if M.EVAL in msg.content.config_records else "test"
         return _split(evaluate_merged(cfg, site, ref, checksum, aggregate, split))

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from client.site import SiteContext, vector_file
+from client.site_context import SiteContext, vector_file
 from common.config import RunConfig
 from common.errors import FeddemError
 from common.vectors import stored_digest

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from client.guard import (
     GuardPolicy, check_not_aggregated, check_other_weights, check_peers, check_weight, mark_aggregated, vector_digest,
 )
-from client.site import SiteContext, stored_vector
+from client.site_context import SiteContext, stored_vector
 from common import messages as M
 from common.config import RunConfig
 from common.errors import FeddemError

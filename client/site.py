@@ -4,66 +4,23 @@ The site's vector stays on its own disk (`<work-dir>/runs/<run-id>/vector.safete
 asked, the weighted vector leave it.
 """
 
-import copy
 import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping
 
 import torch
 
 from common.config import RunConfig
 from common.data import Shard, SyntheticSizes, load_shard, load_site_data, pack_blocks
-from common.devices import resolve_device
 from common.errors import FeddemError
 from common.evaluation import evaluate_loss
-from common.modeling import load_model, load_tokenizer, model_checksum
-from common.paths import feddem_home
+from common.modeling import base_tensors, load_model, load_tokenizer, model_checksum
 from common.training import TrainSettings, train_causal_lm
 from client.signals import alignment, domain_embedding
-from common.vectors import Vector, apply_vector, extract_lora_vector, extract_vector, load_vector, parameters_of, save_vector
+from client.site_context import SiteContext, vector_file
+from common.vectors import LazyVector, Vector, _merged, apply_vector, extract_lora_vector, extract_vector, save_vector
 
 log = logging.getLogger("feddem.site")
-
-
-@dataclass
-class SiteContext:
-    """Who the site is, where it keeps its files, and what its own node config says about its data and device.
-
-    Simulated sites get `partition-id` (their shard of the run's `data` spec). A deployed site's SuperNode gets
-    `--node-config` with `data-path` (its own data: a folder with `train.*` and `test.*` files, a folder holding one
-    data file, or that file; `synthetic:NAME` only when a built-in domain is wanted on purpose), and optionally
-    `site-name`, `domain` (the name its data goes by in the report), `device` (overrides the run's), `work-dir`,
-    and the privacy guard's stricter `min-peers`/`weight-min`/`weight-max` (`client.guard`).
-    """
-
-    index: int  # which shard of the data spec (partition-id); 0 for a deployed site
-    name: str
-    work_dir: Path
-    data_path: str | None = None  # node config `data-path`: the site's own data (deployment)
-    device: str | None = None  # node config `device`: this site's device, whatever the run config says
-    domain: str | None = None  # node config `domain`: the name of the site's data in the report
-
-    @classmethod
-    def from_node_config(cls, node_config: dict) -> "SiteContext":
-        data_path = node_config.get("data-path")
-        if "partition-id" not in node_config and data_path is None:
-            raise FeddemError("this node's node config has no 'data-path' (a deployed site's own data folder, e.g. "
-                              "--node-config 'data-path=\"/data/site\"') and no 'partition-id' (a simulated site's "
-                              "shard of the run's data): cannot tell which data is its own")
-        index = int(node_config.get("partition-id", 0))
-        default_name = f"site-{index}" if "partition-id" in node_config else f"site-{Path(str(data_path)).name}"
-        name = str(node_config.get("site-name") or default_name)
-        work_dir = Path(str(node_config.get("work-dir") or feddem_home() / "sites" / name)).expanduser()
-        optional = {k: str(node_config[k]) for k in ("device", "domain") if node_config.get(k)}
-        return cls(index, name, work_dir, None if data_path is None else str(data_path), **optional)
-
-    def resolve_device(self, cfg: RunConfig):
-        """The torch device: the site's own `device` when its node config sets one, else the run's."""
-        return resolve_device(self.device or cfg.device)
-
-    def vector_path(self, run_id: int) -> Path:
-        return self.work_dir / "runs" / str(run_id) / "vector.safetensors"
 
 
 def load_verified_base(ref: str, checksum: str):
@@ -111,6 +68,19 @@ def heldout_blocks(shard: Shard, tokenizer, cfg: RunConfig, split: str = "test")
     return pack_blocks(heldout_texts(shard, split), tokenizer, cfg.seq_len, pad_last=True)
 
 
+def starting_point(model_ref: str, names: list[str], start_from: Vector | None) -> Mapping[str, torch.Tensor]:
+    """The weights training started from, read lazily from the base's files (no second copy of the model in
+    memory): the base, plus `start_from` with the arithmetic `apply_vector` used on the model."""
+    base = base_tensors(model_ref, names)
+    if start_from is None:
+        return base
+
+    def load(name: str) -> torch.Tensor:
+        return _merged(base[name].float(), start_from[name], 1.0) if name in start_from else base[name]
+
+    return LazyVector({name: (torch.float32, shape) for name, (_, shape) in base.specs.items()}, load)
+
+
 def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, run_id: int,
               start_from: Vector | None = None, target: Vector | None = None, embed: bool = False) -> dict:
     """Fine-tune on the site's train split, save the vector locally, return the metadata the server may see.
@@ -120,19 +90,17 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     `embed`: the result gets `embedding`, the base model's domain embedding (Chameleon)."""
     start = time.perf_counter()
     device = site.resolve_device(cfg)
-    base = load_verified_base(model_ref, checksum)
+    model = load_verified_base(model_ref, checksum)
     tokenizer = load_tokenizer(model_ref)
     shard = load_site_shard(cfg, site)
     train_blocks = pack_blocks(shard.train["text"], tokenizer, cfg.seq_len)
     heldout = heldout_blocks(shard, tokenizer, cfg)
-    base_eval = evaluate_loss(base, heldout, tokenizer.pad_token_id, device)
+    base_eval = evaluate_loss(model, heldout, tokenizer.pad_token_id, device)
     extra = {}
     if embed:
-        extra["embedding"] = domain_embedding(base, train_blocks, tokenizer.pad_token_id, device)
+        extra["embedding"] = domain_embedding(model, train_blocks, tokenizer.pad_token_id, device)
     if start_from is not None:
-        apply_vector(base, start_from)
-
-    model = copy.deepcopy(base)
+        apply_vector(model, start_from)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -147,12 +115,12 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
             log.info("%s (%s): step %d/%d, loss %.4f", site.name, shard.name, step, cfg.steps, loss)
 
     settings = TrainSettings.from_run_config(cfg, seed=cfg.seed + site.index)
-    stats = train_causal_lm(model, train_blocks, settings, device, on_step)
+    stats = train_causal_lm(model, train_blocks, settings, device, on_step)  # in place: no copy of the base is kept
     local_eval = evaluate_loss(model, heldout, tokenizer.pad_token_id, device)
     if cfg.lora:
         vector = extract_lora_vector(model)
     else:
-        vector = extract_vector(model, parameters_of(base))
+        vector = extract_vector(model, starting_point(model_ref, [n for n, _ in model.named_parameters()], start_from))
     save_vector(vector, site.vector_path(run_id), metadata={"site": site.name, "domain": shard.name})
     if target is not None:
         extra["alignment"] = alignment(vector, target)
@@ -170,18 +138,6 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
         "heldout_tokens": base_eval["tokens"],
         "seconds": time.perf_counter() - start,
     }
-
-
-def vector_file(site: SiteContext, run_id: int) -> Path:
-    """The path of the site's stored vector of this run; an error when it has none."""
-    path = site.vector_path(run_id)
-    if not path.is_file():
-        raise FeddemError(f"{site.name} holds no vector for run {run_id}: it has not fine-tuned in this run")
-    return path
-
-
-def stored_vector(site: SiteContext, run_id: int) -> Vector:
-    return load_vector(vector_file(site, run_id))
 
 
 def evaluate_merged(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, aggregate: Vector,

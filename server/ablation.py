@@ -80,7 +80,8 @@ def rank_candidates(candidates: list[tuple[str, ...]], names: list[str],
 def test_sets(cfg, tokenizer, domains: list[str] | None = None) -> dict:
     """The test half of the held-out split of each shard of `cfg.data` (only `domains` when given), as token blocks
     by domain: what a pool's merges are scored on, here and on the feddem server."""
-    from client.site import SiteContext, heldout_blocks, load_site_shard
+    from client.site_context import SiteContext
+    from client.site import heldout_blocks, load_site_shard
     from common.data import list_shards
 
     shards = list_shards(cfg.data)

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from client.site import SiteContext, load_site_shard
+from client.site_context import SiteContext
+from client.site import load_site_shard
 from common.config import RunConfig
 from common.errors import FeddemError
 

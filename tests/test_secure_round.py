@@ -12,7 +12,7 @@ from flwr.app import Array, ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.guard import RECORD_NAME, GuardPolicy
-from client.site import SiteContext
+from client.site_context import SiteContext
 from common import messages as M
 from common.config import RunConfig
 from common.errors import FeddemError

@@ -192,7 +192,7 @@ def test_secure_sum_of_vectors_split_across_many_chunks(tmp_path, base_and_vecto
     and unmasks in small blocks in place: the sum is the exact weighted sum within the secure bound."""
     import client.secure_upload as site_side
     import server.secure_aggregation as server_side
-    from client.site import SiteContext
+    from client.site_context import SiteContext
     from common.config import RunConfig
     from flwr.app import ConfigRecord
     from tests.fakegrid import RUN_ID, FakeGrid, task_identity

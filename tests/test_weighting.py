@@ -10,7 +10,7 @@ import torch
 
 from client.guard import read_record
 from client.signals import alignment
-from client.site import SiteContext
+from client.site_context import SiteContext
 from common import messages as M
 from common.config import RunConfig, count_candidates
 from common.errors import FeddemError
