@@ -14,13 +14,18 @@ that starts Python, torch and Flower holds a few hundred MB before any vector, w
    (GB/s of one vector), and `export_merged` writes the sharded model.
 4. `copy`: a plain numpy copy of the same number of bytes, in the same run, as the throughput baseline.
 
-Ratios: `server_peak_over_vector` = server peak RSS / vector bytes (float32, 4 B per parameter);
+`--vector-dtype bfloat16|float16`: the sites store their vectors in that dtype, and the secure round takes a
+16-bit ring where its precision holds (`vector-dtype` in the run config): half the bytes on disk and on the wire.
+
+Ratios: `server_peak_over_vector` = server peak RSS / vector bytes (float32, 4 B per parameter, whatever
+`--vector-dtype`, so that runs compare);
 `site_peak_over_model_plus_vector` = the largest site-process peak (train or masked upload) / (model + vector
 bytes); `merge_gbps` / `copy_gbps`. A sampled check compares a few tensors of the exported model with
 base + sum_i w_i d_i. Writes `scale.json` to `--out`.
 
     python bench/scale.py --out /tmp/scale                   # 1B parameters, 4 sites (needs ~2 x 4 GB free RAM)
     python bench/scale.py --out /tmp/scale --params 1e8      # 100M
+    python bench/scale.py --out /tmp/scale --vector-dtype bfloat16
 """
 
 import argparse
@@ -95,7 +100,8 @@ def role_site(args) -> dict:
     import torch
 
     from common.modeling import base_tensors, load_model
-    from common.vectors import extract_vector, save_vector
+    from common.config import RunConfig
+    from common.vectors import cast, extract_vector, save_vector
     from tests.fakegrid import RUN_ID
 
     ref = str(args.dir / "base")
@@ -109,7 +115,8 @@ def role_site(args) -> dict:
             p.add_(torch.randn(p.shape, generator=gen), alpha=SCALE)
     tuned = time.perf_counter()
     path = _site_dir(args, args.node) / "runs" / str(RUN_ID) / "vector.safetensors"
-    save_vector(extract_vector(model, base_tensors(ref, [n for n, _ in model.named_parameters()])), path,
+    vector = extract_vector(model, base_tensors(ref, [n for n, _ in model.named_parameters()]))
+    save_vector(cast(vector, RunConfig(vector_dtype=args.vector_dtype).torch_vector_dtype), path,
                 metadata={"site": f"site-{args.node}"})
     done = time.perf_counter()
     return _memory(start_rss) | {"load_s": loaded - start, "tune_s": tuned - loaded, "extract_save_s": done - tuned}
@@ -227,7 +234,8 @@ def role_server(args) -> dict:
     nodes = list(range(1, args.sites + 1))
     layout = sorted(open_vector(_site_dir(args, 0) / "runs" / str(RUN_ID) / "vector.safetensors"))
     shapes = {name: torch.Size(shape) for name, shape in shapes_of(open_tensors(ref)).items()}
-    cfg = RunConfig(sites=args.sites, clip=1.0, min_peers=min(2, args.sites - 1), timeout=7200.0)
+    cfg = RunConfig(sites=args.sites, clip=1.0, min_peers=min(2, args.sites - 1), timeout=7200.0,
+                    vector_dtype=args.vector_dtype)
     grid = _bench_grid(args, nodes)
     weights = {node: 1.0 / args.sites for node in nodes}
     start_rss = _reset_peak()
@@ -251,7 +259,8 @@ def role_server(args) -> dict:
     memory = _memory(start_rss)
     vector_elems = sum(int(shapes[n].numel()) for n in layout)
     return memory | {
-        "peak_rss_aggregation": peak_aggregation, "vector_elements": vector_elems, "merged_bytes": merged_bytes,
+        "peak_rss_aggregation": peak_aggregation, "ring_bits": result.bits, "vector_elements": vector_elems,
+        "merged_bytes": merged_bytes,
         "secure_sum_s": t1 - t0, "merge_s": t3 - t2, "export_s": t4 - t3, "export_files": len(files),
         "grid_push_s": grid.stage_seconds, "masked_sites": grid.sites, "error_bound": result.error_bound,
         "survivors": len(result.survivors)}
@@ -278,7 +287,7 @@ ROLES = {"base": role_base, "site": role_site, "masked": role_masked, "server": 
 
 def _run_role(args, role: str, **extra) -> dict:
     cmd = [sys.executable, __file__, "--role", role, "--dir", str(args.dir), "--params", str(args.params),
-           "--sites", str(args.sites), "--max-shard-size", args.max_shard_size]
+           "--sites", str(args.sites), "--max-shard-size", args.max_shard_size, "--vector-dtype", args.vector_dtype]
     for key, value in extra.items():
         cmd += [f"--{key}", str(value)]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -300,7 +309,7 @@ def _check(args, report: dict) -> float:
     names = [n for n in base if n.endswith("norm.weight")][:2] + [n for n in base if "layers.0." in n][:2]
     worst = 0.0
     for name in names:
-        expected = base[name].float() + sum(v[name] for v in vectors) / args.sites
+        expected = base[name].float() + sum(v[name].float() for v in vectors) / args.sites
         worst = max(worst, float((merged[name].float() - expected).abs().max()))
     return worst
 
@@ -311,6 +320,8 @@ def main(argv=None) -> int:
     parser.add_argument("--params", type=float, default=1e9, help="model and vector size (default 1e9)")
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--max-shard-size", default="2GB")
+    parser.add_argument("--vector-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the stored vectors; a 16-bit one also allows a 16-bit ring (default float32)")
     parser.add_argument("--keep", action="store_true", help="keep the work files (model, vectors, export)")
     parser.add_argument("--role", choices=list(ROLES), help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
@@ -357,6 +368,7 @@ def main(argv=None) -> int:
     copy_gbps = copy["bytes"] / copy["seconds"] / 1e9
     report = {
         "parameters": params, "sites": args.sites, "vector_bytes": vector_bytes, "model_bytes": vector_bytes,
+        "vector_dtype": args.vector_dtype, "ring_bits": server["ring_bits"],
         "cpus": os.cpu_count(),
         "server_peak_over_vector": round(server["peak_rss"] / vector_bytes, 3),
         "server_peak_above_start_over_vector": round((server["peak_rss"] - server["start_rss"]) / vector_bytes, 3),

@@ -75,7 +75,8 @@ def train(msg: Message, context: Context) -> Message:
 def upload(msg: Message, context: Context) -> Message:
     def work(msg, site, cfg, ref, checksum):
         weight = float(msg.content.config_records[M.WEIGHT]["weight"])
-        return RecordDict({M.VECTOR: upload_weighted_vector(stored_vector(site, context.run_id), weight)})
+        return RecordDict({M.VECTOR: upload_weighted_vector(stored_vector(site, context.run_id), weight,
+                                                                 cfg.torch_vector_dtype)})
 
     return _handle(msg, context, work)
 

@@ -18,7 +18,9 @@ from common.modeling import base_tensors, load_model, load_tokenizer, model_chec
 from common.training import TrainSettings, train_causal_lm
 from client.signals import alignment, domain_embedding
 from client.site_context import SiteContext, vector_file
-from common.vectors import LazyVector, Vector, _merged, apply_vector, extract_lora_vector, extract_vector, save_vector
+from common.vectors import (
+    LazyVector, Vector, _merged, apply_vector, cast, extract_lora_vector, extract_vector, save_vector,
+)
 
 log = logging.getLogger("feddem.site")
 
@@ -121,7 +123,8 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
         vector = extract_lora_vector(model)
     else:
         vector = extract_vector(model, starting_point(model_ref, [n for n, _ in model.named_parameters()], start_from))
-    save_vector(vector, site.vector_path(run_id), metadata={"site": site.name, "domain": shard.name})
+    save_vector(cast(vector, cfg.torch_vector_dtype), site.vector_path(run_id),
+                metadata={"site": site.name, "domain": shard.name})
     if target is not None:
         extra["alignment"] = alignment(vector, target)
     train_tokens = int(train_blocks.numel())

@@ -1,6 +1,7 @@
 """Distribution vectors `d = theta_site - theta_base`: extract (full or LoRA), check, combine, apply, store.
 
-A vector is a mapping from parameter name to a float32 CPU tensor. A full vector covers every trainable parameter;
+A vector is a mapping from parameter name to a CPU tensor: float32, or a 16-bit float (`VECTOR_DTYPES`) where a
+run stores and sends its vectors in half the bytes (`cast`); arithmetic on vectors is always done in float32. A full vector covers every trainable parameter;
 a LoRA vector covers only the adapted weight matrices, each the dense low-rank update `scale * B @ A` that peft
 would merge, so vectors of different sites add up exactly like full ones.
 
@@ -90,9 +91,30 @@ def extract_lora_vector(peft_model: torch.nn.Module, adapter: str = "default") -
     return vector
 
 
-def check_vector(vector: Vector, reference: Mapping, source: str) -> None:
-    """Raise a FeddemError naming the problem if `vector` does not fit `reference` (names, shapes, dtype, NaN);
-    `reference` maps each name to a tensor or to its shape."""
+VECTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cast(vector: Vector, dtype: torch.dtype) -> Vector:
+    """The vector in `dtype` (one of `VECTOR_DTYPES`), lazily, one tensor at a time; the vector itself when it is
+    already in it. A value that `dtype` cannot hold (float16 past 65504) is an error naming its parameter."""
+    specs = specs_of(vector)
+    if all(d == dtype for d, _ in specs.values()):
+        return vector
+
+    def load(name: str) -> torch.Tensor:
+        t = vector[name]
+        out = t.to(dtype)
+        if dtype == torch.float16 and not torch.isfinite(out).all() and torch.isfinite(t).all():
+            raise FeddemError(f"parameter '{name}' of the vector has values beyond float16's range "
+                              f"(largest |value| {float(t.abs().max()):.4g}); use vector-dtype bfloat16 or float32")
+        return out
+
+    return LazyVector({name: (dtype, shape) for name, (_, shape) in specs.items()}, load)
+
+
+def check_vector(vector: Vector, reference: Mapping, source: str, dtype: torch.dtype = torch.float32) -> None:
+    """Raise a FeddemError naming the problem if `vector` does not fit `reference` (names, shapes, dtype `dtype`,
+    NaN); `reference` maps each name to a tensor or to its shape."""
     if not vector:
         raise FeddemError(f"{source}: the vector is empty")
     for name, t in vector.items():
@@ -101,8 +123,8 @@ def check_vector(vector: Vector, reference: Mapping, source: str) -> None:
         expected = tuple(getattr(reference[name], "shape", reference[name]))
         if tuple(t.shape) != expected:
             raise FeddemError(f"{source}: parameter '{name}' has shape {tuple(t.shape)}, the base model has {expected}")
-        if t.dtype != torch.float32:
-            raise FeddemError(f"{source}: parameter '{name}' has dtype {t.dtype}, expected float32")
+        if t.dtype != dtype:
+            raise FeddemError(f"{source}: parameter '{name}' has dtype {t.dtype}, expected {dtype}")
         if not torch.isfinite(t).all():
             raise FeddemError(f"{source}: parameter '{name}' contains NaN or infinite values")
 
@@ -180,12 +202,33 @@ def vector_norm(vector: Vector) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in vector.values()))
 
 
+RAW = "raw"  # Array serialisation type of a bfloat16 tensor (numpy has no bfloat16): its little-endian bytes
+
+
+def _to_array(t: torch.Tensor) -> Array:
+    if t.dtype == torch.bfloat16:
+        return Array(dtype="bfloat16", shape=tuple(t.shape), stype=RAW, data=bytes(_tensor_bytes(t)))
+    return Array(t.contiguous().numpy())
+
+
+def _from_array(name: str, array: Array) -> torch.Tensor:
+    if array.stype != RAW:
+        return torch.from_numpy(array.numpy())
+    if array.dtype != "bfloat16":
+        raise FeddemError(f"array '{name}': raw serialisation is only used for bfloat16, not {array.dtype!r}")
+    shape = tuple(array.shape)
+    if len(array.data) != 2 * math.prod(shape):
+        raise FeddemError(f"array '{name}': {len(array.data)} bytes do not hold a bfloat16 tensor of shape {shape} "
+                          f"(truncated or malformed)")
+    return torch.frombuffer(bytearray(array.data), dtype=torch.bfloat16).reshape(shape)
+
+
 def vector_to_record(vector: Vector) -> ArrayRecord:
-    """A vector as a Flower ArrayRecord of float32 numpy arrays (Flower chunks it on the wire); a lazy vector is
-    serialised one tensor at a time."""
+    """A vector as a Flower ArrayRecord of numpy arrays in the vector's dtype (bfloat16 as raw bytes: `RAW`);
+    Flower chunks it on the wire. A lazy vector is serialised one tensor at a time."""
     arrays = {}
     for name, t in vector.items():
-        arrays[name] = Array(t.contiguous().numpy())
+        arrays[name] = _to_array(t)
         del t
         release_memory()
     return ArrayRecord(arrays)
@@ -196,7 +239,7 @@ def vector_from_record(record: ArrayRecord) -> Vector:
     when it is used, so applying or summing it never holds a second copy of the whole vector."""
     specs = {name: (_TORCH_DTYPES.get(str(array.dtype), torch.float32), tuple(array.shape))
              for name, array in record.items()}
-    return LazyVector(specs, lambda name: torch.from_numpy(record[name].numpy()))
+    return LazyVector(specs, lambda name: _from_array(name, record[name]))
 
 
 def array_view(array: Array) -> np.ndarray:
@@ -271,7 +314,7 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL"}
 _FROM_ST = {code: dtype for dtype, code in _ST_DTYPES.items()}
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64,
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
                  "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}
 
 

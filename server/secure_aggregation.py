@@ -120,11 +120,12 @@ def _check_masked(record, tags: ConfigRecord, params: SecAggParams, server: SecA
 
 def _unflatten(server: SecAggServer, layout: list[str], shapes: dict[str, torch.Size]) -> Vector:
     """The unmasked sum as float32 tensors, written block by block over the ring accumulator itself (each block
-    is read before it is overwritten; a float32 element is no larger than a ring element), so the sum takes no
-    memory beyond the accumulator's: the tensors are views of it."""
+    is read before it is overwritten; a float32 element is no larger than a 32- or 64-bit ring element), so the
+    sum takes no memory beyond the accumulator's: the tensors are views of it. A 16-bit ring's accumulator is half
+    a float32 vector: the sum gets its own array (1.5 vectors at the peak, still below a 32-bit round's 2)."""
     acc = server._acc  # the accumulator; the server is done with it after this
-    values = acc.view(np.float32)
     length = server.params.vector_length
+    values = acc.view(np.float32) if acc.itemsize >= 4 else np.empty(length, dtype=np.float32)
     for start in range(0, length, _BLOCK):
         block = min(_BLOCK, length - start)
         values[start:start + block] = server.unmask_chunk(start, block)
@@ -159,7 +160,9 @@ def secure_sum(grid: Grid, cfg, base: ConfigRecord, weights: dict[int, float], l
         raise FeddemError(f"the sites' vector layout names parameters the base model lacks: {unknown[:5]}")
     cid = {node: i for i, node in enumerate(nodes)}
     node_of = {i: node for node, i in cid.items()}
-    bits = choose_bits(n, cfg.clip, cfg.clip * 2.0**-20)
+    # the ring's rounding error of the sum may be what the run's vector dtype would round a value at the clip to
+    # (float32: a finer 2^-20, so 32 or 64 bits; a 16-bit float: 16 bits where n allows)
+    bits = choose_bits(n, cfg.clip, cfg.clip * max(torch.finfo(cfg.torch_vector_dtype).eps / 2, 2.0**-20))
     length = sum(int(torch.Size(shapes[name]).numel()) for name in layout)
     params = SecAggParams.create(cid.values(), length, cfg.clip, threshold=threshold, bits=bits)
     all_weights = [float(weights[node_of[i]]) for i in params.client_ids]

@@ -121,7 +121,7 @@ def fetch_uploads(stage: Stage, sites: dict, weights: dict[int, float], base_par
     for node, content in stage.stream("upload", M.UPLOAD, {n: RecordDict({M.WEIGHT: ConfigRecord({"weight": w})})
                                                            for n, w in weights.items()}):
         vector = vector_from_record(content.array_records[M.VECTOR])
-        check_vector(vector, base_params, f"upload of {sites[node]['site']}")
+        check_vector(vector, base_params, f"upload of {sites[node]['site']}", stage.cfg.torch_vector_dtype)
         yield node, vector
 
 

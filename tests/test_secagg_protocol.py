@@ -77,6 +77,22 @@ def test_secure_sum_equals_plain_sum(n, length):
     assert result.error_bound < 1e-5 * n
 
 
+def test_16_bit_ring_halves_the_upload_and_sums_within_its_bound():
+    ids = [0, 1, 2]
+    params, clients, server = _setup(ids, 5000, clip=0.5, target_precision=0.5 * 2.0**-8)
+    assert params.bits == 16 and params.ring.dtype == np.uint16
+    xs = _inputs(ids, 5000, clip=0.5)
+    keys = server.collect_public_keys({i: c.advertise_keys() for i, c in clients.items()})
+    routed = server.route_shares({i: c.share_keys(keys) for i, c in clients.items()})
+    masked = {i: clients[i].masked_input(routed[i], xs[i]) for i in ids}
+    assert all(m.dtype == np.uint16 and m.nbytes < 0.51 * xs[i].nbytes for i, m in masked.items())
+    request = server.unmask_request(received=ids)
+    result = server.aggregate(masked, {i: clients[i].unmask(*request) for i in ids})
+    expected = np.sum([x.astype(np.float64) for x in xs.values()], axis=0)
+    error = np.abs(result.total - expected).max()
+    assert error <= result.error_bound <= 0.5 * 2.0**-8 * 1.01 and error > 1e-5  # coarse, as chosen, and bounded
+
+
 def test_64_bit_ring_and_float64_output():
     ids = [0, 1, 2, 3]
     params, clients, server = _setup(ids, 5000, clip=0.5, target_precision=1e-12)

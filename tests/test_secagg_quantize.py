@@ -13,7 +13,7 @@ def _ring_sum(parts, dtype):
     return total
 
 
-@pytest.mark.parametrize("bits", [32, 64])
+@pytest.mark.parametrize("bits", [16, 32, 64])
 @pytest.mark.parametrize("n", [1, 3, 10])
 def test_round_trip_within_error_bound(bits, n):
     rng = np.random.default_rng(1)
@@ -25,8 +25,10 @@ def test_round_trip_within_error_bound(bits, n):
         got = dequantize(total, cfg, n, out_dtype)
         assert got.dtype == out_dtype
         assert np.abs(got.astype(np.float64) - exact).max() <= error_bound(cfg, n, out_dtype)
-    # the bound is tight enough to matter: within a few float32 ulps of the sum
-    assert error_bound(cfg, n, np.float32) < n * 2.0 * 2**-21
+    # the bound is tight enough to matter: within a few float32 ulps of the sum (32/64 bits), within the
+    # rounding of a 16-bit float upload (16 bits: at most n quanta of 2 * clip * n / 2^16)
+    limit = n * 2.0 * 2**-21 if bits > 16 else n * (n * 2 * 2.0 / 2**16) * 1.01 + n * 2.0 * 2**-23
+    assert error_bound(cfg, n, np.float32) < limit
 
 
 def test_single_client_error_is_below_one_quantum_and_nonzero():
@@ -57,7 +59,8 @@ def test_clipping():
     np.testing.assert_allclose(got, [1.0, -1.0, 0.5, 1.0, -1.0, 1.0], atol=error_bound(cfg, 1, np.float64))
 
 
-@pytest.mark.parametrize("bits,n", [(32, 2), (32, 10), (32, 1000), (64, 2), (64, 10), (64, 1000)])
+@pytest.mark.parametrize("bits,n", [(16, 2), (16, 10), (16, 1000), (32, 2), (32, 10), (32, 1000), (64, 2),
+                                    (64, 10), (64, 1000)])
 def test_no_wraparound_at_the_clip_limit(bits, n):
     cfg = RingConfig(bits, 3.0, n)
     assert n * cfg.max_per_client <= (1 << bits) - 1
@@ -81,6 +84,10 @@ def test_top_value_is_exact_in_64_bits():
 
 def test_choose_bits():
     assert choose_bits(10, 1.0, 1e-6) == 32
+    # a coarse target (what a bf16 upload rounds to: clip * 2^-8) admits 16 bits for few sites, not for many
+    assert choose_bits(3, 1.0, 2.0**-8) == 16 and 3 / RingConfig(16, 1.0, 3).scale <= 2.0**-8
+    assert choose_bits(11, 1.0, 2.0**-8) == 16 and choose_bits(12, 1.0, 2.0**-8) == 32
+    assert choose_bits(40_000, 1.0, 1.0) == 32  # 40,000 sites do not fit a 16-bit ring at all
     bits = choose_bits(10, 1.0, 1e-9)
     assert bits == 64
     assert 10 / RingConfig(bits, 1.0, 10).scale <= 1e-9
@@ -104,7 +111,9 @@ def test_bad_inputs():
     with pytest.raises(SecAggError, match="ring dtype"):
         dequantize(np.zeros(3, dtype=np.uint64), cfg, 1)
     with pytest.raises(SecAggError, match="bits"):
-        RingConfig(16, 1.0, 3)
+        RingConfig(8, 1.0, 3)
+    with pytest.raises(SecAggError, match="do not fit a 16-bit ring"):
+        RingConfig(16, 1.0, 1 << 15)
     with pytest.raises(SecAggError, match="clip"):
         RingConfig(32, -1.0, 3)
     with pytest.raises(SecAggError, match="num_summed"):

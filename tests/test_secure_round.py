@@ -117,6 +117,26 @@ def test_masked_upload_is_ring_uint32_no_larger_than_float32(sites, tiny_base):
         assert sum(a.nbytes for a in chunks.values()) == 4 * (length + 16) <= 1.05 * 4 * length
 
 
+@pytest.mark.parametrize("dtype, bits", [("bfloat16", 16), ("float16", 32)])
+def test_16_bit_vector_dtype_takes_a_16_bit_ring_where_its_precision_holds(sites, tiny_base, dtype, bits):
+    """bfloat16 runs: a 16-bit ring for 4 sites (half the float32 upload), with the sum within clip * 2^-8; float16
+    asks for clip * 2^-11, which a 16-bit ring cannot give 4 sites: 32 bits."""
+    root, layout = sites
+    grid = FakeGrid(root, NODES)
+    uploads = []
+    grid.faults = {(n, M.SA_MASKED): (lambda reply: uploads.append(
+        [a.numpy() for a in reply.content.array_records[M.MASKED].values()])) for n in NODES}
+    clip = 0.02
+    result = _secure(grid, tiny_base, layout, vector_dtype=dtype, clip=clip)
+    assert result.bits == bits and len(uploads) == len(NODES)
+    length = _flat(_vector(root, 0)).numel()
+    for chunks in uploads:
+        assert all(a.dtype == np.dtype(f"uint{bits}") for a in chunks)
+        assert sum(a.nbytes for a in chunks) == bits // 8 * (length + 16)
+    diff = (_flat(result.aggregate) - _expected(root, WEIGHTS, NODES, clip)).abs().max().item()
+    assert diff <= result.error_bound <= len(NODES) * clip * 2.0**-8
+
+
 @pytest.mark.parametrize("stage", [M.SA_KEYS, M.SA_SHARE, M.SA_MASKED, M.SA_UNMASK])
 def test_dropout_above_threshold_gives_the_exact_sum_of_the_survivors(sites, tiny_base, stage):
     root, layout = sites

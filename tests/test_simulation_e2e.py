@@ -44,9 +44,13 @@ def test_three_site_run_merges_better_than_base_and_exports(tmp_path, tiny_base)
 def test_lora_run_with_size_weights(tmp_path, tiny_base):
     out = tmp_path / "lora"
     # two sites: a secure sum of two reveals each vector to the other site, so this run opts out explicitly
+    # bfloat16 vectors: stored by the sites, uploaded and kept in the pool in half the bytes
     report, _ = simulate_cli(out, "--sites", "2", "--data", "synthetic:arithmetic,records", "--lora",
-                          "--weighting", "size", "--lr", "1e-3", "--aggregation", "plain")
-    assert report["aggregation"] == "plain"
+                          "--weighting", "size", "--lr", "1e-3", "--aggregation", "plain",
+                          "--vector-dtype", "bfloat16", "--keep-pool")
+    assert report["aggregation"] == "plain" and report["config"]["vector-dtype"] == "bfloat16"
+    pool = sorted((out / "pool").glob("*.safetensors"))
+    assert len(pool) == 2 and all(t.dtype == torch.bfloat16 for p in pool for t in load_file(p).values())
     tokens = {s["site"]: s["tokens"] for s in report["sites"]}
     total = sum(tokens.values())
     assert report["weights"] == pytest.approx({k: v / total for k, v in tokens.items()})

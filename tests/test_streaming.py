@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -18,7 +19,7 @@ from client.upload import upload_weighted_vector
 from common.errors import FeddemError
 from common.modeling import build_model, export_merged, model_tensors, tiny_llama_config
 from common.vectors import (
-    INDEX, apply_vector, extract_vector, flat_chunks, load_vector, merged_tensors, open_tensors, parameters_of,
+    INDEX, apply_vector, cast, check_vector, extract_vector, flat_chunks, load_vector, merged_tensors, open_tensors, parameters_of,
     save_sharded, save_vector, specs_of, stored_digest, vector_digest, vector_from_record, write_safetensors,
 )
 
@@ -135,6 +136,43 @@ def test_records_and_plain_uploads_are_read_lazily_and_exactly(tmp_path, base_an
     back = vector_from_record(record)
     assert set(back) == set(vector)
     assert all(torch.equal(back[n], vector[n] * 0.25) for n in vector)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_vectors_on_disk_and_on_the_wire_are_half_the_bytes_and_exact(tmp_path, base_and_vector, dtype):
+    """A 16-bit stored vector is the float32 one rounded once; its plain upload is w * d formed in float32 and
+    rounded once more, sent as 16-bit arrays (bfloat16 as raw bytes), which the server reads back bit for bit."""
+    from flwr.common.serde import array_from_proto, array_to_proto
+
+    _, vector = base_and_vector
+    save_vector(cast(vector, torch.float32), tmp_path / "f32.safetensors")
+    save_vector(cast(vector, dtype), tmp_path / "half.safetensors")
+    assert (tmp_path / "half.safetensors").stat().st_size < 0.51 * (tmp_path / "f32.safetensors").stat().st_size
+    stored = load_vector(tmp_path / "half.safetensors", verify=True)
+    assert all(stored[n].dtype == dtype and torch.equal(stored[n], vector[n].to(dtype)) for n in vector)
+
+    record = upload_weighted_vector(stored, 0.25, dtype)
+    wire = {n: array_from_proto(array_to_proto(a)) for n, a in record.items()}  # through Flower's protobuf
+    assert sum(len(a.data) for a in wire.values()) < 0.51 * 4 * sum(t.numel() for t in vector.values()) + 4096
+    back = vector_from_record(ArrayRecord(wire))
+    check_vector(back, vector, "upload", dtype)
+    assert all(torch.equal(back[n], (stored[n].float() * 0.25).to(dtype)) for n in vector)
+    with pytest.raises(FeddemError, match=f"has dtype {dtype}, expected torch.float32"):
+        check_vector(back, vector, "upload of site-0")
+
+
+def test_malformed_16_bit_uploads_and_values_beyond_float16_are_named(base_and_vector):
+    _, vector = base_and_vector
+    name = next(iter(vector))
+    record = upload_weighted_vector(vector, 1.0, torch.bfloat16)
+    cut = record[name]
+    record[name] = Array(dtype="bfloat16", shape=cut.shape, stype=cut.stype, data=cut.data[:-2])
+    with pytest.raises(FeddemError, match=f"array '{name}': .* bytes do not hold a bfloat16 tensor"):
+        vector_from_record(record)[name]
+    huge = {name: torch.full((3,), 1e5)}
+    with pytest.raises(FeddemError, match=f"'{name}' .*beyond float16's range"):
+        upload_weighted_vector(huge, 1.0, torch.float16)
+    assert upload_weighted_vector(huge, 1.0, torch.bfloat16)[name].dtype == "bfloat16"  # bfloat16 holds it
 
 
 def test_resharding_a_model_folder_keeps_every_tensor(tmp_path, base_and_vector):

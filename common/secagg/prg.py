@@ -1,7 +1,7 @@
 """Key derivation (X25519 + HKDF-SHA256) and mask expansion (seed -> ring elements via AES-128-CTR).
 
 A 32-byte seed is turned into an AES-128 key with HKDF; the mask is the AES-CTR keystream (counter block
-starting at 0, big-endian 128-bit) read as little-endian uint32/uint64 words. Element i of the stream is
+starting at 0, big-endian 128-bit) read as little-endian uint16/uint32/uint64 words. Element i of the stream is
 bytes [i*w, (i+1)*w) of the keystream (w = 4 or 8), so the mask for elements [offset, offset+len) starts at
 counter block offset*w // 16, skipping offset*w % 16 bytes: any slice is computable without the prefix.
 """
@@ -20,7 +20,7 @@ SEED_BYTES = 32
 _PRG_INFO = b"feddem-secagg/v1/prg/aes128-ctr"
 _BLOCK = 1 << 17  # elements per cipher call (512 KiB-1 MiB of keystream)
 _ZEROS = memoryview(bytes(_BLOCK * 8))
-_RING_DTYPES = (np.dtype(np.uint32), np.dtype(np.uint64))
+_RING_DTYPES = (np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64))
 
 
 def hkdf(ikm: bytes, info: bytes, length: int = 32, salt: bytes | None = None) -> bytes:
@@ -41,7 +41,7 @@ def _check(seed: bytes, dtype: np.dtype, offset: int) -> None:
     if not isinstance(seed, (bytes, bytearray)) or len(seed) != SEED_BYTES:
         raise SecAggError(f"a mask seed must be {SEED_BYTES} bytes")
     if dtype not in _RING_DTYPES:
-        raise SecAggError(f"mask dtype must be uint32 or uint64, got {dtype}")
+        raise SecAggError(f"mask dtype must be uint16, uint32 or uint64, got {dtype}")
     if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
         raise SecAggError(f"mask offset must be a non-negative int, got {offset!r}")
 
@@ -56,7 +56,7 @@ def _encryptor(seed: bytes, offset: int, itemsize: int):
 
 
 def apply_mask(acc: np.ndarray, seed: bytes, offset: int = 0, sign: int = 1) -> None:
-    """In place: acc += sign * PRG(seed)[offset : offset + len(acc)]  (mod 2^k; acc is uint32/uint64, 1-D)."""
+    """In place: acc += sign * PRG(seed)[offset : offset + len(acc)]  (mod 2^k; acc is uint16/uint32/uint64, 1-D)."""
     _check(seed, acc.dtype, offset)
     if acc.ndim != 1:
         raise SecAggError(f"apply_mask expects a 1-D array, got shape {acc.shape}")

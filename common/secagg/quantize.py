@@ -1,4 +1,4 @@
-"""Fixed-point encoding of float vectors into the ring Z_{2^k} (k = 32 or 64) with stochastic rounding.
+"""Fixed-point encoding of float vectors into the ring Z_{2^k} (k = 16, 32 or 64) with stochastic rounding.
 
 A value x is clipped to [-c, c] and encoded as q = SR((x + c) * scale), an integer in [0, M], where
 M = floor((2^k - 1) / n) for n = ``num_clients`` (for k = 64, M is further rounded down to 53 significant
@@ -26,6 +26,7 @@ import numpy as np
 from .errors import SecAggError
 
 _BLOCK = 1 << 16  # elements per block; keeps the float64 work buffers in cache
+RING_BITS = (16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,8 @@ class RingConfig:
     num_clients: int = 2
 
     def __post_init__(self) -> None:
-        if self.bits not in (32, 64):
-            raise SecAggError(f"ring bits must be 32 or 64, got {self.bits!r}")
+        if self.bits not in RING_BITS:
+            raise SecAggError(f"ring bits must be 16, 32 or 64, got {self.bits!r}")
         if isinstance(self.num_clients, bool) or not isinstance(self.num_clients, (int, np.integer)):
             raise SecAggError(f"num_clients must be an int, got {self.num_clients!r}")
         if self.num_clients < 1:
@@ -56,8 +57,8 @@ class RingConfig:
 
     @property
     def dtype(self) -> np.dtype:
-        """numpy dtype of ring elements (uint32 or uint64; arithmetic wraps mod 2^bits)."""
-        return np.dtype(np.uint32 if self.bits == 32 else np.uint64)
+        """numpy dtype of ring elements (uint16, uint32 or uint64; arithmetic wraps mod 2^bits)."""
+        return np.dtype({16: np.uint16, 32: np.uint32, 64: np.uint64}[self.bits])
 
     @property
     def modulus(self) -> int:
@@ -150,7 +151,9 @@ def error_bound(
 
 
 def choose_bits(num_clients: int, clip: float, target_precision: float) -> int:
-    """32 if its quantization error of the sum (num_clients / scale) is <= target_precision, else 64.
+    """The smallest ring (16, 32 or 64 bits) whose quantization error of the sum (num_clients / scale) is
+    <= target_precision. (A 16-bit ring halves the upload against float32; its error is clip * 2^-15 at best,
+    so only a coarse target, e.g. what bf16 or fp16 uploads would round to, admits it.)
 
     ``target_precision`` is the largest acceptable error per element of the aggregated sum caused by the
     fixed-point encoding (the float32 rounding of the result, clip * num_clients * 2^-23, comes on top).
@@ -159,7 +162,9 @@ def choose_bits(num_clients: int, clip: float, target_precision: float) -> int:
     if not (isinstance(target_precision, (int, float)) and target_precision > 0):
         raise SecAggError(f"target_precision must be a positive number, got {target_precision!r}")
     errors = {}
-    for bits in (32, 64):
+    for bits in RING_BITS:
+        if num_clients >= (1 << bits) // 2:
+            continue
         cfg = RingConfig(bits, clip, num_clients)
         errors[bits] = num_clients / cfg.scale
         if errors[bits] <= target_precision:
