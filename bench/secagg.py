@@ -142,7 +142,8 @@ def feddem_client_app(seed: int, length: int):
     return app
 
 
-def feddem_server_app(method: str, seed: int, sites: int, length: int, rounds: int, out: list):
+def feddem_server_app(method: str, seed: int, sites: int, length: int, rounds: int, out: list,
+                      vector_dtype: str = "float32"):
     from flwr.app import ConfigRecord, RecordDict
     from flwr.serverapp import ServerApp
 
@@ -157,7 +158,7 @@ def feddem_server_app(method: str, seed: int, sites: int, length: int, rounds: i
     def main(grid, context):
         grid = CountingGrid(grid)
         cfg = RunConfig(sites=sites, aggregation="secure" if method == "feddem" else "plain", clip=CLIP,
-                        timeout=600.0, min_peers=2)
+                        timeout=600.0, min_peers=2, vector_dtype=vector_dtype)
         nodes = _wait_for_nodes(grid, sites, cfg.timeout)
         base = ConfigRecord({"model-ref": "bench", "model-checksum": ""})
         shapes = {name: torch.Size(s) for name, s in layout(length).items()}
@@ -247,7 +248,7 @@ def flower_apps(seed: int, sites: int, length: int, rounds: int, threshold: int,
 # ---------------------------------------------------------------------------------------------------- driver
 
 
-def run_one(method: str, seed: int, sites: int, length: int, rounds: int) -> dict:
+def run_one(method: str, seed: int, sites: int, length: int, rounds: int, vector_dtype: str = "float32") -> dict:
     from flwr.simulation import run_simulation
 
     from common.config import RunConfig
@@ -259,7 +260,7 @@ def run_one(method: str, seed: int, sites: int, length: int, rounds: int) -> dic
         threshold = RunConfig(sites=sites).threshold_for(sites)
         server_app, client_app = flower_apps(seed, sites, length, rounds, threshold, out)
     else:
-        server_app = feddem_server_app(method, seed, sites, length, rounds, out)
+        server_app = feddem_server_app(method, seed, sites, length, rounds, out, vector_dtype)
         client_app = feddem_client_app(seed, length)
     cpus = os.cpu_count() or 1
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=sites,
@@ -316,6 +317,9 @@ def main(argv=None) -> int:
                         choices=["plain", "feddem", "flower"])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per run; the first is warm-up (default: 3)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vector-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="feddem's vector-dtype: plain uploads in it, and a 16-bit ring where it allows "
+                             "(default float32; Flower's SecAgg+ is unchanged)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.rounds < 1 or min(args.sites) < 3:
@@ -330,7 +334,7 @@ def main(argv=None) -> int:
             for method in args.methods:
                 t0 = time.perf_counter()
                 print(f"{method}: {sites} sites, {int(params):,} parameters, {args.rounds} rounds ...", flush=True)
-                results.append(run_one(method, args.seed, sites, int(params), args.rounds))
+                results.append(run_one(method, args.seed, sites, int(params), args.rounds, args.vector_dtype))
                 print(f"  {results[-1]['seconds_per_round']:.3f} s/round ({time.perf_counter() - t0:.1f} s in all)",
                       flush=True)
     rows = ratios(results)
