@@ -98,6 +98,7 @@ def deployed(cfg_text: str, cfg, root: Path, env: dict) -> tuple[float, dict]:
         result = subprocess.run([str(BIN / "flwr"), "run", ".", "bench", "--stream", "--run-config", run_config],
                                 cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=cfg.timeout + 600)
         wall = time.perf_counter() - started
+        (root / "serverapp.log").write_text(result.stdout + result.stderr)  # the ServerApp's log, streamed
         if result.returncode != 0 or not (out / "report.json").exists():
             raise RuntimeError(f"the deployed run failed:\n{(result.stdout + result.stderr)[-4000:]}")
         if not re.search(r"Successfully started run", result.stdout + result.stderr):

@@ -10,6 +10,7 @@ need only the stored vector.
 """
 
 import logging
+import time
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -23,7 +24,7 @@ from common.errors import FeddemError
 from common.vectors import vector_from_record
 from common.weighting import EMBEDDING, strategy
 
-logging.basicConfig(level=logging.INFO, format="%(message)s")
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 log = logging.getLogger("feddem.site")
 
 app = ClientApp()
@@ -37,6 +38,7 @@ def _split(result: dict) -> RecordDict:
 
 
 def _handle(msg: Message, context: Context, work) -> Message:
+    started = time.perf_counter()
     try:
         site = SiteContext.from_node_config(dict(context.node_config))
         cfg = RunConfig.from_record(dict(msg.content.config_records[M.CONFIG]))
@@ -45,6 +47,7 @@ def _handle(msg: Message, context: Context, work) -> Message:
     except FeddemError as exc:
         log.error("site refused or failed: %s", exc)
         content = RecordDict({M.FAILURE: ConfigRecord({"reason": str(exc)})})
+    log.info("%s handled in %.2f s", msg.metadata.message_type, time.perf_counter() - started)
     return Message(content, reply_to=msg)
 
 

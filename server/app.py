@@ -11,7 +11,7 @@ from common.errors import FeddemError
 from server.admin.recorder import recorded
 from server.workflow import run_dem
 
-logging.basicConfig(level=logging.INFO, format="%(message)s")
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 # The root logger at INFO would also show httpx's line for every request; under `flwr run` the ServerApp process
 # pushes its logs to the SuperLink over HTTP, so each push would log (and push) one more line.
 for _noisy in ("httpx", "httpcore"):

@@ -92,6 +92,7 @@ class Stage:
 
         pending = push_each(self.grid, self.cfg, self.base, message_type, per_node, not_sent)
         log.info("%s: %d site(s)", name, len(pending))
+        started, asked = time.perf_counter(), len(pending)
         succeeded = 0
         for node, reply in pull_one_at_a_time(self.grid, pending, self.cfg.timeout):
             reason = failure_reason(reply)
@@ -107,6 +108,7 @@ class Stage:
         for node in pending.values():
             self.failures[f"node-{node}"] = f"{name}: no reply within {self.cfg.timeout:.0f} s"
             log.warning("node-%d failed: %s", node, self.failures[f"node-{node}"])
+        log.info("%s: %d of %d site(s) replied in %.1f s", name, succeeded, asked, time.perf_counter() - started)
         if not succeeded:
             raise FeddemError(f"{name}: no site succeeded ({'; '.join(self.failures.values())})")
 
