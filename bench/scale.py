@@ -248,6 +248,16 @@ def role_server(args) -> dict:
     peak_aggregation = _status("VmHWM")
     base = open_tensors(ref)
     merged_bytes = 0
+    # The merge's inputs warm, as the copy baseline's are ("pages touched before timing"): the base's files were last
+    # read by the sites, a minute or more ago, and idle memory is slow to touch again on a VM (here, DAMON pages out
+    # what sat idle 60 s and a first read of idle page cache runs at about half speed), which would time the machine's
+    # memory reclaim rather than the merge. The aggregate was just written; the merge's own buffer stays in the timing.
+    block = bytearray(16 << 20)
+    for file in sorted(Path(ref).glob("*.safetensors")):
+        with open(file, "rb") as fh:
+            while fh.readinto(block):
+                pass
+    del block
     t2 = time.perf_counter()
     for _, t in merged_tensors(base, aggregate):  # the merge alone: base from its files + the sum, in memory
         merged_bytes += t.numel() * 4 if t.dtype == torch.float32 else 0

@@ -156,6 +156,29 @@ def _merged(p: torch.Tensor, delta: torch.Tensor, scale: float, out: torch.Tenso
     return torch.add(p.float(), delta.to(p.device, torch.float32), alpha=scale, out=out).to(p.dtype)
 
 
+_MERGE_BLOCK = 1 << 18  # elements per block where the merge converts dtypes (a multiple of any SIMD width)
+
+
+def _merge_into(p: torch.Tensor, delta: torch.Tensor, scale: float, out: torch.Tensor, scratch: torch.Tensor
+                ) -> None:
+    """`_merged(p, delta, scale)` written into `out` (p's dtype and shape), bit for bit the same: one float32
+    addition where p and delta are float32, else block by block through `scratch` (2 * `_MERGE_BLOCK` float32), the
+    same float32 additions on the same values, without a float32 copy of the whole tensor."""
+    p, d, o = p.reshape(-1), delta.to(p.device).reshape(-1), out.view(-1)
+    if p.dtype == torch.float32 and d.dtype == torch.float32:
+        torch.add(p, d, alpha=scale, out=o)
+        return
+    a_s, b_s = scratch[:_MERGE_BLOCK], scratch[_MERGE_BLOCK:]
+    for i in range(0, p.numel(), _MERGE_BLOCK):
+        j = min(p.numel(), i + _MERGE_BLOCK)
+        a = p[i:j] if p.dtype == torch.float32 else a_s[:j - i].copy_(p[i:j])
+        b = d[i:j] if d.dtype == torch.float32 else b_s[:j - i].copy_(d[i:j])
+        if o.dtype == torch.float32:
+            torch.add(a, b, alpha=scale, out=o[i:j])
+        else:
+            o[i:j].copy_(torch.add(a, b, alpha=scale, out=a_s[:j - i]))
+
+
 @torch.no_grad()
 def apply_vector(model: torch.nn.Module, vector: Vector, scale: float = 1.0) -> None:
     """theta += scale * vector, in place; arithmetic in float32, stored back in each parameter's dtype. A lazy
@@ -178,24 +201,37 @@ def merged_tensors(base: Mapping[str, torch.Tensor], vector: Vector, scale: floa
     """Streaming merge: (name, base + scale * vector) for every tensor of `base`, in its order and dtype, one at a
     time (a tensor the vector lacks is passed through); the same arithmetic as `apply_vector`. A merged tensor is
     valid until the next one is asked for: the sums are formed in one reused buffer (fresh memory for every
-    tensor costs more in page faults than the sum itself), so consume each one (write it, copy it) in turn."""
+    tensor costs more in page faults than the sum itself), so consume each one (write it, copy it) in turn.
+    Tensors stored in files (`open_tensors`, `open_vector`) are read through read-only shared mappings, which read
+    faster than the copy-on-write ones their `[name]` gives; the buffer is sized once, for the largest merged
+    tensor, where the base's specs are known."""
     unknown = [name for name in vector if name not in base]
     if unknown:
         raise FeddemError(f"cannot merge the vector: the base model has no parameter(s) {unknown[:5]}")
     shapes = shapes_of(vector)
-    buffer = torch.empty(0, dtype=torch.float32)
+    read_base = getattr(base, "_read_only", base.__getitem__)
+    read_delta = getattr(vector, "_read_only", vector.__getitem__)
+    base_specs = base.specs if isinstance(base, LazyVector) else specs_of(base) if isinstance(base, dict) else {}
+    need = max((_nbytes(dtype, shape) for name, (dtype, shape) in base_specs.items() if name in shapes), default=0)
+    buffer, scratch = torch.empty(need, dtype=torch.uint8), None
     for name in base:
-        p = base[name]
         if name not in shapes:
-            yield name, p
+            yield name, base[name]
             continue
+        p = read_base(name)
         if tuple(p.shape) != shapes[name]:
             raise FeddemError(f"cannot merge the vector: '{name}' is {shapes[name]}, the base has {tuple(p.shape)}")
-        if buffer.numel() < p.numel():
-            buffer = torch.empty(p.numel(), dtype=torch.float32)
-        out = buffer[:p.numel()].view(p.shape)
-        yield name, _merged(p, vector[name], scale, out)
-        del p
+        nbytes = p.numel() * p.element_size()
+        if buffer.numel() < nbytes:
+            buffer = None  # the old one goes before the new one comes
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        out = buffer[:nbytes].view(p.dtype).view(p.shape)
+        delta = read_delta(name)
+        if scratch is None and not p.dtype == delta.dtype == torch.float32:
+            scratch = torch.empty(2 * _MERGE_BLOCK, dtype=torch.float32)
+        _merge_into(p, delta, scale, out, scratch)
+        del p, delta  # unmapped before the next tensor is mapped
+        yield name, out
 
 
 def vector_norm(vector: Vector) -> float:
@@ -432,7 +468,28 @@ def _open_files(files: dict[Path, list[str] | None]) -> LazyVector:
         t = t.view(dtype) if dtype in _NP_VIEW else t
         return t.reshape(shape)
 
-    return LazyVector(specs, load)
+    lazy = LazyVector(specs, load)
+    lazy._read_only = lambda name: _map_read_only(*where[name], *specs[name])  # for merged_tensors only
+    return lazy
+
+
+def _map_read_only(file: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A stored tensor mapped read-only and shared (the page cache's own pages, no copy-on-write): it reads faster
+    than the copy-on-write map `load` gives, but writing to it would crash, so it is only read inside this module
+    (by `merged_tensors`). The mapping goes away with the tensor."""
+    import mmap
+    import warnings
+
+    count = math.prod(shape)
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(file, "rb") as fh:
+        region = mmap.mmap(fh.fileno(), offset - start + _nbytes(dtype, shape), access=mmap.ACCESS_READ,
+                           offset=start)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable": it is only read
+        return torch.frombuffer(region, dtype=dtype, count=count, offset=offset - start).view(shape)
 
 
 INDEX = "model.safetensors.index.json"
