@@ -20,7 +20,8 @@ that starts Python, torch and Flower holds a few hundred MB before any vector, w
 Ratios: `server_peak_over_vector` = server peak RSS / vector bytes (float32, 4 B per parameter, whatever
 `--vector-dtype`, so that runs compare);
 `site_peak_over_model_plus_vector` = the largest site-process peak (train or masked upload) / (model + vector
-bytes); `merge_gbps` / `copy_gbps`. A sampled check compares a few tensors of the exported model with
+bytes); `merge_gbps` / `copy_gbps`; `add_gbps`, an in-memory numpy float32 add of the same output bytes (the
+merge's arithmetic with its inputs already in memory: what the merge could reach at best), and `merge_over_add`. A sampled check compares a few tensors of the exported model with
 base + sum_i w_i d_i. Writes `scale.json` to `--out`.
 
     python bench/scale.py --out /tmp/scale                   # 1B parameters, 4 sites (needs ~2 x 4 GB free RAM)
@@ -277,19 +278,28 @@ def role_server(args) -> dict:
 
 
 def role_copy(args) -> dict:
-    """A plain numpy copy of `--bytes` bytes in 64 MB blocks (the throughput baseline)."""
+    """A plain numpy copy of `--bytes` bytes in 64 MB blocks (the throughput baseline), and a numpy float32 add
+    of two such blocks into a third, over the same number of output bytes: the merge's own arithmetic with every
+    input already in memory (its ceiling on this machine)."""
     import numpy as np
 
     block = 64 << 20
     src = np.ones(block // 4, dtype=np.float32)
+    other = np.full_like(src, 0.5)
     dst = np.empty_like(src)
     np.copyto(dst, src)  # pages touched before timing
-    total = 0
-    start = time.perf_counter()
-    while total < args.bytes:
-        np.copyto(dst, src)
-        total += block
-    return {"bytes": total, "seconds": time.perf_counter() - start}
+    np.add(src, other, out=dst)
+
+    def timed(step) -> float:
+        total, start = 0, time.perf_counter()
+        while total < args.bytes:
+            step()
+            total += block
+        return time.perf_counter() - start
+
+    copy_s = timed(lambda: np.copyto(dst, src))
+    add_s = timed(lambda: np.add(src, other, out=dst))
+    return {"bytes": -(-args.bytes // block) * block, "seconds": copy_s, "add_seconds": add_s}
 
 
 ROLES = {"base": role_base, "site": role_site, "masked": role_masked, "server": role_server, "copy": role_copy}
@@ -376,6 +386,7 @@ def main(argv=None) -> int:
     site_peak = max([s["peak_rss"] for s in sites] + [m["peak_rss"] for m in masked])
     merge_gbps = server["merged_bytes"] / server["merge_s"] / 1e9
     copy_gbps = copy["bytes"] / copy["seconds"] / 1e9
+    add_gbps = copy["bytes"] / copy["add_seconds"] / 1e9
     report = {
         "parameters": params, "sites": args.sites, "vector_bytes": vector_bytes, "model_bytes": vector_bytes,
         "vector_dtype": args.vector_dtype, "ring_bits": server["ring_bits"],
@@ -388,6 +399,7 @@ def main(argv=None) -> int:
         "site_masked_peak_over_vector": round(max(m["peak_rss"] for m in masked) / vector_bytes, 3),
         "merge_gbps": round(merge_gbps, 3), "copy_gbps": round(copy_gbps, 3),
         "merge_over_copy": round(merge_gbps / copy_gbps, 3),
+        "add_gbps": round(add_gbps, 3), "merge_over_add": round(merge_gbps / add_gbps, 3),
         "stages_s": stages | {
             "server: secure sum": round(server["secure_sum_s"], 2),
             "server: of which masked uploads (site processes)": round(sum(m["seconds"] for m in masked), 2),
@@ -398,6 +410,7 @@ def main(argv=None) -> int:
     (out / "scale.json").write_text(json.dumps(report, indent=2))
     for key in ("server_peak_over_vector", "server_peak_above_start_over_vector", "server_start_rss_over_vector",
                 "site_peak_over_model_plus_vector", "site_masked_peak_over_vector", "merge_gbps", "copy_gbps",
+                "add_gbps", "merge_over_add",
                 "merge_over_copy", "max_abs_error_sampled", "error_bound"):
         print(f"{key:40s} {report[key]}")
     for name, seconds in report["stages_s"].items():
