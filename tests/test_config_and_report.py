@@ -37,6 +37,7 @@ def test_record_round_trip_and_coercion():
     ({"lr": -1.0}, "lr must be positive"),
     ({"weighting": "magic"}, "unknown weighting 'magic'"),
     ({"device": "tpu"}, "unknown device 'tpu'"),
+    ({"vector-dtype": "int8"}, "unknown vector-dtype 'int8': choose one of float32, bfloat16, float16"),
 ])
 def test_malformed_config_is_named(record, message):
     with pytest.raises(FeddemError, match=message):
