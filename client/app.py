@@ -4,9 +4,9 @@ A site's clean refusal or failure (bad data, wrong checksum, a privacy-guard ref
 record with the reason, so the server can report it and go on with the other sites. The four `query.sa_*` handlers
 are the site's side of secure aggregation (`client.secure_upload`); `train.upload` is the plain path.
 
-`client.site` (transformers, datasets) is imported by the handlers that train or evaluate, not at module load: in
-a deployment every message starts a fresh `flwr-clientapp` process, and the upload and secure-aggregation stages
-need only the stored vector.
+`client.site` (transformers, datasets) and torch are imported by the handlers that need them, not at module load:
+in a deployment every message starts a fresh `flwr-clientapp` process, and the four secure-aggregation stages read
+the stored vector with numpy alone (`common.stored_tensors`).
 """
 
 import logging
@@ -17,11 +17,9 @@ from flwr.clientapp import ClientApp
 
 from client import secure_upload
 from client.site_context import SiteContext, stored_vector
-from client.upload import upload_weighted_vector
 from common import messages as M
 from common.config import RunConfig
 from common.errors import FeddemError
-from common.vectors import vector_from_record
 from common.weighting import EMBEDDING, strategy
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -52,6 +50,8 @@ def _handle(msg: Message, context: Context, work) -> Message:
 
 
 def _optional_vector(content: RecordDict, name: str):
+    from common.vectors import vector_from_record
+
     return vector_from_record(content.array_records[name]) if name in content.array_records else None
 
 
@@ -78,6 +78,8 @@ def train(msg: Message, context: Context) -> Message:
 def upload(msg: Message, context: Context) -> Message:
     def work(msg, site, cfg, ref, checksum):
         weight = float(msg.content.config_records[M.WEIGHT]["weight"])
+        from client.upload import upload_weighted_vector
+
         return RecordDict({M.VECTOR: upload_weighted_vector(stored_vector(site, context.run_id), weight,
                                                                  cfg.torch_vector_dtype)})
 
@@ -88,6 +90,8 @@ def upload(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     def work(msg, site, cfg, ref, checksum):
         from client.site import evaluate_merged
+
+        from common.vectors import vector_from_record
 
         aggregate = vector_from_record(msg.content.array_records[M.AGGREGATE])
         split = str(msg.content.config_records[M.EVAL]["split"]) if M.EVAL in msg.content.config_records else "test"

@@ -14,23 +14,22 @@ node. The weight and the policy are fixed at `sa_keys`; later messages of the ro
 """
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from safetensors import safe_open
 
 from client.guard import (
     GuardPolicy, check_not_aggregated, check_other_weights, check_peers, check_weight, mark_aggregated, vector_digest,
 )
-from client.site_context import SiteContext, stored_vector
+from client.site_context import SiteContext, vector_file
 from common import messages as M
 from common.config import RunConfig
 from common.errors import FeddemError
 from common.secagg import SecAggClient, SecAggError, SecAggParams
 from common.secagg.params import round_binding
 from common.secagg.quantize import _fresh_rng
-from common.vectors import Vector, flat_chunks
+from common.stored_tensors import flat_chunks, float32_arrays, read_header
 
 log = logging.getLogger("feddem.site")
 
@@ -40,11 +39,10 @@ CHUNK = 1 << 20  # ring elements per Array of the masked upload (4 MiB for uint3
 
 def vector_layout(site: SiteContext, run_id: int) -> list[str]:
     """Sorted parameter names of the site's stored vector (read from the file header, not the data)."""
-    with safe_open(str(site.vector_path(run_id)), framework="pt") as fh:
-        return sorted(fh.keys())
+    return sorted(read_header(vector_file(site, run_id))[0])
 
 
-def weighted_chunks(vector: Vector, names: list[str], weight: float, clip: float, noise_std: float = 0.0,
+def weighted_chunks(vector: Mapping, names: list[str], weight: float, clip: float, noise_std: float = 0.0,
                     size: int | None = None) -> Iterator[tuple[int, np.ndarray, int]]:
     """`weight * vector` flattened in the order of `names`, plus Gaussian noise of `noise_std` when asked, clipped
     to [-clip, clip], as consecutive float32 chunks of `size` elements: (offset, chunk, elements clipped in it).
@@ -162,7 +160,7 @@ def sa_masked(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int,
     received = _pairs(list(sa["from"]), [bytes(c) for c in sa["ct"]])
     check_peers(rnd.policy, site, len(set(received) - {rnd.client.id}), "masked")
     check_not_aggregated(site, run_id, rnd.digest, rnd.policy.budget)
-    vector = stored_vector(site, run_id)  # lazy: read one tensor at a time
+    vector = float32_arrays(vector_file(site, run_id))  # lazy: read one tensor at a time
     if vector_digest(site, run_id) != rnd.digest:
         raise FeddemError(f"{site.name}: the stored vector changed during the secure-aggregation round")
     names = sorted(vector)

@@ -10,7 +10,6 @@ from pathlib import Path
 from common.config import RunConfig
 from common.errors import FeddemError
 from common.paths import feddem_home
-from common.vectors import Vector, load_vector
 
 
 @dataclass
@@ -63,5 +62,8 @@ def vector_file(site: SiteContext, run_id: int) -> Path:
     return path
 
 
-def stored_vector(site: SiteContext, run_id: int) -> Vector:
+def stored_vector(site: SiteContext, run_id: int):
+    """The site's stored vector of this run as a lazy torch vector (`common.vectors.load_vector`)."""
+    from common.vectors import load_vector  # torch: not for the secure stages, which read it with numpy
+
     return load_vector(vector_file(site, run_id))

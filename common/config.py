@@ -16,6 +16,9 @@ def _opt(default, help_text: str, **extra):
     return field(default=default, metadata={"help": help_text, **extra})
 
 
+VECTOR_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes: `RunConfig.torch_vector_dtype`
+
+
 @dataclass
 class RunConfig:
     sites: int = _opt(4, "number of sites (one shard/domain each); the run waits for this many nodes")
@@ -125,7 +128,8 @@ class RunConfig:
         if self.device not in DEVICES:
             raise FeddemError(f"unknown device '{self.device}': choose one of {', '.join(DEVICES)}")
         self.max_shard_bytes  # a size transformers understands
-        self.torch_vector_dtype  # one of VECTOR_DTYPES
+        if self.vector_dtype not in VECTOR_DTYPES:
+            raise FeddemError(f"unknown vector-dtype '{self.vector_dtype}': choose one of {', '.join(VECTOR_DTYPES)}")
         self._validate_aggregation()
         self._validate_weighting()
 
@@ -202,11 +206,9 @@ class RunConfig:
     @property
     def torch_vector_dtype(self):
         """`vector-dtype` as a torch dtype."""
-        from common.vectors import VECTOR_DTYPES
+        import torch
 
-        if self.vector_dtype not in VECTOR_DTYPES:
-            raise FeddemError(f"unknown vector-dtype '{self.vector_dtype}': choose one of {', '.join(VECTOR_DTYPES)}")
-        return VECTOR_DTYPES[self.vector_dtype]
+        return getattr(torch, self.vector_dtype)
 
     @property
     def max_shard_bytes(self) -> int:

@@ -1,13 +1,14 @@
 """Choosing the torch device a site trains on: auto (CUDA when present), cpu or cuda."""
 
-import torch
-
 from common.errors import FeddemError
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str):
+    """The torch device for `name` (torch is imported here, not with the module: config checks need only DEVICES)."""
+    import torch
+
     if name not in DEVICES:
         raise FeddemError(f"unknown device '{name}': choose one of {', '.join(DEVICES)}")
     if name == "auto":

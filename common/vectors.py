@@ -1,17 +1,17 @@
 """Distribution vectors `d = theta_site - theta_base`: extract (full or LoRA), check, combine, apply, store.
 
-A vector is a mapping from parameter name to a CPU tensor: float32, or a 16-bit float (`VECTOR_DTYPES`) where a
-run stores and sends its vectors in half the bytes (`cast`); arithmetic on vectors is always done in float32. A full vector covers every trainable parameter;
-a LoRA vector covers only the adapted weight matrices, each the dense low-rank update `scale * B @ A` that peft
-would merge, so vectors of different sites add up exactly like full ones.
+A vector is a mapping from parameter name to a CPU tensor: float32, or a 16-bit float (`vector-dtype`) where a
+run stores and sends its vectors in half the bytes (`cast`); arithmetic on vectors is always done in float32. A
+full vector covers every trainable parameter; a LoRA vector covers only the adapted weight matrices, each the dense
+low-rank update `scale * B @ A` that peft would merge, so vectors of different sites add up exactly like full ones.
 
 Streaming (billion-parameter vectors): a vector need not be in memory. A `LazyVector` produces one tensor at a
 time on access (from a safetensors file: `open_vector`, `open_tensors`; or from anything else, e.g. the secure
 sum's accumulator); `write_safetensors` writes tensors as they come (the header is planned from their names,
 dtypes and shapes) and `save_sharded` splits them into HF-style shards with a `model.safetensors.index.json`;
 `merged_tensors` yields `base + scale * vector` tensor by tensor with the same arithmetic as `apply_vector`;
-`flat_chunks` reads a vector as consecutive flat float32 chunks in a given name order. A stream holds at most one
-tensor (plus one chunk) of the vector at a time.
+`common.stored_tensors.flat_chunks` reads a vector as consecutive flat float32 chunks in a given name order. A
+stream holds at most one tensor (plus one chunk) of the vector at a time.
 """
 
 import ctypes
@@ -30,9 +30,9 @@ from typing import Callable
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from safetensors import safe_open
 
 from common.errors import FeddemError
+from common.stored_tensors import DIGEST_KEY, header_digest, read_header
 
 Vector = Mapping[str, torch.Tensor]  # a dict, or a LazyVector that loads each tensor on access
 
@@ -91,12 +91,10 @@ def extract_lora_vector(peft_model: torch.nn.Module, adapter: str = "default") -
     return vector
 
 
-VECTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def cast(vector: Vector, dtype: torch.dtype) -> Vector:
-    """The vector in `dtype` (one of `VECTOR_DTYPES`), lazily, one tensor at a time; the vector itself when it is
-    already in it. A value that `dtype` cannot hold (float16 past 65504) is an error naming its parameter."""
+    """The vector in `dtype` (float32, or a 16-bit float: `common.config.VECTOR_DTYPES`), lazily, one tensor at a
+    time; the vector itself when it is already in it. A value that `dtype` cannot hold (float16 past 65504) is an
+    error naming its parameter."""
     specs = specs_of(vector)
     if all(d == dtype for d, _ in specs.values()):
         return vector
@@ -434,11 +432,8 @@ def open_vector(path: str | Path) -> LazyVector:
 
 def _header(file: Path) -> tuple[dict, int]:
     """A safetensors file's header (without metadata) and where its data starts."""
-    with open(file, "rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-    header.pop("__metadata__", None)
-    return header, 8 + size
+    header, start, _ = read_header(file)
+    return header, start
 
 
 _NP_VIEW = {torch.bfloat16: np.uint16}  # dtypes numpy lacks: mapped as same-size integers, viewed back in torch
@@ -541,32 +536,6 @@ def save_sharded(folder: str | Path, specs: dict[str, tuple[torch.dtype, tuple[i
     return files
 
 
-def flat_chunks(vector: Vector, names: list[str], size: int) -> Iterator[tuple[int, np.ndarray]]:
-    """The vector flattened in the order of `names` as consecutive float32 chunks of `size` elements (the last
-    one shorter): (offset, chunk). Reads one tensor at a time; a chunk may span tensors."""
-    buffer = np.empty(size, dtype=np.float32)
-    filled = offset = 0
-    for name in names:
-        flat = vector[name].detach().to(torch.float32).reshape(-1).numpy()
-        start = 0
-        while start < flat.size:
-            take = min(size - filled, flat.size - start)
-            buffer[filled:filled + take] = flat[start:start + take]
-            filled += take
-            start += take
-            if filled == size:
-                yield offset, buffer.copy()
-                offset += size
-                filled = 0
-        del flat
-        release_memory()
-    if filled:
-        yield offset, buffer[:filled].copy()
-
-
-DIGEST_KEY = "feddem-sha256"  # safetensors header metadata: the content digest written by `save_vector`
-
-
 def vector_digest(vector: Vector) -> str:
     """SHA-256 of a vector's content (names, dtypes, shapes and bytes, in sorted-name order)."""
     digest = hashlib.sha256()
@@ -589,18 +558,13 @@ def load_vector(path: str | Path, verify: bool = False) -> LazyVector:
     is checked against the digest in its header first (streamed)."""
     vector = open_vector(path)
     if verify:
-        recorded = _header_digest(path)
+        recorded = header_digest(path)
         if recorded is not None and vector_digest(vector) != recorded:
             raise FeddemError(f"vector file '{path}' is corrupt: its content does not match the digest in its header")
     return vector
 
 
-def _header_digest(path: str | Path) -> str | None:
-    with safe_open(str(path), framework="pt") as fh:
-        return (fh.metadata() or {}).get(DIGEST_KEY)
-
-
 def stored_digest(path: str | Path) -> str:
     """The content digest of a stored vector: from its header when `save_vector` wrote it (no data read), else
     computed from the data."""
-    return _header_digest(path) or vector_digest(load_vector(path))
+    return header_digest(path) or vector_digest(load_vector(path))

@@ -18,8 +18,9 @@ from client.secure_upload import weighted_chunks
 from client.upload import upload_weighted_vector
 from common.errors import FeddemError
 from common.modeling import build_model, export_merged, model_tensors, tiny_llama_config
+from common.stored_tensors import flat_chunks, float32_arrays
 from common.vectors import (
-    INDEX, apply_vector, cast, check_vector, extract_vector, flat_chunks, load_vector, merged_tensors, open_tensors, parameters_of,
+    INDEX, apply_vector, cast, check_vector, extract_vector, load_vector, merged_tensors, open_tensors, parameters_of,
     save_sharded, save_vector, specs_of, stored_digest, vector_digest, vector_from_record, write_safetensors,
 )
 
@@ -173,6 +174,35 @@ def test_malformed_16_bit_uploads_and_values_beyond_float16_are_named(base_and_v
     with pytest.raises(FeddemError, match=f"'{name}' .*beyond float16's range"):
         upload_weighted_vector(huge, 1.0, torch.float16)
     assert upload_weighted_vector(huge, 1.0, torch.bfloat16)[name].dtype == "bfloat16"  # bfloat16 holds it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_secure_stages_read_stored_vectors_with_numpy_exactly_as_torch_does(tmp_path, base_and_vector, dtype):
+    """`common.stored_tensors` (numpy only) gives the float32 values torch gives, for every stored dtype."""
+    _, vector = base_and_vector
+    path = tmp_path / "v.safetensors"
+    save_vector(cast(vector, dtype), path)
+    arrays, stored = float32_arrays(path), load_vector(path)
+    assert sorted(arrays) == sorted(vector)
+    assert all(np.array_equal(arrays[n], stored[n].float().reshape(-1).numpy()) for n in vector)
+    with pytest.raises(FeddemError, match="not a readable safetensors file"):
+        (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
+        float32_arrays(tmp_path / "bad.safetensors")
+
+
+def test_the_client_app_and_its_secure_stages_load_without_torch():
+    """In a deployment each message starts a fresh process: the secure stages must not pay for torch."""
+    code = textwrap.dedent("""
+        import sys
+        import client.app, client.secure_upload
+        from common.config import RunConfig
+        RunConfig.from_record({"vector-dtype": "bfloat16"})
+        heavy = sorted(m for m in ("torch", "datasets", "peft", "transformers.modeling_utils") if m in sys.modules)
+        print(heavy)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_resharding_a_model_folder_keeps_every_tensor(tmp_path, base_and_vector):

@@ -1,0 +1,108 @@
+"""Reading safetensors files with numpy alone (no torch): headers, tensors as float32 arrays, flat chunks.
+
+The secure-aggregation stages of a site only stream its stored vector into the ring; in a deployment each message
+starts a fresh `flwr-clientapp` process, so these stages import this module rather than `common.vectors` (which
+needs torch, about 1.5 s more per message and site). `common.vectors` reads headers and flattens vectors through
+the same functions.
+"""
+
+import json
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import FeddemError
+
+DIGEST_KEY = "feddem-sha256"  # safetensors header metadata: the content digest written by `save_vector`
+
+# safetensors dtype code -> the numpy dtype its bytes are read as (bfloat16 as its 16-bit pattern)
+_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+          "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_FLOATS = ("F64", "F32", "F16", "BF16")
+
+
+def read_header(path: str | Path) -> tuple[dict, int, dict]:
+    """A safetensors file's tensor entries, where its data starts, and its `__metadata__`; a clear error when the
+    file is not safetensors."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size <= path.stat().st_size - 8:
+                raise ValueError(f"header size {size}")
+            header = json.loads(fh.read(size))
+    except FileNotFoundError:
+        raise FeddemError(f"'{path}' does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise FeddemError(f"'{path}' is not a readable safetensors file ({exc})") from None
+    metadata = header.pop("__metadata__", None) or {}
+    return header, 8 + size, metadata
+
+
+def header_digest(path: str | Path) -> str | None:
+    """The content digest `save_vector` wrote into a stored vector's header (None when it has none)."""
+    return read_header(path)[2].get(DIGEST_KEY)
+
+
+def float32_arrays(path: str | Path) -> Mapping[str, np.ndarray]:
+    """The float tensors of a safetensors file as flat float32 numpy arrays, one at a time on access (read-only
+    mappings of the file for float32; a converted copy of one tensor for float16 and bfloat16)."""
+    header, start, _ = read_header(path)
+    for name, entry in header.items():
+        if entry.get("dtype") not in _FLOATS:
+            raise FeddemError(f"'{Path(path).name}': tensor '{name}' has dtype {entry.get('dtype')}, not a float")
+    return _Float32Arrays(Path(path), header, start)
+
+
+class _Float32Arrays(Mapping):
+    def __init__(self, path: Path, header: dict, start: int):
+        self.path, self.header, self.start = path, header, start
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        entry = self.header[name]
+        count = math.prod(entry["shape"])
+        if count == 0:
+            return np.empty(0, dtype=np.float32)
+        raw = np.memmap(self.path, dtype=_NUMPY[entry["dtype"]], mode="r", offset=self.start + entry["data_offsets"][0],
+                        shape=(count,))
+        if entry["dtype"] == "BF16":  # the upper half of a float32's bits
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw if raw.dtype == np.float32 else raw.astype(np.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.header)
+
+    def __len__(self) -> int:
+        return len(self.header)
+
+
+def _flat_float32(tensor) -> np.ndarray:
+    """A numpy array, or a torch tensor (duck-typed: torch is not imported here), as a flat float32 array."""
+    if hasattr(tensor, "detach"):
+        tensor = tensor.detach().float().cpu().numpy()
+    return np.asarray(tensor, dtype=np.float32).reshape(-1)
+
+
+def flat_chunks(vector: Mapping, names: list[str], size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """The vector (numpy arrays or torch tensors by name) flattened in the order of `names` as consecutive float32
+    chunks of `size` elements (the last one shorter): (offset, chunk). Reads one tensor at a time; a chunk may
+    span tensors."""
+    buffer = np.empty(size, dtype=np.float32)
+    filled = offset = 0
+    for name in names:
+        flat = _flat_float32(vector[name])
+        start = 0
+        while start < flat.size:
+            take = min(size - filled, flat.size - start)
+            buffer[filled:filled + take] = flat[start:start + take]
+            filled += take
+            start += take
+            if filled == size:
+                yield offset, buffer.copy()
+                offset += size
+                filled = 0
+        del flat
+    if filled:
+        yield offset, buffer[:filled].copy()
