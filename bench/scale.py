@@ -227,7 +227,8 @@ def role_server(args) -> dict:
 
     from common.config import RunConfig
     from common.modeling import export_merged
-    from common.vectors import merged_tensors, open_tensors, open_vector, release_memory, shapes_of
+    from common.memory import release_memory
+    from common.vectors import merged_tensors, open_tensors, open_vector, shapes_of
     from server.secure_aggregation import secure_sum
     from tests.fakegrid import RUN_ID, task_identity
 
@@ -318,8 +319,6 @@ def _run_role(args, role: str, **extra) -> dict:
 
 def _check(args, report: dict) -> float:
     """Largest |exported - (base + sum_i w_i d_i)| over a few tensors, read from the files."""
-    import torch
-
     from common.vectors import open_tensors, open_vector
     from tests.fakegrid import RUN_ID
 

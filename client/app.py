@@ -90,7 +90,6 @@ def upload(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     def work(msg, site, cfg, ref, checksum):
         from client.site import evaluate_merged
-
         from common.vectors import vector_from_record
 
         aggregate = vector_from_record(msg.content.array_records[M.AGGREGATE])

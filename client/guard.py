@@ -27,7 +27,7 @@ from pathlib import Path
 from client.site_context import SiteContext, vector_file
 from common.config import RunConfig
 from common.errors import FeddemError
-from common.stored_tensors import header_digest
+from common.stored_tensors import stored_digest
 
 log = logging.getLogger("feddem.site")
 
@@ -75,13 +75,7 @@ def record_path(site: SiteContext, run_id: int) -> Path:
 
 def vector_digest(site: SiteContext, run_id: int) -> str:
     """The content digest of the stored vector (from its header): what "the same vector" means."""
-    path = vector_file(site, run_id)
-    recorded = header_digest(path)  # save_vector writes it: no data read, and no torch to import
-    if recorded is not None:
-        return recorded
-    from common.vectors import stored_digest  # a vector stored without one: its digest computed from the data
-
-    return stored_digest(path)
+    return stored_digest(vector_file(site, run_id))
 
 
 def read_record(site: SiteContext, run_id: int) -> list[dict]:

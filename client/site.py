@@ -17,7 +17,7 @@ from common.evaluation import evaluate_loss
 from common.modeling import base_tensors, load_model, load_tokenizer, model_checksum
 from common.training import TrainSettings, train_causal_lm
 from client.signals import alignment, domain_embedding
-from client.site_context import SiteContext, vector_file
+from client.site_context import SiteContext
 from common.vectors import (
     LazyVector, Vector, _merged, apply_vector, cast, extract_lora_vector, extract_vector, save_vector,
 )

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import FeddemError
+from common.memory import release_memory
 
 DIGEST_KEY = "feddem-sha256"  # safetensors header metadata: the content digest written by `save_vector`
 
-# safetensors dtype code -> the numpy dtype its bytes are read as (bfloat16 as its 16-bit pattern)
-_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
-          "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-_FLOATS = ("F64", "F32", "F16", "BF16")
+# safetensors float dtype code -> the numpy dtype its bytes are read as (bfloat16 as its 16-bit pattern)
+_FLOATS = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
 def read_header(path: str | Path) -> tuple[dict, int, dict]:
@@ -46,6 +45,17 @@ def header_digest(path: str | Path) -> str | None:
     return read_header(path)[2].get(DIGEST_KEY)
 
 
+def stored_digest(path: str | Path) -> str:
+    """The content digest of a stored vector: from its header when `save_vector` wrote it (no data read, no torch),
+    else computed from the data (`common.vectors.vector_digest`)."""
+    recorded = header_digest(path)
+    if recorded is not None:
+        return recorded
+    from common.vectors import load_vector, vector_digest  # torch: only for a vector stored without its digest
+
+    return vector_digest(load_vector(path))
+
+
 def float32_arrays(path: str | Path) -> Mapping[str, np.ndarray]:
     """The float tensors of a safetensors file as flat float32 numpy arrays, one at a time on access (read-only
     mappings of the file for float32; a converted copy of one tensor for float16 and bfloat16)."""
@@ -65,8 +75,8 @@ class _Float32Arrays(Mapping):
         count = math.prod(entry["shape"])
         if count == 0:
             return np.empty(0, dtype=np.float32)
-        raw = np.memmap(self.path, dtype=_NUMPY[entry["dtype"]], mode="r", offset=self.start + entry["data_offsets"][0],
-                        shape=(count,))
+        raw = np.memmap(self.path, dtype=_FLOATS[entry["dtype"]], mode="r",
+                        offset=self.start + entry["data_offsets"][0], shape=(count,))
         if entry["dtype"] == "BF16":  # the upper half of a float32's bits
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return raw if raw.dtype == np.float32 else raw.astype(np.float32)
@@ -104,5 +114,6 @@ def flat_chunks(vector: Mapping, names: list[str], size: int) -> Iterator[tuple[
                 offset += size
                 filled = 0
         del flat
+        release_memory()
     if filled:
         yield offset, buffer[:filled].copy()

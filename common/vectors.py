@@ -14,9 +14,6 @@ dtypes and shapes) and `save_sharded` splits them into HF-style shards with a `m
 stream holds at most one tensor (plus one chunk) of the vector at a time.
 """
 
-import ctypes
-import ctypes.util
-import gc
 import hashlib
 import io
 import json
@@ -32,29 +29,10 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from common.errors import FeddemError
+from common.memory import release_memory
 from common.stored_tensors import DIGEST_KEY, header_digest, read_header
 
 Vector = Mapping[str, torch.Tensor]  # a dict, or a LazyVector that loads each tensor on access
-
-try:
-    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    _LIBC.malloc_trim  # glibc only
-except (OSError, AttributeError):
-    _LIBC = None
-
-
-def release_memory(collect: bool = False) -> None:
-    """Give freed heap memory back to the OS (glibc `malloc_trim`). Streaming allocates and frees one tensor-sized
-    block after another; once glibc has raised its mmap threshold those blocks come from the heap and the freed
-    ones stay resident, so without this RSS creeps up by about a tensor per step. Called after each tensor.
-    `collect`: run the cycle collector on the young generations first: a Flower message sits in reference cycles,
-    so a whole-vector reply that was let go is only freed by it (once per such reply; a full collection in a process
-    holding torch and transformers takes most of a second, the young ones a few ms)."""
-    if collect:
-        gc.collect(1)
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
 
 def parameters_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached float32 CPU copy of the model's parameters by name (tied weights appear once)."""
@@ -348,8 +326,8 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL"}
 _FROM_ST = {code: dtype for dtype, code in _ST_DTYPES.items()}
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-                 "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}
 
 
 def _nbytes(dtype: torch.dtype, shape) -> int:
@@ -547,7 +525,7 @@ def vector_digest(vector: Vector) -> str:
 
 def save_vector(vector: Vector, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write a vector (in memory or lazy) as safetensors atomically, one tensor at a time in sorted-name order,
-    with its content digest in the header (`stored_digest` reads it back without reading the data)."""
+    with its content digest in the header (`common.stored_tensors.stored_digest` reads it back without reading the data)."""
     specs = specs_of(vector)
     names = sorted(specs)
     write_safetensors(path, {n: specs[n] for n in names}, ((n, vector[n]) for n in names), metadata, digest=True)
@@ -562,9 +540,3 @@ def load_vector(path: str | Path, verify: bool = False) -> LazyVector:
         if recorded is not None and vector_digest(vector) != recorded:
             raise FeddemError(f"vector file '{path}' is corrupt: its content does not match the digest in its header")
     return vector
-
-
-def stored_digest(path: str | Path) -> str:
-    """The content digest of a stored vector: from its header when `save_vector` wrote it (no data read), else
-    computed from the data."""
-    return header_digest(path) or vector_digest(load_vector(path))

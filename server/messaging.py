@@ -8,7 +8,7 @@ from flwr.serverapp import Grid
 
 from common import messages as M
 from common.config import RunConfig
-from common.vectors import release_memory
+from common.memory import release_memory
 
 POLL_FIRST, POLL_MAX = 0.005, 0.05  # seconds between polls for replies: short, doubling while none arrives
 

@@ -18,10 +18,10 @@ from client.secure_upload import weighted_chunks
 from client.upload import upload_weighted_vector
 from common.errors import FeddemError
 from common.modeling import build_model, export_merged, model_tensors, tiny_llama_config
-from common.stored_tensors import flat_chunks, float32_arrays
+from common.stored_tensors import flat_chunks, float32_arrays, stored_digest
 from common.vectors import (
     INDEX, apply_vector, cast, check_vector, extract_vector, load_vector, merged_tensors, open_tensors, parameters_of,
-    save_sharded, save_vector, specs_of, stored_digest, vector_digest, vector_from_record, write_safetensors,
+    save_sharded, save_vector, specs_of, vector_digest, vector_from_record, write_safetensors,
 )
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)

@@ -7,9 +7,10 @@ import torch
 
 from common.errors import FeddemError
 from common.modeling import build_model, tiny_llama_config
+from common.stored_tensors import stored_digest
 from common.vectors import (
     apply_vector, check_vector, extract_lora_vector, extract_vector, load_vector, parameters_of, save_vector,
-    stored_digest, vector_digest, vector_from_record, vector_to_record, weighted_sum,
+    vector_digest, vector_from_record, vector_to_record, weighted_sum,
 )
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
