@@ -14,6 +14,9 @@ that starts Python, torch and Flower holds a few hundred MB before any vector, w
    (GB/s of one vector), and `export_merged` writes the sharded model.
 4. `copy`: a plain numpy copy of the same number of bytes, in the same run, as the throughput baseline.
 
+`--upload-parts K`: each masked upload in K messages (run config `upload-parts`): the server holds its accumulator
+plus 1/K of a vector, a masked-upload process 1/K.
+
 `--vector-dtype bfloat16|float16`: the sites store their vectors in that dtype, and the secure round takes a
 16-bit ring where its precision holds (`vector-dtype` in the run config): half the bytes on disk and on the wire.
 
@@ -27,6 +30,7 @@ base + sum_i w_i d_i. Writes `scale.json` to `--out`.
     python bench/scale.py --out /tmp/scale                   # 1B parameters, 4 sites (needs ~2 x 4 GB free RAM)
     python bench/scale.py --out /tmp/scale --params 1e8      # 100M
     python bench/scale.py --out /tmp/scale --vector-dtype bfloat16
+    python bench/scale.py --out /tmp/scale --upload-parts 4
 """
 
 import argparse
@@ -237,7 +241,7 @@ def role_server(args) -> dict:
     layout = sorted(open_vector(_site_dir(args, 0) / "runs" / str(RUN_ID) / "vector.safetensors"))
     shapes = {name: torch.Size(shape) for name, shape in shapes_of(open_tensors(ref)).items()}
     cfg = RunConfig(sites=args.sites, clip=1.0, min_peers=min(2, args.sites - 1), timeout=7200.0,
-                    vector_dtype=args.vector_dtype)
+                    vector_dtype=args.vector_dtype, upload_parts=args.upload_parts)
     grid = _bench_grid(args, nodes)
     weights = {node: 1.0 / args.sites for node in nodes}
     start_rss = _reset_peak()
@@ -308,7 +312,8 @@ ROLES = {"base": role_base, "site": role_site, "masked": role_masked, "server": 
 
 def _run_role(args, role: str, **extra) -> dict:
     cmd = [sys.executable, __file__, "--role", role, "--dir", str(args.dir), "--params", str(args.params),
-           "--sites", str(args.sites), "--max-shard-size", args.max_shard_size, "--vector-dtype", args.vector_dtype]
+           "--sites", str(args.sites), "--max-shard-size", args.max_shard_size, "--vector-dtype", args.vector_dtype,
+           "--upload-parts", str(args.upload_parts)]
     for key, value in extra.items():
         cmd += [f"--{key}", str(value)]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -341,6 +346,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-shard-size", default="2GB")
     parser.add_argument("--vector-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype of the stored vectors; a 16-bit one also allows a 16-bit ring (default float32)")
+    parser.add_argument("--upload-parts", type=int, default=1,
+                        help="messages each masked upload is split into (run config upload-parts; default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the work files (model, vectors, export)")
     parser.add_argument("--role", choices=list(ROLES), help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
@@ -388,7 +395,7 @@ def main(argv=None) -> int:
     add_gbps = copy["bytes"] / copy["add_seconds"] / 1e9
     report = {
         "parameters": params, "sites": args.sites, "vector_bytes": vector_bytes, "model_bytes": vector_bytes,
-        "vector_dtype": args.vector_dtype, "ring_bits": server["ring_bits"],
+        "vector_dtype": args.vector_dtype, "ring_bits": server["ring_bits"], "upload_parts": args.upload_parts,
         "cpus": os.cpu_count(),
         "server_peak_over_vector": round(server["peak_rss"] / vector_bytes, 3),
         "server_peak_above_start_over_vector": round((server["peak_rss"] - server["start_rss"]) / vector_bytes, 3),

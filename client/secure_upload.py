@@ -5,7 +5,9 @@
   sa_masked  the shares routed to this site      -> guard (peers, budget left), mark the vector as spent once
                                                     on disk, then w * d flattened in sorted-name order, plus this
                                                     site's part of the noise when the run declares it, clipped
-                                                    to [-clip, clip], quantized and masked: uint32 (k = 32) chunks
+                                                    to [-clip, clip], quantized and masked: ring (16/32/64-bit)
+                                                    chunks. With `upload-parts` K > 1 the server asks for the
+                                                    vector in K messages, each naming its `span` of elements
   sa_unmask  survivors and dropped sites         -> guard (peers) -> shares that remove the masks
 
 The `SecAggClient` and the guard policy live in `context.state` between stages (a ConfigRecord under `secagg`):
@@ -43,15 +45,17 @@ def vector_layout(site: SiteContext, run_id: int) -> list[str]:
 
 
 def weighted_chunks(vector: Mapping, names: list[str], weight: float, clip: float, noise_std: float = 0.0,
-                    size: int | None = None) -> Iterator[tuple[int, np.ndarray, int]]:
-    """`weight * vector` flattened in the order of `names`, plus Gaussian noise of `noise_std` when asked, clipped
-    to [-clip, clip], as consecutive float32 chunks of `size` elements: (offset, chunk, elements clipped in it).
-    Streams: one tensor of the (possibly lazy) vector and one chunk at a time."""
+                    size: int | None = None, span: tuple[int, int] | None = None
+                    ) -> Iterator[tuple[int, np.ndarray, int]]:
+    """`weight * vector` flattened in the order of `names` (only elements [lo, hi) for `span=(lo, hi)`), plus
+    Gaussian noise of `noise_std` when asked, clipped to [-clip, clip], as consecutive float32 chunks of `size`
+    elements: (offset, chunk, elements clipped in it). Streams: one tensor of the (possibly lazy) vector and one
+    chunk at a time."""
     if sorted(vector) != list(names):
         raise FeddemError(f"the server's vector layout ({len(names)} names) is not this site's "
                           f"({len(vector)} names)")
     rng = _fresh_rng() if noise_std > 0 else None
-    for offset, chunk in flat_chunks(vector, names, size or CHUNK):
+    for offset, chunk in flat_chunks(vector, names, size or CHUNK, span):
         chunk *= np.float32(weight)
         if rng is not None:
             chunk += rng.normal(0.0, noise_std, chunk.size).astype(np.float32)
@@ -152,35 +156,57 @@ def sa_share(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, 
     return RecordDict({M.SA: ConfigRecord({"to": list(out), "ct": list(out.values())})})
 
 
+def _span(sa: ConfigRecord, length: int, site: SiteContext) -> tuple[int, int]:
+    """The elements [lo, hi) of w * d the server asks for in this message (all of them when it names none)."""
+    if "span" not in sa:
+        return 0, length
+    span = [int(v) for v in sa["span"]]
+    if len(span) != 2 or not 0 <= span[0] < span[1] <= length:
+        raise FeddemError(f"{site.name}: malformed upload span {span} for a vector of {length} elements")
+    return span[0], span[1]
+
+
 def sa_masked(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, content: RecordDict,
               state: RecordDict) -> RecordDict:
-    """Stage 3: mark the vector as spent, then send w * d clipped, quantized and masked, in uint32 chunks."""
+    """Stage 3: w * d clipped, quantized and masked, in ring chunks with their upload tags; the elements the
+    server's `span` names (all by default), the check block with the last ones. The first such message of a round
+    carries the peers' shares: the guard checks, and the vector is marked as spent on disk before anything leaves.
+    A later part needs that first one (and the masks refuse any element twice)."""
     rnd = _Round.load(state, _session(content), site)
     sa = content.config_records[M.SA]
-    received = _pairs(list(sa["from"]), [bytes(c) for c in sa["ct"]])
-    check_peers(rnd.policy, site, len(set(received) - {rnd.client.id}), "masked")
-    check_not_aggregated(site, run_id, rnd.digest, rnd.policy.budget)
+    client = rnd.client
+    length = client.params.vector_length
+    lo, hi = _span(sa, length, site)
     vector = float32_arrays(vector_file(site, run_id))  # lazy: read one tensor at a time
     if vector_digest(site, run_id) != rnd.digest:
         raise FeddemError(f"{site.name}: the stored vector changed during the secure-aggregation round")
+    if client.stage == "shared":  # the first (or only) part
+        received = _pairs(list(sa["from"]), [bytes(c) for c in sa["ct"]])
+        check_peers(rnd.policy, site, len(set(received) - {client.id}), "masked")
+        check_not_aggregated(site, run_id, rnd.digest, rnd.policy.budget)
+        client.receive_shares(received)
+        mark_aggregated(site, run_id, rnd.digest, client.params.session, rnd.weight, rnd.policy.noise)
+    elif client.stage != "masking":
+        raise FeddemError(f"{site.name}: a masked upload was asked for at secure-aggregation stage '{client.stage}'")
+    elif len(sa.get("from", [])):
+        raise FeddemError(f"{site.name}: shares sent again in a later part of the masked upload")
     names = sorted(vector)
     # this site's part of the distributed noise: n equal parts of variance noise^2 / n
-    noise_std = rnd.policy.noise / np.sqrt(len(rnd.client.params.client_ids))
-    client = rnd.client
-    client.receive_shares(received)
-    mark_aggregated(site, run_id, rnd.digest, client.params.session, rnd.weight, rnd.policy.noise)
+    noise_std = rnd.policy.noise / np.sqrt(len(client.params.client_ids))
     arrays, tags, clipped, elements = {}, {}, 0, 0
 
     def put(start: int, masked: np.ndarray) -> None:  # each chunk with its upload tag (checked by the server)
         arrays[f"{start:012d}"], tags[start] = Array(masked), client.upload_tag(masked, start)
 
-    for start, chunk, over in weighted_chunks(vector, names, rnd.weight, client.params.clip, noise_std):
+    for start, chunk, over in weighted_chunks(vector, names, rnd.weight, client.params.clip, noise_std,
+                                              span=(lo, hi)):
         put(start, client.masked_input_chunk(chunk, start))
         clipped, elements = clipped + over, elements + chunk.size
     if clipped:
-        log.warning("%s: %d of %d elements of w*d exceed clip %g and were clipped", site.name, clipped, elements,
-                    client.params.clip)
-    put(elements, client.masked_check_block())
+        log.warning("%s: %d of %d elements of w*d [%d, %d) exceed clip %g and were clipped", site.name, clipped,
+                    elements, lo, hi, client.params.clip)
+    if hi == length:
+        put(length, client.masked_check_block())
     rnd.save(state)
     return RecordDict({M.MASKED: ArrayRecord(arrays),
                        M.SA: ConfigRecord({"offsets": list(tags), "tags": list(tags.values())}),

@@ -72,6 +72,11 @@ class RunConfig:
                              "float32). In secure runs a 16-bit ring is used where its error, at most n/2^16 of "
                              "2 * clip * n per element for n sites, is within the 16-bit float's rounding of clip "
                              "(bfloat16: up to 11 sites, float16: up to 4); else 32 bits")
+    upload_parts: int = _opt(1, "secure aggregation: messages each site's masked upload is split into. The server "
+                             "holds its ring accumulator plus one message, so K parts lower its peak from 2 to "
+                             "1 + 1/K vectors (32-bit ring), and a site's from 1 to 1/K; but a site that fails "
+                             "after its first part fails the round (a partial masked input cannot be removed from "
+                             "the sum). 1 = one message, a dropout tolerated at any stage")
     clip: float = _opt(1.0, "secure aggregation: bound on each element of w_i * d_i; larger elements are clipped "
                        "at the site (the count is reported)")
     min_peers: int = _opt(2, "secure aggregation: a site refuses unless at least this many OTHER sites are in "
@@ -196,6 +201,11 @@ class RunConfig:
             raise FeddemError(f"noise must be a finite number >= 0, got {self.noise}")
         if self.aggregation_budget < 1:
             raise FeddemError(f"aggregation-budget must be at least 1, got {self.aggregation_budget}")
+        if self.upload_parts < 1:
+            raise FeddemError(f"upload-parts must be at least 1, got {self.upload_parts}")
+        if self.upload_parts > 1 and self.aggregation != "secure":
+            raise FeddemError(f"upload-parts {self.upload_parts} splits secure aggregation's masked uploads; "
+                              f"--aggregation {self.aggregation} sends each vector in one message (use 1)")
         if self.aggregation_budget > 1 and self.noise == 0:
             raise FeddemError(f"aggregation-budget {self.aggregation_budget} needs distributed noise (--noise > 0): "
                               f"without noise, two sums whose weights differ in one site reveal its vector")

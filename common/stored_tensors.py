@@ -95,17 +95,36 @@ def _flat_float32(tensor) -> np.ndarray:
     return np.asarray(tensor, dtype=np.float32).reshape(-1)
 
 
-def flat_chunks(vector: Mapping, names: list[str], size: int) -> Iterator[tuple[int, np.ndarray]]:
+def _element_count(vector: Mapping, name: str) -> int:
+    """How many elements `vector[name]` has: from the file header for a stored vector (nothing read or converted)."""
+    if isinstance(vector, _Float32Arrays):
+        return math.prod(vector.header[name]["shape"])
+    tensor = vector[name]
+    return int(tensor.numel()) if hasattr(tensor, "numel") else int(np.size(tensor))
+
+
+def flat_chunks(vector: Mapping, names: list[str], size: int,
+                span: tuple[int, int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """The vector (numpy arrays or torch tensors by name) flattened in the order of `names` as consecutive float32
     chunks of `size` elements (the last one shorter): (offset, chunk). Reads one tensor at a time; a chunk may
-    span tensors."""
+    span tensors. `span=(lo, hi)`: only flat elements [lo, hi), the first chunk at offset lo; tensors wholly
+    outside it are not read."""
+    lo, hi = span if span is not None else (0, math.inf)
     buffer = np.empty(size, dtype=np.float32)
-    filled = offset = 0
+    filled, offset, position = 0, lo, 0  # position: flat index of the current tensor's first element
     for name in names:
+        if position >= hi:
+            break
+        if span is not None:
+            count = _element_count(vector, name)
+            if position + count <= lo:
+                position += count
+                continue
         flat = _flat_float32(vector[name])
-        start = 0
-        while start < flat.size:
-            take = min(size - filled, flat.size - start)
+        start, stop = max(lo - position, 0), min(hi - position, flat.size)
+        position += flat.size
+        while start < stop:
+            take = min(size - filled, stop - start)
             buffer[filled:filled + take] = flat[start:start + take]
             filled += take
             start += take

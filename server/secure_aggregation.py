@@ -3,7 +3,10 @@
 Drives the `SecAggServer` of `common.secagg` through four message stages (`common.messages`: sa_keys, sa_share,
 sa_masked, sa_unmask; the site's side is `client.secure_upload`). Flower node ids map to small client ids (0..n-1
 in sorted node order). Masked vectors are pulled one reply at a time and added to the server's one ring
-accumulator as they are read, so the server's memory is O(vector), not O(sites x vector).
+accumulator as they are read, so the server's memory is O(vector), not O(sites x vector): the accumulator plus
+one reply. `upload-parts` K > 1 asks each site for its masked vector in K messages (K rounds of the masked stage,
+each for a `span` of elements), so that a reply is 1/K of a vector; a site lost after its first part then fails
+the round, as its partial input cannot be removed from the sum.
 
 Dropouts: a site that errors, refuses (its privacy guard) or does not answer within `timeout` at any stage after
 key sharing is dropped; while at least `threshold` sites remain the sum is exact for the survivors (up to the
@@ -93,10 +96,19 @@ def _fail(stage: str, exc: Exception, total: int, alive: int, threshold: int, dr
     )
 
 
+def upload_spans(length: int, parts: int) -> list[tuple[int, int]]:
+    """The elements [lo, hi) of a vector of `length` elements that each of `parts` masked-upload messages carries:
+    consecutive, as equal as can be (never empty: at most `length` parts)."""
+    parts = max(1, min(parts, length))
+    bounds = [length * k // parts for k in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def _check_masked(record, tags: ConfigRecord, params: SecAggParams, server: SecAggServer,
-                  client_id: int) -> list[tuple[int, np.ndarray]]:
-    """The chunks of one masked upload, checked whole BEFORE any is added (a partial input cannot be removed):
-    dtype, shape, coverage of the ring, and each chunk's upload tag (a changed chunk raises TamperError)."""
+                  client_id: int, span: tuple[int, int]) -> list[tuple[int, np.ndarray]]:
+    """The chunks of one masked upload message, checked whole BEFORE any is added (a partial input cannot be
+    removed): dtype, shape, coverage of the ring elements of `span` (with the check block when it ends the
+    vector), and each chunk's upload tag (a changed chunk raises TamperError)."""
     chunks = []
     for name, array in record.items():
         data = array_view(array)  # a view of the message's bytes: the upload is not copied
@@ -105,13 +117,14 @@ def _check_masked(record, tags: ConfigRecord, params: SecAggParams, server: SecA
                               f"expected a 1-D {params.ring.dtype} array")
         chunks.append((int(name), data))
     chunks.sort(key=lambda c: c[0])
-    position = 0
+    position, end = span[0], params.ring_length if span[1] == params.vector_length else span[1]
     for offset, data in chunks:
         if offset != position:
             raise FeddemError(f"masked upload has a gap or overlap at ring offset {position} (next chunk at {offset})")
         position += data.shape[0]
-    if position != params.ring_length:
-        raise FeddemError(f"masked upload covers {position} ring elements, expected {params.ring_length}")
+    if position != end:
+        raise FeddemError(f"masked upload covers ring elements [{span[0]}, {position}), expected "
+                          f"[{span[0]}, {end})")
     tag_of = dict(zip([int(o) for o in tags["offsets"]], tags["tags"], strict=True))
     for offset, data in chunks:
         server.verify_tag(client_id, data, offset, tag_of.get(offset, b""))
@@ -206,18 +219,30 @@ def secure_sum(grid: Grid, cfg, base: ConfigRecord, weights: dict[int, float], l
         routed = server.route_shares(shares)
         del shares
 
-        stage = "masked"
         clipped: dict[int, int] = {}
+        spans = upload_spans(length, cfg.upload_parts)
+        senders = set(routed)
+        for part, span in enumerate(spans):
+            stage = "masked" if len(spans) == 1 else f"masked, part {part + 1} of {len(spans)}"
 
-        def on_masked(node, content):
-            chunks = _check_masked(content.array_records[M.MASKED], content.config_records[M.SA], params, server,
-                                   cid[node])
-            for offset, data in chunks:
-                server.add_masked_chunk(cid[node], data, offset)
-            clipped[node] = int(content.metric_records[M.METRICS]["clipped"])
+            def on_masked(node, content, span=span):
+                chunks = _check_masked(content.array_records[M.MASKED], content.config_records[M.SA], params,
+                                       server, cid[node], span)
+                for offset, data in chunks:
+                    server.add_masked_chunk(cid[node], data, offset)
+                clipped[node] = clipped.get(node, 0) + int(content.metric_records[M.METRICS]["clipped"])
 
-        rnd.exchange(stage, M.SA_MASKED, {node_of[i]: RecordDict({M.SA: ConfigRecord(session | {
-            "from": list(routed[i]), "ct": list(routed[i].values())})}) for i in routed}, on_masked)
+            shares = {i: {"from": list(routed[i]), "ct": list(routed[i].values())} if part == 0 else {}
+                      for i in senders}
+            done = rnd.exchange(stage, M.SA_MASKED, {node_of[i]: RecordDict({M.SA: ConfigRecord(
+                session | shares[i] | {"span": list(span)})}) for i in sorted(senders)}, on_masked)
+            lost = sorted(node_of[i] for i in senders if node_of[i] not in done)
+            if part > 0 and lost:
+                raise SecAggError(
+                    f"{', '.join(f'node-{node}' for node in lost)} dropped after uploading part of its masked "
+                    f"vector: a partial masked input cannot be removed from the sum (--upload-parts 1 tolerates a "
+                    f"dropout at any stage)")
+            senders = {cid[node] for node in done}
         request = server.unmask_request()
 
         stage = "unmask"

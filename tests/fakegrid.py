@@ -16,7 +16,7 @@ class FakeGrid:
     """get_node_ids / push_messages / pull_messages / send_and_receive over the real ClientApp, in-process.
 
     `faults[(node, message_type)]`: "error" (the site crashes), "silent" (no reply: a timeout), or a function that
-    alters the reply (tampering). `seen` keeps the serialised bytes of every reply the server received."""
+    alters the reply (tampering); or a list of these (None: no fault), one for each such message in turn. `seen` keeps the serialised bytes of every reply the server received."""
 
     def __init__(self, root, nodes, faults=None, node_config=None):
         self.contexts = {
@@ -56,6 +56,8 @@ class FakeGrid:
     def _deliver(self, msg):
         node = msg.metadata.dst_node_id
         fault = self.faults.get((node, msg.metadata.message_type))
+        if isinstance(fault, list):
+            fault = fault.pop(0) if fault else None
         if fault == "silent":
             return None
         if fault == "error":

@@ -38,6 +38,8 @@ def test_record_round_trip_and_coercion():
     ({"weighting": "magic"}, "unknown weighting 'magic'"),
     ({"device": "tpu"}, "unknown device 'tpu'"),
     ({"vector-dtype": "int8"}, "unknown vector-dtype 'int8': choose one of float32, bfloat16, float16"),
+    ({"upload-parts": 0}, "upload-parts must be at least 1, got 0"),
+    ({"upload-parts": 4, "aggregation": "plain"}, "upload-parts 4 splits secure aggregation's masked uploads"),
 ])
 def test_malformed_config_is_named(record, message):
     with pytest.raises(FeddemError, match=message):

@@ -137,6 +137,96 @@ def test_16_bit_vector_dtype_takes_a_16_bit_ring_where_its_precision_holds(sites
     assert diff <= result.error_bound <= len(NODES) * clip * 2.0**-8
 
 
+def _record_uploads(grid, uploads):
+    """Keep (node, {ring offset: masked chunk}) of every masked-upload reply."""
+    def keep(node):
+        return lambda reply: uploads.append((node, {int(k): a.numpy() for k, a in
+                                                    reply.content.array_records[M.MASKED].items()}))
+    grid.faults = {(n, M.SA_MASKED): [keep(n)] * 8 for n in NODES}
+
+
+def test_upload_in_parts_gives_the_same_sum_with_each_reply_a_part_of_the_vector(sites, tiny_base):
+    """upload-parts K: K masked-upload messages per site, each covering its own span of the ring once (the check
+    block with the last), none larger than ~1/K of the vector; the sum is the one-message sum."""
+    root, layout = sites
+    grid = FakeGrid(root, NODES)
+    uploads = []
+    _record_uploads(grid, uploads)
+    length = _flat(_vector(root, 0)).numel()
+    parts = 3
+    result = _secure(grid, tiny_base, layout, upload_parts=parts)
+    assert grid.sent.count(M.SA_MASKED) == parts * len(NODES)
+    assert result.survivors == NODES
+    diff = (_flat(result.aggregate) - _expected(root, WEIGHTS, NODES)).abs().max().item()
+    assert diff <= result.error_bound < 1e-5
+    for node in NODES:
+        mine = [chunks for n, chunks in uploads if n == node]
+        assert len(mine) == parts
+        covered = sorted((o, o + len(a)) for chunks in mine for o, a in chunks.items())
+        assert covered[0][0] == 0 and covered[-1][1] == length + 16
+        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # no gap, no element twice
+        biggest = max(sum(a.size for a in chunks.values()) for chunks in mine)
+        assert biggest <= length // parts + 1 + 16
+
+
+def test_upload_spans_are_consecutive_and_never_empty():
+    from server.secure_aggregation import upload_spans
+
+    assert upload_spans(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert upload_spans(10, 1) == [(0, 10)]
+    assert upload_spans(3, 8) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_dropout_before_the_first_part_is_tolerated_after_it_fails_the_round(sites, tiny_base):
+    """A site lost at its first part is an ordinary dropout; one lost after a part of its masked vector went into
+    the sum fails the round, naming the site and why, with nothing merged."""
+    root, layout = sites
+    grid = FakeGrid(root, NODES, {(NODES[1], M.SA_MASKED): ["error"]})
+    result = _secure(grid, tiny_base, layout, upload_parts=3)
+    in_sum = [n for n in NODES if n != NODES[1]]
+    assert result.survivors == in_sum and "masked, part 1 of 3" in result.dropped[NODES[1]]
+    assert (_flat(result.aggregate) - _expected(root, WEIGHTS, in_sum)).abs().max() <= result.error_bound
+
+    root2 = root.parent / "again"
+    shutil.copytree(root, root2)
+    for i in range(len(NODES)):  # a fresh round on the same vectors: forget the first round's guard records
+        (SiteContext(i, f"site-{i}", root2 / f"site-{i}").vector_path(RUN_ID).parent / RECORD_NAME).unlink(
+            missing_ok=True)
+    grid = FakeGrid(root2, NODES, {(NODES[2], M.SA_MASKED): [None, "silent"]})
+    with pytest.raises(FeddemError, match=rf"stage 'masked, part 2 of 3'.*node-{NODES[2]} dropped after uploading "
+                                          rf"part of its masked vector.*Nothing was merged"):
+        _secure(grid, tiny_base, layout, upload_parts=3, timeout=0.5)
+
+
+def test_a_later_part_never_masks_an_element_twice_nor_takes_shares_again(sites, tiny_base):
+    """The site's side of parts: a span it already uploaded is refused (a one-time mask used twice would reveal
+    the difference of two inputs), and so are shares sent again after the first part."""
+    from client.secure_upload import sa_masked
+
+    root, layout = sites
+    grid = FakeGrid(root, NODES)
+    _secure(grid, tiny_base, layout, upload_parts=2)
+    # replay the second part's request at node 0 with the state it had after the first part
+    site = SiteContext(0, "site-0", root / "site-0")
+    state = grid.contexts[NODES[0]].state
+    cfg = _cfg(tiny_base)
+    rec = state.config_records["secagg"]
+    client = SecAggClient.from_state(bytes(rec["client"]))
+    length = client.params.vector_length
+    client._stage = "masking"
+    rec["client"] = client.to_state()
+    request = RecordDict({M.SA: ConfigRecord({"session": client.params.session, "span": [length // 2, length]})})
+    with pytest.raises(Exception, match="already masked"):
+        sa_masked(site, cfg, {}, RUN_ID, request, state)
+    request = RecordDict({M.SA: ConfigRecord({"session": client.params.session, "span": [0, length + 1]})})
+    with pytest.raises(FeddemError, match="malformed upload span"):
+        sa_masked(site, cfg, {}, RUN_ID, request, state)
+    request = RecordDict({M.SA: ConfigRecord({"session": client.params.session, "span": [0, 4], "from": [1],
+                                              "ct": [b"x"]})})
+    with pytest.raises(FeddemError, match="shares sent again"):
+        sa_masked(site, cfg, {}, RUN_ID, request, state)
+
+
 @pytest.mark.parametrize("stage", [M.SA_KEYS, M.SA_SHARE, M.SA_MASKED, M.SA_UNMASK])
 def test_dropout_above_threshold_gives_the_exact_sum_of_the_survivors(sites, tiny_base, stage):
     root, layout = sites

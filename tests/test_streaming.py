@@ -95,6 +95,25 @@ def test_flat_chunks_span_tensors_in_the_given_order(base_and_vector):
         assert np.array_equal(np.concatenate([c for _, c in chunks]), expected)
 
 
+@pytest.mark.parametrize("stored_as", ["tensors", "file f32", "file bf16"])
+def test_flat_chunks_of_a_span_are_that_slice_of_the_flat_vector(tmp_path, base_and_vector, stored_as):
+    """Spans (a part of a masked upload) that start and end inside tensors, at their edges, or cover everything."""
+    _, vector = base_and_vector
+    names = sorted(vector)
+    if stored_as == "tensors":
+        source = vector
+    else:
+        dtype = torch.bfloat16 if stored_as.endswith("bf16") else torch.float32
+        save_vector({n: t.to(dtype) for n, t in vector.items()}, tmp_path / "v.safetensors")
+        source = float32_arrays(tmp_path / "v.safetensors")
+    expected = np.concatenate([np.asarray(source[n], dtype=np.float32).reshape(-1) for n in names])
+    edge = vector[names[0]].numel()
+    for lo, hi in [(0, expected.size), (5, 17), (edge, edge + 1), (edge - 3, expected.size), (0, edge)]:
+        chunks = list(flat_chunks(source, names, 7, span=(lo, hi)))
+        assert [o for o, _ in chunks] == list(range(lo, hi, 7))
+        assert np.array_equal(np.concatenate([c for _, c in chunks]), expected[lo:hi]), (lo, hi)
+
+
 def test_secure_upload_chunks_equal_the_whole_weighted_clipped_vector(tmp_path, base_and_vector):
     _, vector = base_and_vector
     save_vector(vector, tmp_path / "v.safetensors")

@@ -238,6 +238,11 @@ class SecAggClient:
         if self._stage not in allowed:
             raise SecAggError(f"client {self.id}: {call} called at stage '{self._stage}' (expected {allowed})")
 
+    @property
+    def stage(self) -> str:
+        """Where the client is: new, advertised, shared, masking (shares received: masking chunks) or unmasked."""
+        return self._stage
+
     def to_state(self) -> bytes:
         """The client's state (SECRET: private keys, seeds, held shares) as bytes, for ``from_state`` later."""
         from .state import client_to_state
