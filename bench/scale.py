@@ -23,7 +23,8 @@ plus 1/K of a vector, a masked-upload process 1/K.
 Ratios: `server_peak_over_vector` = server peak RSS / vector bytes (float32, 4 B per parameter, whatever
 `--vector-dtype`, so that runs compare);
 `site_peak_over_model_plus_vector` = the largest site-process peak (train or masked upload) / (model + vector
-bytes); `merge_gbps` / `copy_gbps`; `add_gbps`, an in-memory numpy float32 add of the same output bytes (the
+bytes); `merge_gbps` (torch's default threads, every core, as the server merges) / `copy_gbps` (numpy's copy:
+one core, numpy does not thread it); `merge_one_thread_gbps`, the same merge on one core; `add_gbps`, an in-memory numpy float32 add of the same output bytes (the
 merge's arithmetic with its inputs already in memory: what the merge could reach at best), and `merge_over_add`. A sampled check compares a few tensors of the exported model with
 base + sum_i w_i d_i. Writes `scale.json` to `--out`.
 
@@ -264,11 +265,19 @@ def role_server(args) -> dict:
             while fh.readinto(block):
                 pass
     del block
-    t2 = time.perf_counter()
-    for _, t in merged_tensors(base, aggregate):  # the merge alone: base from its files + the sum, in memory
-        merged_bytes += t.numel() * 4 if t.dtype == torch.float32 else 0
-        del t
-        release_memory()
+
+    def merge() -> tuple[float, int]:  # the merge alone: base from its files + the sum, in memory
+        total, start = 0, time.perf_counter()
+        for _, t in merged_tensors(base, aggregate):
+            total += t.numel() * 4 if t.dtype == torch.float32 else 0
+            del t
+            release_memory()
+        return time.perf_counter() - start, total
+
+    one_thread_s, merged_bytes = merge()  # one core, as the copy baseline
+    torch.set_num_threads(os.cpu_count() or 1)  # as the server runs it: torch's default, every core
+    merge_s, _ = merge()
+    torch.set_num_threads(1)
     t3 = time.perf_counter()
     files = export_merged(ref, aggregate, args.dir / "merged", args.max_shard_bytes)
     t4 = time.perf_counter()
@@ -277,7 +286,7 @@ def role_server(args) -> dict:
     return memory | {
         "peak_rss_aggregation": peak_aggregation, "ring_bits": result.bits, "vector_elements": vector_elems,
         "merged_bytes": merged_bytes,
-        "secure_sum_s": t1 - t0, "merge_s": t3 - t2, "export_s": t4 - t3, "export_files": len(files),
+        "secure_sum_s": t1 - t0, "merge_s": merge_s, "merge_one_thread_s": one_thread_s, "export_s": t4 - t3, "export_files": len(files),
         "grid_push_s": grid.stage_seconds, "masked_sites": grid.sites, "error_bound": result.error_bound,
         "survivors": len(result.survivors)}
 
@@ -360,7 +369,7 @@ def main(argv=None) -> int:
     if args.role:
         import torch
 
-        torch.set_num_threads(1)  # the copy baseline is one core too; and steadier on a shared machine
+        torch.set_num_threads(1)  # steadier on a shared machine; the server's merge is timed on every core too
         print(json.dumps(ROLES[args.role](args)))
         return 0
     if not args.out:
@@ -391,6 +400,7 @@ def main(argv=None) -> int:
     masked = server.pop("masked_sites")
     site_peak = max([s["peak_rss"] for s in sites] + [m["peak_rss"] for m in masked])
     merge_gbps = server["merged_bytes"] / server["merge_s"] / 1e9
+    merge_one_gbps = server["merged_bytes"] / server["merge_one_thread_s"] / 1e9
     copy_gbps = copy["bytes"] / copy["seconds"] / 1e9
     add_gbps = copy["bytes"] / copy["add_seconds"] / 1e9
     report = {
@@ -405,19 +415,22 @@ def main(argv=None) -> int:
         "site_masked_peak_over_vector": round(max(m["peak_rss"] for m in masked) / vector_bytes, 3),
         "merge_gbps": round(merge_gbps, 3), "copy_gbps": round(copy_gbps, 3),
         "merge_over_copy": round(merge_gbps / copy_gbps, 3),
+        "merge_one_thread_gbps": round(merge_one_gbps, 3),
+        "merge_one_thread_over_copy": round(merge_one_gbps / copy_gbps, 3),
         "add_gbps": round(add_gbps, 3), "merge_over_add": round(merge_gbps / add_gbps, 3),
         "stages_s": stages | {
             "server: secure sum": round(server["secure_sum_s"], 2),
             "server: of which masked uploads (site processes)": round(sum(m["seconds"] for m in masked), 2),
-            "server: merge": round(server["merge_s"], 2), "server: export": round(server["export_s"], 2)},
+            "server: merge (every core)": round(server["merge_s"], 2),
+            "server: merge (one core)": round(server["merge_one_thread_s"], 2),
+            "server: export": round(server["export_s"], 2)},
         "server": server, "site_processes": sites, "masked_processes": masked,
         "max_abs_error_sampled": _check(args, server), "error_bound": server["error_bound"],
     }
     (out / "scale.json").write_text(json.dumps(report, indent=2))
     for key in ("server_peak_over_vector", "server_peak_above_start_over_vector", "server_start_rss_over_vector",
                 "site_peak_over_model_plus_vector", "site_masked_peak_over_vector", "merge_gbps", "copy_gbps",
-                "add_gbps", "merge_over_add",
-                "merge_over_copy", "max_abs_error_sampled", "error_bound"):
+                "add_gbps", "merge_over_add", "merge_over_copy", "merge_one_thread_gbps", "merge_one_thread_over_copy", "max_abs_error_sampled", "error_bound"):
         print(f"{key:40s} {report[key]}")
     for name, seconds in report["stages_s"].items():
         print(f"  {name:50s} {seconds:8.2f} s")

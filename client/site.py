@@ -19,7 +19,7 @@ from common.training import TrainSettings, train_causal_lm
 from client.signals import alignment, domain_embedding
 from client.site_context import SiteContext
 from common.vectors import (
-    LazyVector, Vector, _merged, apply_vector, cast, extract_lora_vector, extract_vector, save_vector,
+    LazyVector, Vector, apply_vector, cast, extract_lora_vector, extract_vector, merged, save_vector,
 )
 
 log = logging.getLogger("feddem.site")
@@ -78,7 +78,7 @@ def starting_point(model_ref: str, names: list[str], start_from: Vector | None) 
         return base
 
     def load(name: str) -> torch.Tensor:
-        return _merged(base[name].float(), start_from[name], 1.0) if name in start_from else base[name]
+        return merged(base[name].float(), start_from[name]) if name in start_from else base[name]
 
     return LazyVector({name: (torch.float32, shape) for name, (_, shape) in base.specs.items()}, load)
 

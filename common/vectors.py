@@ -126,20 +126,22 @@ def add_into(total: Vector, vector: Vector, weight: float = 1.0) -> None:
         release_memory()
 
 
-def _merged(p: torch.Tensor, delta: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """p + scale * delta in float32 (into `out` when given), in p's dtype: the one merge arithmetic (in place and
-    streaming)."""
-    return torch.add(p.float(), delta.to(p.device, torch.float32), alpha=scale, out=out).to(p.dtype)
-
-
 _MERGE_BLOCK = 1 << 18  # elements per block where the merge converts dtypes (a multiple of any SIMD width)
 
 
-def _merge_into(p: torch.Tensor, delta: torch.Tensor, scale: float, out: torch.Tensor, scratch: torch.Tensor
-                ) -> None:
-    """`_merged(p, delta, scale)` written into `out` (p's dtype and shape), bit for bit the same: one float32
-    addition where p and delta are float32, else block by block through `scratch` (2 * `_MERGE_BLOCK` float32), the
-    same float32 additions on the same values, without a float32 copy of the whole tensor."""
+def _merge_scratch(p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor | None:
+    """The float32 scratch `_merge_into` needs where p or delta is not float32 (None where both are)."""
+    if p.dtype == delta.dtype == torch.float32:
+        return None
+    return torch.empty(2 * _MERGE_BLOCK, dtype=torch.float32, device=p.device)
+
+
+def _merge_into(p: torch.Tensor, delta: torch.Tensor, scale: float, out: torch.Tensor,
+                scratch: torch.Tensor | None) -> None:
+    """p + scale * delta in float32, stored into `out` (p's dtype and shape; `out` may be p itself): the one merge
+    arithmetic, in place, streaming and at the site. One float32 addition where p and delta are float32, else the
+    same float32 additions block by block through `scratch` (`_merge_scratch`), without a float32 copy of the
+    whole tensor."""
     p, d, o = p.reshape(-1), delta.to(p.device).reshape(-1), out.view(-1)
     if p.dtype == torch.float32 and d.dtype == torch.float32:
         torch.add(p, d, alpha=scale, out=o)
@@ -155,6 +157,13 @@ def _merge_into(p: torch.Tensor, delta: torch.Tensor, scale: float, out: torch.T
             o[i:j].copy_(torch.add(a, b, alpha=scale, out=a_s[:j - i]))
 
 
+def merged(p: torch.Tensor, delta: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """p + scale * delta as a new tensor in p's dtype (`_merge_into`'s arithmetic)."""
+    out = torch.empty_like(p)
+    _merge_into(p, delta, scale, out, _merge_scratch(p, delta))
+    return out
+
+
 @torch.no_grad()
 def apply_vector(model: torch.nn.Module, vector: Vector, scale: float = 1.0) -> None:
     """theta += scale * vector, in place; arithmetic in float32, stored back in each parameter's dtype. A lazy
@@ -163,11 +172,13 @@ def apply_vector(model: torch.nn.Module, vector: Vector, scale: float = 1.0) -> 
     for name in vector:
         if name not in params:
             raise FeddemError(f"cannot apply the vector: the model has no parameter '{name}'")
+    scratch = None
     for name, delta in vector.items():
         p = params[name]
         if tuple(p.shape) != tuple(delta.shape):
             raise FeddemError(f"cannot apply the vector: '{name}' is {tuple(delta.shape)}, model has {tuple(p.shape)}")
-        p.copy_(_merged(p, delta, scale))
+        scratch = scratch if scratch is not None else _merge_scratch(p, delta)
+        _merge_into(p, delta, scale, p, scratch)
         del delta
         release_memory()
 
@@ -203,8 +214,7 @@ def merged_tensors(base: Mapping[str, torch.Tensor], vector: Vector, scale: floa
             buffer = torch.empty(nbytes, dtype=torch.uint8)
         out = buffer[:nbytes].view(p.dtype).view(p.shape)
         delta = read_delta(name)
-        if scratch is None and not p.dtype == delta.dtype == torch.float32:
-            scratch = torch.empty(2 * _MERGE_BLOCK, dtype=torch.float32)
+        scratch = scratch if scratch is not None else _merge_scratch(p, delta)
         _merge_into(p, delta, scale, out, scratch)
         del p, delta  # unmapped before the next tensor is mapped
         yield name, out

@@ -20,8 +20,8 @@ from common.errors import FeddemError
 from common.modeling import build_model, export_merged, model_tensors, tiny_llama_config
 from common.stored_tensors import flat_chunks, float32_arrays, stored_digest
 from common.vectors import (
-    INDEX, apply_vector, cast, check_vector, extract_vector, load_vector, merged_tensors, open_tensors, parameters_of,
-    save_sharded, save_vector, specs_of, vector_digest, vector_from_record, write_safetensors,
+    INDEX, apply_vector, cast, check_vector, extract_vector, load_vector, merged, merged_tensors, open_tensors,
+    parameters_of, save_sharded, save_vector, specs_of, vector_digest, vector_from_record, write_safetensors,
 )
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
@@ -70,6 +70,24 @@ def test_one_shard_is_a_plain_model_file_and_bf16_bases_stay_bf16(tmp_path, base
     apply_vector(bf16, vector)  # float32 arithmetic, stored back in bf16
     for name, p in bf16.named_parameters():
         assert torch.equal(stored[name], p), name
+
+
+@pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d_dtype", [torch.float32, torch.bfloat16])
+def test_the_merge_arithmetic_is_one_float32_addition_in_every_dtype_and_in_place(p_dtype, d_dtype):
+    """`merged` and the in-place `apply_vector` (block by block through a float32 scratch where a dtype is 16-bit,
+    over more than one block) give exactly float32(p) + scale * float32(d), rounded once to p's dtype."""
+    gen = torch.Generator().manual_seed(3)
+    n = 300_007  # more than one merge block, and not a multiple of any SIMD width
+    p = torch.randn(n, generator=gen).to(p_dtype)
+    d = (torch.randn(n, generator=gen) * 1e-2).to(d_dtype)
+    expected = torch.add(p.float(), d.float(), alpha=0.37).to(p_dtype)
+    assert torch.equal(merged(p, d, 0.37), expected)
+    model = torch.nn.Linear(n, 1, bias=False).to(p_dtype)
+    with torch.no_grad():
+        model.weight.copy_(p.view(1, n))
+    apply_vector(model, {"weight": d.view(1, n)}, scale=0.37)
+    assert torch.equal(model.weight.detach().view(-1), expected)
 
 
 def test_streaming_merge_of_a_model_state_matches_apply_vector(base_and_vector):
