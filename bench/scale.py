@@ -363,9 +363,9 @@ def main(argv=None) -> int:
     parser.add_argument("--node", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from transformers.utils.hub import convert_file_size_to_int
+    from huggingface_hub.serialization._base import parse_size_to_int
 
-    args.max_shard_bytes = convert_file_size_to_int(args.max_shard_size)
+    args.max_shard_bytes = parse_size_to_int(args.max_shard_size)
     if args.role:
         import torch
 

@@ -26,6 +26,8 @@ def test_record_round_trip_and_coercion():
     cfg = RunConfig(sites=3, lr=3e-4, lora=True, weighting="size")
     assert RunConfig.from_record(cfg.to_record()) == cfg
     assert RunConfig.from_record({"steps": "5", "lora": "true", "lr": 1}).steps == 5
+    assert RunConfig(max_shard_size="500MB").max_shard_bytes == 500 * 10**6
+    assert RunConfig(max_shard_size="2GB").max_shard_bytes == 2 * 10**9
 
 
 @pytest.mark.parametrize("record, message", [
@@ -40,6 +42,8 @@ def test_record_round_trip_and_coercion():
     ({"vector-dtype": "int8"}, "unknown vector-dtype 'int8': choose one of float32, bfloat16, float16"),
     ({"upload-parts": 0}, "upload-parts must be at least 1, got 0"),
     ({"upload-parts": 4, "aggregation": "plain"}, "upload-parts 4 splits secure aggregation's masked uploads"),
+    ({"max-shard-size": "5 parsecs"}, "max-shard-size must be a size such as 500MB or 5GB, got '5 parsecs'"),
+    ({"max-shard-size": "0MB"}, "max-shard-size must be a size such as 500MB or 5GB, got '0MB'"),
 ])
 def test_malformed_config_is_named(record, message):
     with pytest.raises(FeddemError, match=message):
