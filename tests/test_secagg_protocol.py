@@ -255,7 +255,7 @@ def test_untagged_round_misses_tampering_outside_the_check_block():
     """Without a server key (no upload tags) masking alone cannot see a change outside the check block: the reason
     the product's rounds always tag their uploads (next tests)."""
     def tamper(masked):
-        masked[2][10] += np.uint32(1 << 28)
+        masked[2][10:11] += np.uint32(1 << 28)  # an array add wraps in the ring without a scalar overflow warning
 
     params, clients, server, xs, routed = _to_shares_phase([1, 2, 3, 4], 500)
     server, shares = _finish(params, clients, server, xs, routed, tamper)
