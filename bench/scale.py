@@ -363,9 +363,13 @@ def main(argv=None) -> int:
     parser.add_argument("--node", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from huggingface_hub.serialization._base import parse_size_to_int
+    from common.config import shard_size_bytes
+    from common.errors import FeddemError
 
-    args.max_shard_bytes = parse_size_to_int(args.max_shard_size)
+    try:
+        args.max_shard_bytes = shard_size_bytes(args.max_shard_size)
+    except FeddemError as error:
+        parser.error(str(error))
     if args.role:
         import torch
 

@@ -222,22 +222,28 @@ class RunConfig:
 
     @property
     def max_shard_bytes(self) -> int:
-        """`max-shard-size` in bytes, read as `save_pretrained` reads it (huggingface_hub's parser: KB/MB/GB/TB)."""
-        from huggingface_hub.serialization._base import parse_size_to_int  # not transformers: 1.2 s per config check
-
-        try:
-            size = parse_size_to_int(self.max_shard_size)
-        except (ValueError, TypeError, AttributeError):
-            size = 0
-        if not isinstance(size, int) or size < 1:
-            raise FeddemError(f"max-shard-size must be a size such as 500MB or 5GB, got {self.max_shard_size!r}")
-        return size
+        """`max-shard-size` in bytes."""
+        return shard_size_bytes(self.max_shard_size)
 
     def threshold_for(self, participants: int) -> int:
         """The Shamir threshold for an aggregation over `participants` sites (see `secagg-threshold`)."""
         if self.secagg_threshold:
             return self.secagg_threshold
         return max(2, math.ceil(2 * participants / 3))
+
+
+def shard_size_bytes(size: str) -> int:
+    """A shard size such as 500MB or 5GB in bytes, read as `save_pretrained` reads it (huggingface_hub's parser:
+    KB/MB/GB/TB); a clear error for anything else."""
+    from huggingface_hub.serialization._base import parse_size_to_int  # not transformers: 1.2 s per config check
+
+    try:
+        size_bytes = parse_size_to_int(size)
+    except (ValueError, TypeError, AttributeError):
+        size_bytes = 0
+    if size_bytes < 1:
+        raise FeddemError(f"max-shard-size must be a size such as 500MB or 5GB, got {size!r}")
+    return size_bytes
 
 
 def _coerce(key: str, value, kind: type):
