@@ -34,8 +34,8 @@ def _config(text: str) -> dict:
 
 def _write_shards(cfg, root: Path) -> list[tuple[Path, str]]:
     """Each simulated site's shard written as train/test jsonl files (what a deployed site holds)."""
-    from client.site_context import SiteContext
-    from client.site import load_site_shard
+    from feddem.client.site_context import SiteContext
+    from feddem.client.site import load_site_shard
 
     folders = []
     for i in range(cfg.sites):
@@ -51,7 +51,7 @@ def _write_shards(cfg, root: Path) -> list[tuple[Path, str]]:
 def deployed(cfg_text: str, cfg, root: Path, env: dict) -> tuple[float, dict]:
     import psutil
 
-    from server.certs import generate
+    from feddem.server.certs import generate
     from tests.processes import TAG_VAR, free_ports, start, stop_tree, tagged, wait_for_port
 
     names = [f"site-{i}" for i in range(cfg.sites)]
@@ -113,9 +113,9 @@ def simulated(cfg, root: Path, env: dict) -> tuple[float, dict]:
     out = root / "simulated-run"
     from dataclasses import fields
 
-    from server.cli import RENAMED
+    from feddem.server.cli import RENAMED
 
-    args = [sys.executable, "-m", "server.cli", "simulate", "--out", str(out)]
+    args = [sys.executable, "-m", "feddem.server.cli", "simulate", "--out", str(out)]
     for f in fields(cfg):  # the same settings as the deployed run, as `feddem simulate` options
         value = getattr(cfg, f.name)
         if f.name == "out_dir" or value in ("", None) or value is False:
@@ -139,8 +139,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from common.base_model import BaseSettings, ensure_embedded_base
-    from common.config import RunConfig
+    from feddem.common.base_model import BaseSettings, ensure_embedded_base
+    from feddem.common.config import RunConfig
 
     cfg_text = f"sites={args.sites} device=\"cpu\" {args.run_config}".strip()
     cfg = RunConfig.from_record(_config(cfg_text))

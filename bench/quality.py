@@ -35,11 +35,11 @@ log = logging.getLogger("feddem.bench")
 
 
 def _site_data(cfg, n_sites):
-    from client.site_context import SiteContext
-    from client.site import heldout_blocks, load_site_shard
-    from common.data import pack_blocks
-    from common.modeling import load_tokenizer
-    from server.base import resolve_base_ref
+    from feddem.client.site_context import SiteContext
+    from feddem.client.site import heldout_blocks, load_site_shard
+    from feddem.common.data import pack_blocks
+    from feddem.common.modeling import load_tokenizer
+    from feddem.server.base import resolve_base_ref
 
     tokenizer = load_tokenizer(resolve_base_ref(cfg))
     data = []
@@ -52,14 +52,14 @@ def _site_data(cfg, n_sites):
 
 
 def _losses(model, data, tokenizer, split="test") -> dict[str, float]:
-    from common.evaluation import evaluate_loss
+    from feddem.common.evaluation import evaluate_loss
 
     return {d["domain"]: evaluate_loss(model, d[split], tokenizer.pad_token_id, torch.device("cpu"))["loss"]
             for d in data}
 
 
 def _merged(base, vectors, weights):
-    from common.vectors import apply_vector, weighted_sum
+    from feddem.common.vectors import apply_vector, weighted_sum
 
     model = copy.deepcopy(base)
     apply_vector(model, weighted_sum(vectors, weights))
@@ -67,7 +67,7 @@ def _merged(base, vectors, weights):
 
 
 def data_mixing(cfg, base, data, tokenizer) -> dict[str, float]:
-    from common.training import TrainSettings, train_causal_lm
+    from feddem.common.training import TrainSettings, train_causal_lm
 
     model = copy.deepcopy(base)
     union = torch.cat([d["train"] for d in data])
@@ -78,7 +78,7 @@ def data_mixing(cfg, base, data, tokenizer) -> dict[str, float]:
 
 
 def feddem_run(cfg, rounds: int) -> tuple[dict, Path]:
-    from server.simulation import simulate
+    from feddem.server.simulation import simulate
 
     run_cfg = replace(cfg, rounds=rounds, steps=max(1, cfg.steps // rounds),
                       out_dir=str(Path(cfg.out_dir) / f"feddem-R{rounds}"))
@@ -88,7 +88,7 @@ def feddem_run(cfg, rounds: int) -> tuple[dict, Path]:
 
 def pool_vectors(home: Path, n_sites: int, since: float):
     """The sites' vectors of the latest run (the pool of a trusted run on this machine), in site order."""
-    from common.vectors import load_vector
+    from feddem.common.vectors import load_vector
 
     vectors = []
     for i in range(n_sites):
@@ -102,10 +102,10 @@ def pool_vectors(home: Path, n_sites: int, since: float):
 
 def strategy_merges(cfg, base, data, tokenizer, vectors, report) -> tuple[dict, dict]:
     """feddem at R = 1 under every strategy, on the same site vectors: (loss by strategy, weights by strategy)."""
-    from client.signals import alignment, domain_embedding
-    from common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights
-    from common.weighting.search import coordinate_search
-    from server.target import target_direction
+    from feddem.client.signals import alignment, domain_embedding
+    from feddem.common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights
+    from feddem.common.weighting.search import coordinate_search
+    from feddem.server.target import target_direction
 
     sites = {s["domain"]: s for s in report["sites"]}
     direction = target_direction(copy.deepcopy(base), tokenizer, cfg)
@@ -136,9 +136,9 @@ def fedavg(cfg, base, data, tokenizer, rounds: int) -> dict[str, float]:
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
-    from common.training import TrainSettings, train_causal_lm
-    from server.base import resolve_base_ref
-    from server.simulation import backend_config, loopback_environment
+    from feddem.common.training import TrainSettings, train_causal_lm
+    from feddem.server.base import resolve_base_ref
+    from feddem.server.simulation import backend_config, loopback_environment
 
     steps = max(1, cfg.steps // rounds)
     ref = resolve_base_ref(cfg)
@@ -146,10 +146,10 @@ def fedavg(cfg, base, data, tokenizer, rounds: int) -> dict[str, float]:
 
     @client_app.train()
     def train(msg: Message, context):  # a FedAvg site: its own data, the global model, steps/R local steps
-        from client.site_context import SiteContext
-        from client.site import load_site_shard
-        from common.data import pack_blocks
-        from common.modeling import load_model, load_tokenizer
+        from feddem.client.site_context import SiteContext
+        from feddem.client.site import load_site_shard
+        from feddem.common.data import pack_blocks
+        from feddem.common.modeling import load_model, load_tokenizer
 
         index = int(context.node_config["partition-id"])
         shard = load_site_shard(cfg, SiteContext(index, f"site-{index}", Path(".")))
@@ -226,11 +226,11 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
-    from common.config import RunConfig
-    from common.data import list_shards
-    from common.modeling import load_model
-    from server.base import resolve_base_ref
-    from server.simulation import check_local_inputs
+    from feddem.common.config import RunConfig
+    from feddem.common.data import list_shards
+    from feddem.common.modeling import load_model
+    from feddem.server.base import resolve_base_ref
+    from feddem.server.simulation import check_local_inputs
 
     args.out.mkdir(parents=True, exist_ok=True)
     home = Path(os.environ.setdefault("FEDDEM_HOME", tempfile.mkdtemp(prefix="feddem-quality-")))

@@ -89,7 +89,7 @@ def llama_config(params: float):
 def role_base(args) -> dict:
     import torch
 
-    from common.modeling import build_model, count_parameters
+    from feddem.common.modeling import build_model, count_parameters
 
     start = time.perf_counter()
     with torch.device("cpu"):
@@ -105,9 +105,9 @@ def _site_dir(args, i: int) -> Path:
 def role_site(args) -> dict:
     import torch
 
-    from common.modeling import base_tensors, load_model
-    from common.config import RunConfig
-    from common.vectors import cast, extract_vector, save_vector
+    from feddem.common.modeling import base_tensors, load_model
+    from feddem.common.config import RunConfig
+    from feddem.common.vectors import cast, extract_vector, save_vector
     from tests.fakegrid import RUN_ID
 
     ref = str(args.dir / "base")
@@ -135,8 +135,8 @@ def role_masked(args) -> dict:
     from flwr.proto.message_pb2 import Message as ProtoMessage
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-    from client.app import app as client_app
-    from common import messages as M
+    from feddem.client.app import app as client_app
+    from feddem.common import messages as M
     from tests.fakegrid import RUN_ID, task_identity
 
     box = args.dir / "box" / f"node-{args.node}"
@@ -172,7 +172,7 @@ def _bench_grid(args, nodes):
     from flwr.common.serde import message_to_proto, recorddict_from_proto, recorddict_to_proto
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-    from common import messages as M
+    from feddem.common import messages as M
     from tests.fakegrid import FakeGrid
 
     class BenchGrid(FakeGrid):
@@ -230,11 +230,11 @@ def role_server(args) -> dict:
     import torch
     from flwr.app import ConfigRecord
 
-    from common.config import RunConfig
-    from common.modeling import export_merged
-    from common.memory import release_memory
-    from common.vectors import merged_tensors, open_tensors, open_vector, shapes_of
-    from server.secure_aggregation import secure_sum
+    from feddem.common.config import RunConfig
+    from feddem.common.modeling import export_merged
+    from feddem.common.memory import release_memory
+    from feddem.common.vectors import merged_tensors, open_tensors, open_vector, shapes_of
+    from feddem.server.secure_aggregation import secure_sum
     from tests.fakegrid import RUN_ID, task_identity
 
     ref = str(args.dir / "base")
@@ -333,7 +333,7 @@ def _run_role(args, role: str, **extra) -> dict:
 
 def _check(args, report: dict) -> float:
     """Largest |exported - (base + sum_i w_i d_i)| over a few tensors, read from the files."""
-    from common.vectors import open_tensors, open_vector
+    from feddem.common.vectors import open_tensors, open_vector
     from tests.fakegrid import RUN_ID
 
     base, merged = open_tensors(args.dir / "base"), open_tensors(args.dir / "merged")
@@ -363,8 +363,8 @@ def main(argv=None) -> int:
     parser.add_argument("--node", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from common.config import shard_size_bytes
-    from common.errors import FeddemError
+    from feddem.common.config import shard_size_bytes
+    from feddem.common.errors import FeddemError
 
     try:
         args.max_shard_bytes = shard_size_bytes(args.max_shard_size)

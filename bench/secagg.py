@@ -119,11 +119,11 @@ def feddem_client_app(seed: int, length: int):
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
 
-    from client import app as site_app
-    from client.guard import record_path
-    from client.site_context import SiteContext
-    from common import messages as M
-    from common.vectors import save_vector
+    from feddem.client import app as site_app
+    from feddem.client.guard import record_path
+    from feddem.client.site_context import SiteContext
+    from feddem.common import messages as M
+    from feddem.common.vectors import save_vector
 
     app = ClientApp()
 
@@ -147,10 +147,10 @@ def feddem_server_app(method: str, seed: int, sites: int, length: int, rounds: i
     from flwr.app import ConfigRecord, RecordDict
     from flwr.serverapp import ServerApp
 
-    from common import messages as M
-    from common.config import RunConfig
-    from server.secure_aggregation import secure_sum
-    from server.workflow import Stage, _wait_for_nodes, plain_aggregate
+    from feddem.common import messages as M
+    from feddem.common.config import RunConfig
+    from feddem.server.secure_aggregation import secure_sum
+    from feddem.server.workflow import Stage, _wait_for_nodes, plain_aggregate
 
     app = ServerApp()
 
@@ -251,8 +251,8 @@ def flower_apps(seed: int, sites: int, length: int, rounds: int, threshold: int,
 def run_one(method: str, seed: int, sites: int, length: int, rounds: int, vector_dtype: str = "float32") -> dict:
     from flwr.simulation import run_simulation
 
-    from common.config import RunConfig
-    from server.simulation import loopback_environment
+    from feddem.common.config import RunConfig
+    from feddem.server.simulation import loopback_environment
 
     loopback_environment()
     out: list = []

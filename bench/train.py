@@ -39,7 +39,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10"
 def build(preset: dict):
     from transformers import LlamaConfig
 
-    from common.modeling import build_model
+    from feddem.common.modeling import build_model
 
     config = LlamaConfig(**preset["model"], tie_word_embeddings=True, max_position_embeddings=max(2048,
                                                                                                  preset["seq_len"]))
@@ -69,7 +69,7 @@ def peak_flops(device, given: float) -> float | None:
 
 
 def run_feddem(model, blocks, args, device) -> dict:
-    from common.training import TrainSettings, train_causal_lm
+    from feddem.common.training import TrainSettings, train_causal_lm
 
     marks = []
 
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from common.devices import resolve_device
+    from feddem.common.devices import resolve_device
 
     device = resolve_device(args.device)
     if device.type == "cpu":

@@ -15,12 +15,12 @@ import time
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import secure_upload
-from client.site_context import SiteContext, stored_vector
-from common import messages as M
-from common.config import RunConfig
-from common.errors import FeddemError
-from common.weighting import EMBEDDING, strategy
+from feddem.client import secure_upload
+from feddem.client.site_context import SiteContext, stored_vector
+from feddem.common import messages as M
+from feddem.common.config import RunConfig
+from feddem.common.errors import FeddemError
+from feddem.common.weighting import EMBEDDING, strategy
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 log = logging.getLogger("feddem.site")
@@ -50,7 +50,7 @@ def _handle(msg: Message, context: Context, work) -> Message:
 
 
 def _optional_vector(content: RecordDict, name: str):
-    from common.vectors import vector_from_record
+    from feddem.common.vectors import vector_from_record
 
     return vector_from_record(content.array_records[name]) if name in content.array_records else None
 
@@ -58,7 +58,7 @@ def _optional_vector(content: RecordDict, name: str):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     def work(msg, site, cfg, ref, checksum):
-        from client.site import fine_tune
+        from feddem.client.site import fine_tune
 
         embed = EMBEDDING in strategy(cfg.strategy_name).needs
         result = fine_tune(cfg, site, ref, checksum, context.run_id, _optional_vector(msg.content, M.START),
@@ -78,7 +78,7 @@ def train(msg: Message, context: Context) -> Message:
 def upload(msg: Message, context: Context) -> Message:
     def work(msg, site, cfg, ref, checksum):
         weight = float(msg.content.config_records[M.WEIGHT]["weight"])
-        from client.upload import upload_weighted_vector
+        from feddem.client.upload import upload_weighted_vector
 
         return RecordDict({M.VECTOR: upload_weighted_vector(stored_vector(site, context.run_id), weight,
                                                                  cfg.torch_vector_dtype)})
@@ -89,8 +89,8 @@ def upload(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     def work(msg, site, cfg, ref, checksum):
-        from client.site import evaluate_merged
-        from common.vectors import vector_from_record
+        from feddem.client.site import evaluate_merged
+        from feddem.common.vectors import vector_from_record
 
         aggregate = vector_from_record(msg.content.array_records[M.AGGREGATE])
         split = str(msg.content.config_records[M.EVAL]["split"]) if M.EVAL in msg.content.config_records else "test"

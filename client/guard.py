@@ -24,10 +24,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from client.site_context import SiteContext, vector_file
-from common.config import RunConfig
-from common.errors import FeddemError
-from common.stored_tensors import stored_digest
+from feddem.client.site_context import SiteContext, vector_file
+from feddem.common.config import RunConfig
+from feddem.common.errors import FeddemError
+from feddem.common.stored_tensors import stored_digest
 
 log = logging.getLogger("feddem.site")
 

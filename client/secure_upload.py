@@ -21,17 +21,17 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from client.guard import (
+from feddem.client.guard import (
     GuardPolicy, check_not_aggregated, check_other_weights, check_peers, check_weight, mark_aggregated, vector_digest,
 )
-from client.site_context import SiteContext, vector_file
-from common import messages as M
-from common.config import RunConfig
-from common.errors import FeddemError
-from common.secagg import SecAggClient, SecAggError, SecAggParams
-from common.secagg.params import round_binding
-from common.secagg.quantize import _fresh_rng
-from common.stored_tensors import flat_chunks, float32_arrays, read_header
+from feddem.client.site_context import SiteContext, vector_file
+from feddem.common import messages as M
+from feddem.common.config import RunConfig
+from feddem.common.errors import FeddemError
+from feddem.common.secagg import SecAggClient, SecAggError, SecAggParams
+from feddem.common.secagg.params import round_binding
+from feddem.common.secagg.quantize import _fresh_rng
+from feddem.common.stored_tensors import flat_chunks, float32_arrays, read_header
 
 log = logging.getLogger("feddem.site")
 

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import torch
 
-from common.errors import FeddemError
-from common.vectors import Vector
+from feddem.common.errors import FeddemError
+from feddem.common.vectors import Vector
 
 EMBED_BLOCKS = 32  # blocks of the site's train split averaged into its domain embedding
 

@@ -10,15 +10,15 @@ from collections.abc import Mapping
 
 import torch
 
-from common.config import RunConfig
-from common.data import Shard, SyntheticSizes, load_shard, load_site_data, pack_blocks
-from common.errors import FeddemError
-from common.evaluation import evaluate_loss
-from common.modeling import base_tensors, load_model, load_tokenizer, model_checksum
-from common.training import TrainSettings, train_causal_lm
-from client.signals import alignment, domain_embedding
-from client.site_context import SiteContext
-from common.vectors import (
+from feddem.common.config import RunConfig
+from feddem.common.data import Shard, SyntheticSizes, load_shard, load_site_data, pack_blocks
+from feddem.common.errors import FeddemError
+from feddem.common.evaluation import evaluate_loss
+from feddem.common.modeling import base_tensors, load_model, load_tokenizer, model_checksum
+from feddem.common.training import TrainSettings, train_causal_lm
+from feddem.client.signals import alignment, domain_embedding
+from feddem.client.site_context import SiteContext
+from feddem.common.vectors import (
     LazyVector, Vector, apply_vector, cast, extract_lora_vector, extract_vector, merged, save_vector,
 )
 

@@ -7,9 +7,9 @@ this, and in a deployment every message starts a fresh `flwr-clientapp` process 
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import RunConfig
-from common.errors import FeddemError
-from common.paths import feddem_home
+from feddem.common.config import RunConfig
+from feddem.common.errors import FeddemError
+from feddem.common.paths import feddem_home
 
 
 @dataclass
@@ -46,7 +46,7 @@ class SiteContext:
 
     def resolve_device(self, cfg: RunConfig):
         """The torch device: the site's own `device` when its node config sets one, else the run's."""
-        from common.devices import resolve_device
+        from feddem.common.devices import resolve_device
 
         return resolve_device(self.device or cfg.device)
 
@@ -64,6 +64,6 @@ def vector_file(site: SiteContext, run_id: int) -> Path:
 
 def stored_vector(site: SiteContext, run_id: int):
     """The site's stored vector of this run as a lazy torch vector (`common.vectors.load_vector`)."""
-    from common.vectors import load_vector  # torch: not for the secure stages, which read it with numpy
+    from feddem.common.vectors import load_vector  # torch: not for the secure stages, which read it with numpy
 
     return load_vector(vector_file(site, run_id))

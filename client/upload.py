@@ -11,8 +11,8 @@ import math
 import torch
 from flwr.app import ArrayRecord
 
-from common.errors import FeddemError
-from common.vectors import Vector, cast, scaled, vector_to_record
+from feddem.common.errors import FeddemError
+from feddem.common.vectors import Vector, cast, scaled, vector_to_record
 
 
 def upload_weighted_vector(vector: Vector, weight: float, dtype: torch.dtype = torch.float32) -> ArrayRecord:

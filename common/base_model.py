@@ -15,11 +15,11 @@ from typing import Callable
 
 import torch
 
-from common.data import general_mixture, pack_blocks
-from common.modeling import TINY_LLAMA, build_model, tiny_llama_config
-from common.paths import feddem_home
-from common.tokenizer import build_byte_tokenizer
-from common.training import TrainSettings, train_causal_lm
+from feddem.common.data import general_mixture, pack_blocks
+from feddem.common.modeling import TINY_LLAMA, build_model, tiny_llama_config
+from feddem.common.paths import feddem_home
+from feddem.common.tokenizer import build_byte_tokenizer
+from feddem.common.training import TrainSettings, train_causal_lm
 
 EMBEDDED_VERSION = 2  # bump when the model, tokenizer, mixture or loop changes what a key produces
 

@@ -7,7 +7,7 @@ and in the ConfigRecord the server sends to the sites.
 import math
 from dataclasses import dataclass, field, fields
 
-from common.errors import FeddemError
+from feddem.common.errors import FeddemError
 
 AGGREGATIONS = ("secure", "plain")  # how the weighted vectors reach the server
 
@@ -114,8 +114,8 @@ class RunConfig:
         return config
 
     def validate(self) -> None:
-        from common.weighting import WEIGHTINGS  # late import: weighting imports nothing from here
-        from common.devices import DEVICES
+        from feddem.common.weighting import WEIGHTINGS  # late import: weighting imports nothing from here
+        from feddem.common.devices import DEVICES
 
         for name in ("sites", "steps", "batch_size", "grad_accum", "train_examples", "eval_examples", "lora_r"):
             if getattr(self, name) < 1:
@@ -139,7 +139,7 @@ class RunConfig:
         self._validate_weighting()
 
     def _validate_weighting(self) -> None:
-        from common.weighting.manual import parse_weights
+        from feddem.common.weighting.manual import parse_weights
 
         if self.rounds < 1:
             raise FeddemError(f"rounds must be at least 1, got {self.rounds}")

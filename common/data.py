@@ -13,8 +13,8 @@ from pathlib import Path
 import datasets
 import torch
 
-from common.errors import FeddemError
-from common.synthetic import DOMAINS, make_domain
+from feddem.common.errors import FeddemError
+from feddem.common.synthetic import DOMAINS, make_domain
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 HELDOUT_NAMES = ("test", "validation", "heldout")

@@ -1,6 +1,6 @@
 """Choosing the torch device a site trains on: auto (CUDA when present), cpu or cuda."""
 
-from common.errors import FeddemError
+from feddem.common.errors import FeddemError
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
-from common.errors import FeddemError
-from common.vectors import LazyVector, Vector, merged_tensors, open_tensors, save_sharded, specs_of
-from common.tokenizer import build_byte_tokenizer
+from feddem.common.errors import FeddemError
+from feddem.common.vectors import LazyVector, Vector, merged_tensors, open_tensors, save_sharded, specs_of
+from feddem.common.tokenizer import build_byte_tokenizer
 
 # The embedded default: a ~1M-parameter Llama-style model over the byte tokenizer (259 tokens).
 TINY_LLAMA = dict(

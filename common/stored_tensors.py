@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import FeddemError
-from common.memory import release_memory
+from feddem.common.errors import FeddemError
+from feddem.common.memory import release_memory
 
 DIGEST_KEY = "feddem-sha256"  # safetensors header metadata: the content digest written by `save_vector`
 
@@ -51,7 +51,7 @@ def stored_digest(path: str | Path) -> str:
     recorded = header_digest(path)
     if recorded is not None:
         return recorded
-    from common.vectors import load_vector, vector_digest  # torch: only for a vector stored without its digest
+    from feddem.common.vectors import load_vector, vector_digest  # torch: only for a vector stored without its digest
 
     return vector_digest(load_vector(path))
 

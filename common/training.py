@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from common.errors import FeddemError
+from feddem.common.errors import FeddemError
 
 
 @dataclass

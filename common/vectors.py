@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from common.errors import FeddemError
-from common.memory import release_memory
-from common.stored_tensors import DIGEST_KEY, header_digest, read_header
+from feddem.common.errors import FeddemError
+from feddem.common.memory import release_memory
+from feddem.common.stored_tensors import DIGEST_KEY, header_digest, read_header
 
 Vector = Mapping[str, torch.Tensor]  # a dict, or a LazyVector that loads each tensor on access
 

@@ -1,10 +1,11 @@
 """Generate the Python code of the admin API from `protos/` with grpcio-tools (the test extra).
 
-    .venv/bin/python scripts/gen_protos.py            # regenerate feddem/admin/v1/ in the repository
+    .venv/bin/python scripts/gen_protos.py            # regenerate protos/feddem/admin/v1/ beside the .proto files
     .venv/bin/python scripts/gen_protos.py --out DIR  # generate into DIR/feddem/admin/v1/ (the staleness test)
 
 The generated modules are committed and never edited by hand; `tests/test_admin_protos.py` fails when they
-differ from what this script produces. Package folders get an `__init__.py` that says so.
+differ from what this script produces. Package folders below `feddem/` get an `__init__.py` that says so
+(`protos/feddem/__init__.py` itself is the hand-written root of the `feddem` package).
 """
 
 import argparse
@@ -21,8 +22,9 @@ def proto_files() -> list[Path]:
 
 
 def generated_files(out: Path) -> list[Path]:
-    """Every file the generator writes under `out` (modules and package markers)."""
-    return sorted(p for p in (out / "feddem").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    """Every file the generator writes under `out` (modules and package markers below `feddem/`)."""
+    return sorted(p for p in (out / "feddem").rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                  and p.suffix != ".proto" and p != out / "feddem" / "__init__.py")
 
 
 def generate(out: Path) -> list[Path]:
@@ -37,9 +39,9 @@ def generate(out: Path) -> list[Path]:
             f"--grpc_python_out={out}", *protos]
     if protoc.main(args) != 0:
         raise SystemExit(f"protoc failed on {', '.join(protos)}")
-    for proto in protos:  # every folder from feddem/ down to the module's becomes a package
+    for proto in protos:  # every folder below feddem/ down to the module's becomes a package
         folder = out / Path(proto).parent
-        while folder != out:
+        while folder != out / "feddem":
             (folder / "__init__.py").write_text(PACKAGE_DOC)
             folder = folder.parent
     return generated_files(out)
@@ -47,7 +49,7 @@ def generate(out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT, help="root to generate into (default: the repository)")
+    parser.add_argument("--out", type=Path, default=PROTO_ROOT, help="root to generate into (default: protos/)")
     args = parser.parse_args(argv)
     for path in generate(args.out.resolve()):
         print(path)

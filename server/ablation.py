@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from common.errors import FeddemError
+from feddem.common.errors import FeddemError
 
 POOL = "pool"  # folder of a trusted run: one safetensors vector per site
 
@@ -80,9 +80,9 @@ def rank_candidates(candidates: list[tuple[str, ...]], names: list[str],
 def test_sets(cfg, tokenizer, domains: list[str] | None = None) -> dict:
     """The test half of the held-out split of each shard of `cfg.data` (only `domains` when given), as token blocks
     by domain: what a pool's merges are scored on, here and on the feddem server."""
-    from client.site_context import SiteContext
-    from client.site import heldout_blocks, load_site_shard
-    from common.data import list_shards
+    from feddem.client.site_context import SiteContext
+    from feddem.client.site import heldout_blocks, load_site_shard
+    from feddem.common.data import list_shards
 
     shards = list_shards(cfg.data)
     wanted = domains or shards
@@ -103,8 +103,8 @@ def pool_merge_loss(base, vectors: dict, sets: dict, pad_id: int, device
     base + sum_i w_i d_i on `sets` (the base model itself is left as it is)."""
     import copy
 
-    from common.evaluation import evaluate_loss
-    from common.vectors import apply_vector, weighted_sum
+    from feddem.common.evaluation import evaluate_loss
+    from feddem.common.vectors import apply_vector, weighted_sum
 
     names = sorted(vectors)
 
@@ -151,11 +151,11 @@ def ablate_pool(run_dir: Path, spec: str, data: str = "", domains: list[str] | N
                 out: Path | None = None) -> list[dict]:
     """`feddem ablate`: rank candidate mixtures from a trusted run's pool, evaluating each merge on the test splits
     of the data this machine holds (the run's data spec unless `data` is given); writes ablation.json/png."""
-    from common.config import RunConfig
-    from common.devices import resolve_device
-    from common.modeling import load_model, load_tokenizer, model_checksum
-    from common.vectors import load_vector
-    from server.report import read_report
+    from feddem.common.config import RunConfig
+    from feddem.common.devices import resolve_device
+    from feddem.common.modeling import load_model, load_tokenizer, model_checksum
+    from feddem.common.vectors import load_vector
+    from feddem.server.report import read_report
 
     run_dir = Path(run_dir)
     if not (run_dir / "report.json").is_file():

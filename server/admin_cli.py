@@ -23,8 +23,8 @@ from pathlib import Path
 
 import grpc
 
-from common.errors import FeddemError
-from server.admin.client import (
+from feddem.common.errors import FeddemError
+from feddem.server.admin.client import (
     ADDRESS_ENV, CA_ENV, CERT_ENV, DEFAULT_ADDRESS, KEY_ENV, TOKEN_ENV, open_channel, to_dict,
 )
 

@@ -6,10 +6,10 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
-from common.errors import FeddemError
-from server.admin.recorder import recorded
-from server.workflow import run_dem
+from feddem.common.config import RunConfig
+from feddem.common.errors import FeddemError
+from feddem.server.admin.recorder import recorded
+from feddem.server.workflow import run_dem
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 # The root logger at INFO would also show httpx's line for every request; under `flwr run` the ServerApp process

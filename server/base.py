@@ -4,9 +4,9 @@ import logging
 
 import torch
 
-from common.base_model import BaseSettings, ensure_embedded_base
-from common.config import RunConfig
-from common.devices import resolve_device
+from feddem.common.base_model import BaseSettings, ensure_embedded_base
+from feddem.common.config import RunConfig
+from feddem.common.devices import resolve_device
 
 log = logging.getLogger("feddem.server")
 

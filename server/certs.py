@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.errors import FeddemError
+from feddem.common.errors import FeddemError
 
 DEFAULT_SANS = ("127.0.0.1", "localhost")
 DEFAULT_OUT = Path("deploy") / "certs"

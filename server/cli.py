@@ -7,12 +7,12 @@ import logging
 import sys
 from dataclasses import fields
 
-from common.config import AGGREGATIONS, RunConfig
-from common.devices import DEVICES
-from common.errors import FeddemError
-from common.weighting import WEIGHTINGS
-from server import certs
-from server.admin import serve
+from feddem.common.config import AGGREGATIONS, RunConfig
+from feddem.common.devices import DEVICES
+from feddem.common.errors import FeddemError
+from feddem.common.weighting import WEIGHTINGS
+from feddem.server import certs
+from feddem.server.admin import serve
 
 RENAMED = {"out_dir": "out"}  # option names that differ from the run-config key
 CHOICES = {"weighting": list(WEIGHTINGS), "device": list(DEVICES), "aggregation": list(AGGREGATIONS)}
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "simulate":
-            from server.simulation import simulate
+            from feddem.server.simulation import simulate
 
             cfg = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
             result = simulate(cfg)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "server":
             serve.run(args)
         elif args.command == "ablate":
-            from server.ablation import ablate_pool, print_ranking
+            from feddem.server.ablation import ablate_pool, print_ranking
 
             rows = ablate_pool(args.run, args.candidates, args.data,
                                [d.strip() for d in args.domains.split(",") if d.strip()] or None, args.out or None)

@@ -6,9 +6,9 @@ from collections.abc import Callable, Iterator
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common import messages as M
-from common.config import RunConfig
-from common.memory import release_memory
+from feddem.common import messages as M
+from feddem.common.config import RunConfig
+from feddem.common.memory import release_memory
 
 POLL_FIRST, POLL_MAX = 0.005, 0.05  # seconds between polls for replies: short, doubling while none arrives
 

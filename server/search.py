@@ -12,10 +12,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from common.config import RunConfig
-from common.errors import FeddemError
-from common.vectors import Vector
-from common.weighting.search import coordinate_search
+from feddem.common.config import RunConfig
+from feddem.common.errors import FeddemError
+from feddem.common.vectors import Vector
+from feddem.common.weighting.search import coordinate_search
 
 log = logging.getLogger("feddem.server")
 

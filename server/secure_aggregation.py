@@ -24,13 +24,13 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common import messages as M
-from common.errors import FeddemError
-from common.secagg import SecAggError, SecAggParams, SecAggServer, choose_bits, error_bound
-from common.secagg.params import round_binding
-from common.secagg.protocol import _CIPHERTEXT_BYTES, KEY_BYTES
-from common.vectors import Vector, array_view
-from server.messaging import failure_reason, pull_one_at_a_time, push_each
+from feddem.common import messages as M
+from feddem.common.errors import FeddemError
+from feddem.common.secagg import SecAggError, SecAggParams, SecAggServer, choose_bits, error_bound
+from feddem.common.secagg.params import round_binding
+from feddem.common.secagg.protocol import _CIPHERTEXT_BYTES, KEY_BYTES
+from feddem.common.vectors import Vector, array_view
+from feddem.server.messaging import failure_reason, pull_one_at_a_time, push_each
 
 log = logging.getLogger("feddem.server")
 

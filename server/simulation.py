@@ -6,12 +6,12 @@ import time
 import uuid
 from pathlib import Path
 
-from common.config import RunConfig
-from common.errors import FeddemError
-from common.data import SyntheticSizes, load_shard
-from common.modeling import check_model_ref
-from server.base import resolve_base_ref
-from server.workflow import RunResult, preflight
+from feddem.common.config import RunConfig
+from feddem.common.errors import FeddemError
+from feddem.common.data import SyntheticSizes, load_shard
+from feddem.common.modeling import check_model_ref
+from feddem.server.base import resolve_base_ref
+from feddem.server.workflow import RunResult, preflight
 
 
 def loopback_environment() -> None:
@@ -88,8 +88,8 @@ def simulate(cfg: RunConfig) -> RunResult:
     loopback_environment()
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
-    from server.app import build_server_app
+    from feddem.client.app import app as client_app
+    from feddem.server.app import build_server_app
 
     outcome: dict = {}
     tag, previous = uuid.uuid4().hex, os.environ.get(TAG_VAR)

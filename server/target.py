@@ -2,10 +2,10 @@
 
 import torch
 
-from common.config import RunConfig
-from common.data import SyntheticSizes, list_shards, load_shard, pack_blocks
-from common.errors import FeddemError
-from common.vectors import Vector
+from feddem.common.config import RunConfig
+from feddem.common.data import SyntheticSizes, list_shards, load_shard, pack_blocks
+from feddem.common.errors import FeddemError
+from feddem.common.vectors import Vector
 
 
 def target_texts(cfg: RunConfig) -> list[str]:

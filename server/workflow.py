@@ -15,24 +15,24 @@ from pathlib import Path
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
-from common import messages as M
-from common.config import RunConfig
-from common.data import list_shards
-from common.errors import FeddemError
-from common.modeling import export_merged, load_model, load_tokenizer, model_checksum
-from common.paths import feddem_home
-from common.vectors import (
+from feddem.common import messages as M
+from feddem.common.config import RunConfig
+from feddem.common.data import list_shards
+from feddem.common.errors import FeddemError
+from feddem.common.modeling import export_merged, load_model, load_tokenizer, model_checksum
+from feddem.common.paths import feddem_home
+from feddem.common.vectors import (
     Vector, add_into, apply_vector, check_vector, save_vector, vector_from_record, vector_to_record,
     weighted_sum,
 )
-from common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights, strategy
-from server.base import resolve_base_ref
-from server.messaging import failure_reason, pull_one_at_a_time, push_each
-from server.report import build_report, write_report
-from server.ablation import POOL, parse_candidates, rank_candidates, write_ablation
-from server.search import search_merge
-from server.secure_aggregation import secure_sum
-from server.target import target_direction
+from feddem.common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights, strategy
+from feddem.server.base import resolve_base_ref
+from feddem.server.messaging import failure_reason, pull_one_at_a_time, push_each
+from feddem.server.report import build_report, write_report
+from feddem.server.ablation import POOL, parse_candidates, rank_candidates, write_ablation
+from feddem.server.search import search_merge
+from feddem.server.secure_aggregation import secure_sum
+from feddem.server.target import target_direction
 
 log = logging.getLogger("feddem.server")
 

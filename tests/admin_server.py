@@ -13,7 +13,7 @@ import grpc
 import psutil
 
 from tests.processes import free_ports, start, stop
-from server.certs import generate
+from feddem.server.certs import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ class AdminServer:
     def __init__(self, store: Path, tls: Tls, log: Path, token: str | None = None, client_ca: Path | None = None):
         """`token=""`: no token (then `client_ca` must be given: client certificates only)."""
         self.store, self.tls, self.log, self.client_ca = store, tls, log, client_ca
-        self.token = secrets.token_urlsafe(24) if token is None else token
+        self.token = secrets.token_hex(24) if token is None else token
         self.token_file = log.with_suffix(".token")
         self.token_file.write_text(self.token + "\n")
         self.address = f"127.0.0.1:{free_ports(1)[0]}"
@@ -71,7 +71,7 @@ class AdminServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDDEM_ADMIN_")}
         auth = ["--token-file", str(self.token_file)] if self.token else []
         auth += ["--client-ca", str(self.client_ca)] if self.client_ca else []
-        self.proc = start([sys.executable, "-m", "server.cli", "server", "--store", str(self.store), "--address",
+        self.proc = start([sys.executable, "-m", "feddem.server.cli", "server", "--store", str(self.store), "--address",
                            self.address, "--cert", str(self.tls.cert), "--key", str(self.tls.key), *auth], env,
                           self.log, cwd=ROOT)
         deadline = time.monotonic() + timeout
@@ -91,7 +91,7 @@ class AdminServer:
     def channel(self, token: str | None = "", ca: Path | None = None, client: tuple | None = None) -> grpc.Channel:
         """A channel with this server's token (or `token`; None: no token), trusting its CA (or `ca`), with an
         optional client certificate (cert, key)."""
-        from server.admin.client import open_channel
+        from feddem.server.admin.client import open_channel
 
         return open_channel(self.address, self.token if token == "" else (token or ""), ca or self.tls.ca,
                             *(client or (None, None)))

@@ -29,7 +29,7 @@ def feddem_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(feddem_home) -> Path:
     """The embedded base with a short pre-training, cached in the session's FEDDEM_HOME."""
-    from common.base_model import BaseSettings, ensure_embedded_base
+    from feddem.common.base_model import BaseSettings, ensure_embedded_base
 
     return ensure_embedded_base(BaseSettings(steps=TINY_BASE_STEPS), torch.device("cpu"), home=feddem_home)
 
@@ -40,7 +40,7 @@ SMALL_RUN = ["--steps", "20", "--train-examples", "200", "--eval-examples", "40"
 def simulate_cli(out: Path, *args: str) -> tuple[dict, subprocess.CompletedProcess]:
     """Run `feddem simulate` with small settings in a subprocess; return its report and the process result."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-m", "server.cli", "simulate", "--out", str(out), *SMALL_RUN, *args],
+    result = subprocess.run([sys.executable, "-m", "feddem.server.cli", "simulate", "--out", str(out), *SMALL_RUN, *args],
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return json.loads((out / "report.json").read_text()), result

@@ -7,7 +7,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import app as client_app
+from feddem.client.app import app as client_app
 
 RUN_ID = 7
 

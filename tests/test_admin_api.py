@@ -15,11 +15,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.vectors import save_vector
+from feddem.common.vectors import save_vector
 from feddem.admin.v1 import admin_pb2 as pb
 from feddem.admin.v1 import admin_pb2_grpc
-from server import admin_cli
-from server.store import Store, site_vector_name
+from feddem.server import admin_cli
+from feddem.server.store import Store, site_vector_name
 from tests.admin_server import ROOT, AdminServer, fingerprint, make_client_cert, make_tls
 from tests.test_store import report
 
@@ -251,7 +251,7 @@ def run_cli(srv, *args, env_auth=True) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDDEM_ADMIN_")}
     if env_auth:
         env |= srv.env
-    p = subprocess.run([sys.executable, "-m", "server.admin_cli", *args], capture_output=True, text=True, env=env,
+    p = subprocess.run([sys.executable, "-m", "feddem.server.admin_cli", *args], capture_output=True, text=True, env=env,
                        timeout=120, cwd=ROOT)
     return p.returncode, p.stdout, p.stderr
 
@@ -330,8 +330,8 @@ def test_client_certificates(tmp_path):
 
 
 def test_the_server_refuses_to_run_without_authentication(tmp_path):
-    from common.errors import FeddemError
-    from server.admin.serve import read_token
+    from feddem.common.errors import FeddemError
+    from feddem.server.admin.serve import read_token
 
     tls = make_tls(tmp_path / "tls")
     with pytest.raises(RuntimeError, match="refusing to serve without authentication"):

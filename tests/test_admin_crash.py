@@ -11,7 +11,7 @@ import grpc
 
 from feddem.admin.v1 import admin_pb2 as pb
 from feddem.admin.v1 import admin_pb2_grpc
-from server.admin.recorder import RemoteRecorder
+from feddem.server.admin.recorder import RemoteRecorder
 from tests.admin_server import AdminServer, make_tls
 from tests.test_store import report
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.vectors import load_vector
-from server.store import Store
+from feddem.common.vectors import load_vector
+from feddem.server.store import Store
 from tests.admin_server import AdminServer, make_tls
 from tests.conftest import simulate_cli
 from tests.test_admin_api import run_cli

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from common.errors import FeddemError
-from server.admin.recorder import output_files, recorded
-from server.store import Store
-from server.workflow import RunResult
+from feddem.common.errors import FeddemError
+from feddem.server.admin.recorder import output_files, recorded
+from feddem.server.store import Store
+from feddem.server.workflow import RunResult
 from tests.test_store import report
 
 

@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
 from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
 
-from common.errors import FeddemError
-from server.certs import CertPaths, generate, site_names
+from feddem.common.errors import FeddemError
+from feddem.server.certs import CertPaths, generate, site_names
 
 
 def _mode(path) -> int:
@@ -74,7 +74,7 @@ def test_site_names_and_bad_input(tmp_path):
 
 def test_cli(tmp_path):
     out = tmp_path / "certs"
-    args = [sys.executable, "-m", "server.cli", "certs", "--out", str(out), "--sites", "2", "--san", "superlink"]
+    args = [sys.executable, "-m", "feddem.server.cli", "certs", "--out", str(out), "--sites", "2", "--san", "superlink"]
     first = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     assert (out / "sites" / "site-2" / "node.pub").is_file() and "superlink" in first.stdout

@@ -10,7 +10,7 @@ import pytest
 
 def _feddem(*args, home):
     env = dict(os.environ, FEDDEM_HOME=str(home), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "server.cli", "simulate", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "feddem.server.cli", "simulate", *args], capture_output=True, text=True,
                           env=env, timeout=300)
 
 
@@ -61,7 +61,7 @@ def test_bad_choice_is_rejected_by_the_parser(tmp_path, feddem_home):
 
 
 def test_help_explains_every_option():
-    out = subprocess.run([sys.executable, "-m", "server.cli", "simulate", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "feddem.server.cli", "simulate", "--help"], capture_output=True, text=True,
                          timeout=120).stdout
     for option in ("--sites N", "--out DIR", "--model NAME_OR_DIR", "--data SPEC", "--steps", "--lr", "--batch-size",
                    "--seq-len", "--lora", "--weighting", "--device", "--seed"):

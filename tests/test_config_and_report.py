@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RunConfig
-from common.errors import FeddemError
-from common.weighting import WEIGHTINGS, SiteReport, compute_weights
-from server.report import REPORT_KEYS, build_report, read_report, write_report
+from feddem.common.config import RunConfig
+from feddem.common.errors import FeddemError
+from feddem.common.weighting import WEIGHTINGS, SiteReport, compute_weights
+from feddem.server.report import REPORT_KEYS, build_report, read_report, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

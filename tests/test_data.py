@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from common.data import SyntheticSizes, list_shards, load_shard, pack_blocks
-from common.errors import FeddemError
-from common.synthetic import DOMAINS, make_domain
-from common.tokenizer import build_byte_tokenizer
+from feddem.common.data import SyntheticSizes, list_shards, load_shard, pack_blocks
+from feddem.common.errors import FeddemError
+from feddem.common.synthetic import DOMAINS, make_domain
+from feddem.common.tokenizer import build_byte_tokenizer
 
 
 def test_at_least_four_distinct_domains():

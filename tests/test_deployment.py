@@ -22,8 +22,8 @@ import psutil
 import pytest
 import yaml
 
-from common.synthetic import make_domain
-from server.certs import generate
+from feddem.common.synthetic import make_domain
+from feddem.server.certs import generate
 from tests.admin_server import AdminServer, Tls
 from tests.conftest import TINY_BASE_STEPS
 from tests.processes import TAG_VAR, ListenWatch, free_ports, start, stop_tree, tagged, wait_for_port

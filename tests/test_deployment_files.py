@@ -14,9 +14,9 @@ from flwr.common.config import parse_config_args
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
-from server.admin.client import ADDRESS_ENV, CA_ENV, TOKEN_ENV
-from server.certs import CertPaths
-from server.cli import build_parser
+from feddem.server.admin.client import ADDRESS_ENV, CA_ENV, TOKEN_ENV
+from feddem.server.certs import CertPaths
+from feddem.server.cli import build_parser
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 CERTS = CertPaths(Path("certs"))  # compose.yaml lives in deploy/, `feddem certs` writes deploy/certs

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from client.site_context import SiteContext
-from client.site import load_site_shard
-from common.config import RunConfig
-from common.errors import FeddemError
+from feddem.client.site_context import SiteContext
+from feddem.client.site import load_site_shard
+from feddem.common.config import RunConfig
+from feddem.common.errors import FeddemError
 
 
 def _jsonl(path, texts):

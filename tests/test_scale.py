@@ -6,7 +6,7 @@ import sys
 import time
 import uuid
 
-from server.simulation import TAG_VAR, _tagged_pids, stop_leftovers
+from feddem.server.simulation import TAG_VAR, _tagged_pids, stop_leftovers
 
 
 def test_leftover_processes_of_a_run_are_stopped_and_others_are_not():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from common.secagg import SecAggError, apply_mask, mask_stream
-from common.secagg import prg
+from feddem.common.secagg import SecAggError, apply_mask, mask_stream
+from feddem.common.secagg import prg
 
 
 def test_deterministic_per_seed_and_seeds_differ():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from common.secagg import (
+from feddem.common.secagg import (
     RefusalError,
     SecAggClient,
     SecAggError,

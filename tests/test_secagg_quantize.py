@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from common.secagg import RingConfig, SecAggError, choose_bits, dequantize, error_bound, quantize
+from feddem.common.secagg import RingConfig, SecAggError, choose_bits, dequantize, error_bound, quantize
 
 
 def _ring_sum(parts, dtype):

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from common.secagg import SecAggError, TamperError, ThresholdError
-from common.secagg import shamir
+from feddem.common.secagg import SecAggError, TamperError, ThresholdError
+from feddem.common.secagg import shamir
 
 
 def test_any_t_shares_reconstruct_the_secret():

@@ -11,17 +11,17 @@ import torch
 from flwr.app import Array, ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.guard import RECORD_NAME, GuardPolicy
-from client.site_context import SiteContext
-from common import messages as M
-from common.config import RunConfig
-from common.errors import FeddemError
-from common.modeling import load_model, model_checksum
-from common.secagg import SecAggClient, SecAggParams, SecAggServer
-from common.secagg.params import round_binding
-from common.vectors import load_vector, parameters_of
-from server.secure_aggregation import secure_sum
-from server.workflow import Stage, run_dem
+from feddem.client.guard import RECORD_NAME, GuardPolicy
+from feddem.client.site_context import SiteContext
+from feddem.common import messages as M
+from feddem.common.config import RunConfig
+from feddem.common.errors import FeddemError
+from feddem.common.modeling import load_model, model_checksum
+from feddem.common.secagg import SecAggClient, SecAggParams, SecAggServer
+from feddem.common.secagg.params import round_binding
+from feddem.common.vectors import load_vector, parameters_of
+from feddem.server.secure_aggregation import secure_sum
+from feddem.server.workflow import Stage, run_dem
 from tests.fakegrid import RUN_ID, FakeGrid, task_identity
 
 NODES = [9_000_000_011, 9_000_000_022, 9_000_000_033, 9_000_000_044]  # Flower-like ids, mapped to 0..3
@@ -170,7 +170,7 @@ def test_upload_in_parts_gives_the_same_sum_with_each_reply_a_part_of_the_vector
 
 
 def test_upload_spans_are_consecutive_and_never_empty():
-    from server.secure_aggregation import upload_spans
+    from feddem.server.secure_aggregation import upload_spans
 
     assert upload_spans(10, 3) == [(0, 3), (3, 6), (6, 10)]
     assert upload_spans(10, 1) == [(0, 10)]
@@ -201,7 +201,7 @@ def test_dropout_before_the_first_part_is_tolerated_after_it_fails_the_round(sit
 def test_a_later_part_never_masks_an_element_twice_nor_takes_shares_again(sites, tiny_base):
     """The site's side of parts: a span it already uploaded is refused (a one-time mask used twice would reveal
     the difference of two inputs), and so are shares sent again after the first part."""
-    from client.secure_upload import sa_masked
+    from feddem.client.secure_upload import sa_masked
 
     root, layout = sites
     grid = FakeGrid(root, NODES)

@@ -10,10 +10,10 @@ import textwrap
 
 import pytest
 
-from server.store import Store, site_vector_name
-from server.store.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
-from server.store.owner import current_owner
-from server.store.schema import MIGRATIONS, SCHEMA_VERSION
+from feddem.server.store import Store, site_vector_name
+from feddem.server.store.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from feddem.server.store.owner import current_owner
+from feddem.server.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 
 def report(sites=("site-0", "site-1"), weights=None) -> dict:
@@ -235,7 +235,7 @@ def test_a_run_whose_writer_died_is_marked_interrupted(tmp_path):
     """A process begins a run and dies without finishing it: the next store to open marks it failed."""
     code = textwrap.dedent(f"""
         import os
-        from server.store import Store
+        from feddem.server.store import Store
         store = Store({str(tmp_path)!r})
         run = store.begin_run({{"aggregation": "plain"}})
         store.put_artefact(run, "aggregate.safetensors", "aggregate", [b"x" * 10])

@@ -14,12 +14,12 @@ from flwr.app import Array, ArrayRecord
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from client.secure_upload import weighted_chunks
-from client.upload import upload_weighted_vector
-from common.errors import FeddemError
-from common.modeling import build_model, export_merged, model_tensors, tiny_llama_config
-from common.stored_tensors import flat_chunks, float32_arrays, stored_digest
-from common.vectors import (
+from feddem.client.secure_upload import weighted_chunks
+from feddem.client.upload import upload_weighted_vector
+from feddem.common.errors import FeddemError
+from feddem.common.modeling import build_model, export_merged, model_tensors, tiny_llama_config
+from feddem.common.stored_tensors import flat_chunks, float32_arrays, stored_digest
+from feddem.common.vectors import (
     INDEX, apply_vector, cast, check_vector, extract_vector, load_vector, merged, merged_tensors, open_tensors,
     parameters_of, save_sharded, save_vector, specs_of, vector_digest, vector_from_record, write_safetensors,
 )
@@ -231,8 +231,8 @@ def test_the_client_app_and_its_secure_stages_load_without_torch():
     """In a deployment each message starts a fresh process: the secure stages must not pay for torch."""
     code = textwrap.dedent("""
         import sys
-        import client.app, client.secure_upload
-        from common.config import RunConfig
+        import feddem.client.app, feddem.client.secure_upload
+        from feddem.common.config import RunConfig
         RunConfig.from_record({"vector-dtype": "bfloat16"})
         heavy = sorted(m for m in ("torch", "datasets", "peft", "transformers.modeling_utils") if m in sys.modules)
         print(heavy)
@@ -257,8 +257,8 @@ def test_resharding_a_model_folder_keeps_every_tensor(tmp_path, base_and_vector)
 PEAK = textwrap.dedent("""
     import json, sys
     from transformers import AutoConfig
-    from common.modeling import export_merged
-    from common.vectors import load_vector
+    from feddem.common.modeling import export_merged
+    from feddem.common.vectors import load_vector
     def status(key):  # KiB
         return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
     folder, out = sys.argv[1], sys.argv[2]
@@ -295,10 +295,10 @@ def test_streaming_export_holds_a_few_tensors_not_the_model(tmp_path):
 def test_secure_sum_of_vectors_split_across_many_chunks(tmp_path, base_and_vector, monkeypatch):
     """The site masks its stored vector in many small chunks (spanning tensors), the server adds them as they come
     and unmasks in small blocks in place: the sum is the exact weighted sum within the secure bound."""
-    import client.secure_upload as site_side
-    import server.secure_aggregation as server_side
-    from client.site_context import SiteContext
-    from common.config import RunConfig
+    import feddem.client.secure_upload as site_side
+    import feddem.server.secure_aggregation as server_side
+    from feddem.client.site_context import SiteContext
+    from feddem.common.config import RunConfig
     from flwr.app import ConfigRecord
     from tests.fakegrid import RUN_ID, FakeGrid, task_identity
 

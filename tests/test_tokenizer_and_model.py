@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.errors import FeddemError
-from common.modeling import build_model, count_parameters, load_model, model_checksum, tiny_llama_config
-from common.tokenizer import build_byte_tokenizer
+from feddem.common.errors import FeddemError
+from feddem.common.modeling import build_model, count_parameters, load_model, model_checksum, tiny_llama_config
+from feddem.common.tokenizer import build_byte_tokenizer
 
 TEXTS = ["12+35=47", "héllo wörld ✓", "{id:1;name:bob}\n\tx = f(y);", ""]
 
@@ -39,7 +39,7 @@ def test_embedded_model_size_and_determinism():
 
 
 def test_base_model_is_cached_and_reused(tiny_base):
-    from common.base_model import BaseSettings, ensure_embedded_base
+    from feddem.common.base_model import BaseSettings, ensure_embedded_base
     from tests.conftest import TINY_BASE_STEPS
 
     stamp = (tiny_base / "model.safetensors").stat().st_mtime_ns

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.errors import FeddemError
-from common.modeling import build_model, tiny_llama_config
-from common.training import TrainSettings, train_causal_lm
+from feddem.common.config import RunConfig
+from feddem.common.errors import FeddemError
+from feddem.common.modeling import build_model, tiny_llama_config
+from feddem.common.training import TrainSettings, train_causal_lm
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 CPU = torch.device("cpu")

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from common.errors import FeddemError
-from common.modeling import build_model, tiny_llama_config
-from common.stored_tensors import stored_digest
-from common.vectors import (
+from feddem.common.errors import FeddemError
+from feddem.common.modeling import build_model, tiny_llama_config
+from feddem.common.stored_tensors import stored_digest
+from feddem.common.vectors import (
     apply_vector, check_vector, extract_lora_vector, extract_vector, load_vector, parameters_of, save_vector,
     vector_digest, vector_from_record, vector_to_record, weighted_sum,
 )

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from client.guard import read_record
-from client.signals import alignment
-from client.site_context import SiteContext
-from common import messages as M
-from common.config import RunConfig, count_candidates
-from common.errors import FeddemError
-from common.weighting import ALIGNMENT, EMBEDDING, WEIGHTINGS, SiteReport, compute_weights
-from common.weighting.chameleon import leverage_scores
-from common.weighting.manual import parse_weights
-from common.weighting.search import coordinate_search
-from server.ablation import POOL, ablate_pool, candidate_weights, parse_candidates
-from server.workflow import run_dem
+from feddem.client.guard import read_record
+from feddem.client.signals import alignment
+from feddem.client.site_context import SiteContext
+from feddem.common import messages as M
+from feddem.common.config import RunConfig, count_candidates
+from feddem.common.errors import FeddemError
+from feddem.common.weighting import ALIGNMENT, EMBEDDING, WEIGHTINGS, SiteReport, compute_weights
+from feddem.common.weighting.chameleon import leverage_scores
+from feddem.common.weighting.manual import parse_weights
+from feddem.common.weighting.search import coordinate_search
+from feddem.server.ablation import POOL, ablate_pool, candidate_weights, parse_candidates
+from feddem.server.workflow import run_dem
 from tests.fakegrid import RUN_ID, FakeGrid, task_identity
 
 NODES = [9_000_000_011, 9_000_000_022, 9_000_000_033]

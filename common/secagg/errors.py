@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.errors import FeddemError
+from feddem.common.errors import FeddemError
 
 
 class SecAggError(FeddemError):

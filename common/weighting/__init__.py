@@ -4,9 +4,9 @@ One module per strategy, each exporting a `STRATEGY` (`common.weighting.base.Str
 to them, so adding a strategy is adding a module and a line here, and `--weighting` choices come from it.
 """
 
-from common.errors import FeddemError
-from common.weighting import chameleon, dga, manual, search, size, uniform
-from common.weighting.base import ALIGNMENT, EMBEDDING, SiteReport, Strategy
+from feddem.common.errors import FeddemError
+from feddem.common.weighting import chameleon, dga, manual, search, size, uniform
+from feddem.common.weighting.base import ALIGNMENT, EMBEDDING, SiteReport, Strategy
 
 WEIGHTINGS: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in (uniform, size, chameleon, dga, search, manual)}
 

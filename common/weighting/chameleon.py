@@ -9,8 +9,8 @@ pre-training variant, which favours the common domains).
 
 import numpy as np
 
-from common.errors import FeddemError
-from common.weighting.base import EMBEDDING, SiteReport, Strategy, normalised, softmax
+from feddem.common.errors import FeddemError
+from feddem.common.weighting.base import EMBEDDING, SiteReport, Strategy, normalised, softmax
 
 
 def leverage_scores(embeddings: np.ndarray, lam: float) -> np.ndarray:

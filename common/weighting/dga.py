@@ -9,8 +9,8 @@ rounds (`dga-ema`: the share of the previous weights).
 
 import numpy as np
 
-from common.errors import FeddemError
-from common.weighting.base import ALIGNMENT, SiteReport, Strategy, normalised
+from feddem.common.errors import FeddemError
+from feddem.common.weighting.base import ALIGNMENT, SiteReport, Strategy, normalised
 
 STATE_KEY = "dga-weights"  # site name -> weight of the previous round
 

@@ -2,8 +2,8 @@
 
 import math
 
-from common.errors import FeddemError
-from common.weighting.base import SiteReport, Strategy
+from feddem.common.errors import FeddemError
+from feddem.common.weighting.base import SiteReport, Strategy
 
 
 def parse_weights(text: str) -> dict[str, float]:

@@ -9,7 +9,7 @@ or secure runs whose sites allow that many (distributed noise and an aggregation
 
 from collections.abc import Callable
 
-from common.weighting.base import Strategy
+from feddem.common.weighting.base import Strategy
 
 
 def coordinate_search(n: int, score: Callable[[list[float]], float], budget: int, step: float,

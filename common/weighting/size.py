@@ -1,7 +1,7 @@
 """Size weights: each site in proportion to its number of training tokens (FedAvg's rule)."""
 
-from common.errors import FeddemError
-from common.weighting.base import SiteReport, Strategy
+from feddem.common.errors import FeddemError
+from feddem.common.weighting.base import SiteReport, Strategy
 
 
 def size_weights(sites: list[SiteReport], cfg=None, state=None) -> list[float]:

@@ -1,6 +1,6 @@
 """Uniform weights: every site counts 1/n (the merge is the average of the fine-tuned models)."""
 
-from common.weighting.base import SiteReport, Strategy
+from feddem.common.weighting.base import SiteReport, Strategy
 
 
 def uniform_weights(sites: list[SiteReport], cfg=None, state=None) -> list[float]:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import grpc
 
-from common.errors import FeddemError
+from feddem.common.errors import FeddemError
 
 ADDRESS_ENV, TOKEN_ENV, CA_ENV = "FEDDEM_ADMIN_SERVER", "FEDDEM_ADMIN_TOKEN", "FEDDEM_ADMIN_CA"
 CERT_ENV, KEY_ENV = "FEDDEM_ADMIN_CERT", "FEDDEM_ADMIN_KEY"  # a client certificate, for servers that ask for one

@@ -11,11 +11,11 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from common.config import RunConfig
-from common.errors import FeddemError
-from server.admin.recorder import LocalRecorder, record_outputs
-from server.store import Store
-from server.store.errors import FailedPrecondition, InvalidArgument, StoreError
+from feddem.common.config import RunConfig
+from feddem.common.errors import FeddemError
+from feddem.server.admin.recorder import LocalRecorder, record_outputs
+from feddem.server.store import Store
+from feddem.server.store.errors import FailedPrecondition, InvalidArgument, StoreError
 
 TRUSTED = "plain"  # the aggregation of a run whose site vectors the server may hold
 
@@ -44,7 +44,7 @@ def pool_artefacts(store: Store, run: dict) -> dict[str, dict]:
 
 def load_site_vectors(store: Store, run_id: str, stored: dict[str, dict]) -> dict:
     """The vectors of `pool_artefacts`, each file verified against its record and its own digest."""
-    from common.vectors import load_vector
+    from feddem.common.vectors import load_vector
 
     vectors = {}
     for site, a in stored.items():
@@ -58,7 +58,7 @@ def load_site_vectors(store: Store, run_id: str, stored: dict[str, dict]) -> dic
 
 def base_model(run: dict):
     """The run's base model, loaded from the reference it was recorded with and checked against its checksum."""
-    from common.modeling import load_model, model_checksum
+    from feddem.common.modeling import load_model, model_checksum
 
     try:
         model = load_model(run["base_ref"])
@@ -92,8 +92,8 @@ def check_weights(weights: dict[str, float], sites: list[str], cfg: RunConfig) -
 def remerge(store: Store, run_id: str, weights: dict[str, float]) -> str:
     """A new run (kind remerge, parent `run_id`): base + sum_i w_i d_i from the run's stored site vectors, exported
     the way a run exports its merged model (common.modeling.export_merged)."""
-    from common.modeling import export_merged, load_tokenizer
-    from common.vectors import save_vector, weighted_sum
+    from feddem.common.modeling import export_merged, load_tokenizer
+    from feddem.common.vectors import save_vector, weighted_sum
 
     run = store.get_run(run_id)
     stored = pool_artefacts(store, run)
@@ -133,7 +133,7 @@ def remerge(store: Store, run_id: str, weights: dict[str, float]) -> str:
 
 def check_data(data: str) -> None:
     """An evaluation data spec is refused (INVALID_ARGUMENT) before any model is loaded."""
-    from common.data import list_shards
+    from feddem.common.data import list_shards
 
     if data:
         try:
@@ -144,7 +144,7 @@ def check_data(data: str) -> None:
 
 def evaluation_sets(cfg: RunConfig, data: str, tokenizer) -> dict:
     """The held-out test blocks of each shard of `data` (default: the run's own data spec), by domain."""
-    from server.ablation import test_sets
+    from feddem.server.ablation import test_sets
 
     cfg = replace(cfg, data=data or cfg.data)
     try:
@@ -156,14 +156,14 @@ def evaluation_sets(cfg: RunConfig, data: str, tokenizer) -> dict:
 def _losses(model, sets: dict, pad_id: int) -> dict[str, dict]:
     import torch
 
-    from common.evaluation import evaluate_loss
+    from feddem.common.evaluation import evaluate_loss
 
     return {domain: evaluate_loss(model, blocks, pad_id, torch.device("cpu")) for domain, blocks in sets.items()}
 
 
 def evaluate(store: Store, run_id: str, data: str) -> dict[str, dict]:
     """Held-out loss per domain of the run's merged model; recorded as metrics of stage `server:<data>`."""
-    from common.modeling import load_model, load_tokenizer
+    from feddem.common.modeling import load_model, load_tokenizer
 
     run = store.get_run(run_id)
     if not run["has_model"]:
@@ -185,8 +185,8 @@ def rank_pool(store: Store, run_id: str, candidates: str, data: str) -> list[dic
     stored vectors (server/ablation.py's ranking)."""
     import torch
 
-    from common.modeling import load_tokenizer
-    from server.ablation import parse_candidates, pool_merge_loss, rank_candidates
+    from feddem.common.modeling import load_tokenizer
+    from feddem.server.ablation import parse_candidates, pool_merge_loss, rank_candidates
 
     run = store.get_run(run_id)
     stored = pool_artefacts(store, run)

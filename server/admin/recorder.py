@@ -17,11 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from common.errors import FeddemError
+from feddem.common.errors import FeddemError
 
-from server.ablation import POOL
-from server.store import Store, site_vector_name
-from server.store.artefacts import CHUNK
+from feddem.server.ablation import POOL
+from feddem.server.store import Store, site_vector_name
+from feddem.server.store.artefacts import CHUNK
 
 STORE_ENV = "FEDDEM_STORE"
 log = logging.getLogger("feddem.server")
@@ -64,7 +64,7 @@ class RemoteRecorder:
     def __init__(self, server: str, token: str, ca: str | Path | None, cert: str | None = None,
                  key: str | None = None):
         from feddem.admin.v1 import admin_pb2_grpc
-        from server.admin.client import open_channel
+        from feddem.server.admin.client import open_channel
 
         self.pb = _pb()
         self.channel = open_channel(server, token, ca, cert, key)
@@ -73,7 +73,7 @@ class RemoteRecorder:
     def begin(self, config: dict, flower_run_id: int = 0, kind: str = "federated", parent_run: str = "") -> str:
         if kind != "federated" or parent_run:
             raise ValueError("a remote recorder records federated runs only")
-        from server.store.owner import current_owner
+        from feddem.server.store.owner import current_owner
 
         run = self.stub.BeginRun(self.pb.BeginRunRequest(config_json=json.dumps(config), flower_run_id=flower_run_id,
                                                          writer=current_owner()), timeout=self.CALL_TIMEOUT)
@@ -108,7 +108,7 @@ def _pb():
 
 def recorder_from_environment(environ: dict | None = None) -> Recorder | None:
     """The recorder that the environment names, or None when it names none (the run is not recorded)."""
-    from server.admin.client import ADDRESS_ENV, CA_ENV, CERT_ENV, KEY_ENV, TOKEN_ENV
+    from feddem.server.admin.client import ADDRESS_ENV, CA_ENV, CERT_ENV, KEY_ENV, TOKEN_ENV
 
     env = os.environ if environ is None else environ
     if env.get(STORE_ENV):
@@ -184,6 +184,6 @@ def recorded(config: dict, flower_run_id: int, run: Callable):
 
 
 def _where() -> str:
-    from server.admin.client import ADDRESS_ENV
+    from feddem.server.admin.client import ADDRESS_ENV
 
     return os.environ.get(STORE_ENV) or os.environ.get(ADDRESS_ENV, "")

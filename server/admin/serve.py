@@ -16,11 +16,11 @@ from pathlib import Path
 
 import grpc
 
-from common.errors import FeddemError
-from server.admin.auth import TokenAuth
-from server.admin.client import DEFAULT_ADDRESS, MAX_MESSAGE, TOKEN_ENV, read_file
-from server.admin.service import handlers
-from server.store import Store, default_store_path
+from feddem.common.errors import FeddemError
+from feddem.server.admin.auth import TokenAuth
+from feddem.server.admin.client import DEFAULT_ADDRESS, MAX_MESSAGE, TOKEN_ENV, read_file
+from feddem.server.admin.service import handlers
+from feddem.server.store import Store, default_store_path
 
 log = logging.getLogger("feddem.admin")
 
@@ -32,7 +32,7 @@ def read_token(token_file: Path | None) -> str:
         token = os.environ.get(TOKEN_ENV, "").strip()
     if token and len(token) < 16:
         raise FeddemError("the admin token is shorter than 16 characters: use a random one, e.g. "
-                          "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+                          "`python -c 'import secrets; print(secrets.token_hex(32))'`")
     return token
 
 

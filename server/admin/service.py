@@ -16,12 +16,12 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
-from common.errors import FeddemError
+from feddem.common.errors import FeddemError
 from feddem.admin.v1 import admin_pb2 as pb
-from server.admin import models
-from server.store import Store
-from server.store.artefacts import check_name
-from server.store.errors import FailedPrecondition, InvalidArgument, StoreError
+from feddem.server.admin import models
+from feddem.server.store import Store
+from feddem.server.store.artefacts import check_name
+from feddem.server.store.errors import FailedPrecondition, InvalidArgument, StoreError
 
 log = logging.getLogger("feddem.admin")
 

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from common.paths import feddem_home
-from server.store.store import Store, site_vector_name
+from feddem.common.paths import feddem_home
+from feddem.server.store.store import Store, site_vector_name
 
 
 def default_store_path() -> Path:

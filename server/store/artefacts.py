@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from server.store.errors import DataLoss, InvalidArgument
+from feddem.server.store.errors import DataLoss, InvalidArgument
 
 CHUNK = 1 << 20  # bytes per read and per streamed message
 TMP_SUFFIX = ".tmp"

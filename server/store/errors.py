@@ -1,6 +1,6 @@
 """Errors of the run store, each naming the gRPC status the admin API answers with (see server/admin/service.py)."""
 
-from common.errors import FeddemError
+from feddem.common.errors import FeddemError
 
 
 class StoreError(FeddemError):

@@ -6,7 +6,7 @@ brought up to date when it is opened, each step in one transaction; a store newe
 
 import sqlite3
 
-from server.store.errors import FailedPrecondition
+from feddem.server.store.errors import FailedPrecondition
 
 MIGRATIONS: list[str] = [
     # 1: runs, their sites, rounds, weights, metrics and artefact records

@@ -16,10 +16,10 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from server.store.artefacts import ArtefactFiles, check_name
-from server.store.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from server.store.owner import OWNER, current_owner, owner_alive
-from server.store.schema import SCHEMA_VERSION, migrate
+from feddem.server.store.artefacts import ArtefactFiles, check_name
+from feddem.server.store.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from feddem.server.store.owner import OWNER, current_owner, owner_alive
+from feddem.server.store.schema import SCHEMA_VERSION, migrate
 
 KINDS = ("model", "aggregate", "site-vector", "report")
 EVAL_STAGES = ("base", "local", "merged")
