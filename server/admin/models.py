@@ -93,13 +93,13 @@ def check_weights(weights: dict[str, float], sites: list[str], cfg: RunConfig) -
 def remerge(store: Store, run_id: str, weights: dict[str, float]) -> str:
     """A new run (kind remerge, parent `run_id`): base + sum_i w_i d_i from the run's stored site vectors, exported
     the way a run exports its merged model (common.modeling.export_merged)."""
-    from feddem.common.modeling import export_merged, load_tokenizer
-    from feddem.common.vectors import save_vector, weighted_sum
-
     run = store.get_run(run_id)
     stored = pool_artefacts(store, run)
     cfg = run_config(run)
     full = check_weights(dict(weights), sorted(stored), cfg)
+    from feddem.common.modeling import export_merged, load_tokenizer  # after the checks: a refusal is quick
+    from feddem.common.vectors import save_vector, weighted_sum
+
     vectors = load_site_vectors(store, run_id, stored)
     base_model(run)  # loaded to check that the base on this server is the run's (checksum)
     aggregate = weighted_sum([vectors[s] for s in full], list(full.values()))

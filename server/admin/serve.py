@@ -131,9 +131,7 @@ def start_server(store: Store, address: str, cert: Path, key: Path, token: str,
     if not token and client_ca is None:
         raise FeddemError(f"refusing to serve without authentication: give --token-file (or set {TOKEN_ENV}), "
                           f"and/or --client-ca")
-    for warning in check_tls(cert, key):
-        log.warning("feddem server: warning: %s", warning)
-        print(f"feddem server: warning: {warning}", file=sys.stderr, flush=True)
+    check_tls(cert, key)
     check_address(address)
     credentials = grpc.ssl_server_credentials(
         [(read_file(key, "TLS key"), read_file(cert, "TLS certificate"))],
@@ -192,6 +190,12 @@ def run(args) -> None:
     if not (args.idle_timeout > 0 and args.call_timeout > 0):
         raise FeddemError("--idle-timeout and --call-timeout must be positive")
     roots = check_data_roots(args.data_root)
+    if not token and args.client_ca is None:  # (start_server says so too) before the store is opened
+        raise FeddemError(f"refusing to serve without authentication: give --token-file (or set {TOKEN_ENV}), "
+                          f"and/or --client-ca")
+    for warning in check_tls(args.cert, args.key):
+        print(f"feddem server: warning: {warning}", file=sys.stderr, flush=True)
+    check_address(args.address)
     store = Store(args.store or default_store_path())
     server, port = start_server(store, args.address, args.cert, args.key, token, args.client_ca,
                                 data_roots=roots, limits=Limits(args.idle_timeout, args.call_timeout))
