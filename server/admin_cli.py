@@ -201,12 +201,17 @@ def cmd_runs(args):
 
 
 def delete_run(args, pb, stub) -> int:
-    run = _run(args, pb, stub)  # the full id, and NOT_FOUND before any question
+    try:
+        run = _run(args, pb, stub)  # the full id, and NOT_FOUND before any question
+        what = f"{run['run_id']} ({run['status']}, {len(run['artefacts'])} artefacts)"
+    except grpc.RpcError as exc:  # a run whose records cannot be shown can still be deleted
+        if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        run, what = {"run_id": args.run}, f"{args.run} (its records cannot be shown)"
     if not args.yes:
         if not sys.stdin.isatty():
-            raise UsageError(f"deleting run {run['run_id']} removes its records and files for good: add --yes")
-        answer = input(f"delete run {run['run_id']} ({run['status']}, {len(run['artefacts'])} artefacts) and its "
-                       f"files for good? [y/N] ")
+            raise UsageError(f"deleting run {what} removes its records and files for good: add --yes")
+        answer = input(f"delete run {what} and its files for good? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("not deleted", file=sys.stderr)
             return 1
