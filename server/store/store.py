@@ -319,8 +319,7 @@ class Store:
         self.sweep_interrupted()
         run = self._summary(self._run_row(run_id))
         run["sites"] = self._sites(run_id)
-        run["weights"] = [dict(r) for r in self._rows(
-            "SELECT round, site, weight FROM weights WHERE run_id = ? ORDER BY round, site", run_id)]
+        run["weights"] = self.weights(run_id)
         run["metrics"] = [dict(r) for r in self._rows(
             "SELECT round, stage, domain, name, value FROM metrics WHERE run_id = ? "
             "ORDER BY round DESC, stage, domain, name", run_id)]
@@ -328,6 +327,12 @@ class Store:
         for r in (*run["weights"], *run["metrics"]):
             r.pop("run_id", None)
         return run
+
+    def weights(self, run_id: str, last_round: bool = False) -> list[dict]:
+        """A run's weights by round and site (only its last round's with `last_round`: those of its model)."""
+        last = "AND round = (SELECT MAX(round) FROM weights WHERE run_id = ?)" if last_round else ""
+        return [dict(r) for r in self._rows(f"SELECT round, site, weight FROM weights WHERE run_id = ? {last} "
+                                            f"ORDER BY round, site", run_id, *([run_id] if last_round else []))]
 
     def report(self, run_id: str) -> dict:
         text = self._run_row(run_id)["report_json"]
