@@ -56,7 +56,7 @@ def check_tree(value, what: str) -> None:
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
+        if isinstance(item, (dict, list, tuple)):  # (a tuple: what json.dumps writes as an array)
             if depth > MAX_DEPTH:
                 raise InvalidArgument(f"{what} is nested more than {MAX_DEPTH} levels deep")
             if isinstance(item, dict):
