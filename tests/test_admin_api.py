@@ -587,3 +587,20 @@ def test_cli_never_hangs_and_closes_its_channels(server, capsys):
         for p in procs:
             p.kill()
     assert admin_cli.main([*_connection(srv), "--timeout", "0.001", "runs", "list"]) == 6  # DEADLINE_EXCEEDED
+
+
+def test_artefact_names_that_clash_as_file_and_folder_are_invalid(server):
+    srv, runs = server
+    recorder = admin_pb2_grpc.RecorderServiceStub(srv.channel())
+
+    def put(name):
+        header = pb.ArtefactHeader(run_id=runs["open"], name=name, kind="report", size=1)
+        return recorder.PutArtefact(iter([pb.PutArtefactRequest(header=header), pb.PutArtefactRequest(data=b"x")]),
+                                    timeout=30)
+
+    assert put("clash").size == 1 and put("nest/b").size == 1
+    for name in ("clash/b", "nest"):
+        with pytest.raises(grpc.RpcError) as exc:
+            put(name)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "both a file and a folder" in \
+            exc.value.details()
