@@ -58,9 +58,11 @@ def make_client_cert(tls: Tls, name: str = "operator") -> tuple[Path, Path]:
 class AdminServer:
     """`feddem server` in a subprocess, on a free port of 127.0.0.1."""
 
-    def __init__(self, store: Path, tls: Tls, log: Path, token: str | None = None, client_ca: Path | None = None):
-        """`token=""`: no token (then `client_ca` must be given: client certificates only)."""
-        self.store, self.tls, self.log, self.client_ca = store, tls, log, client_ca
+    def __init__(self, store: Path, tls: Tls, log: Path, token: str | None = None, client_ca: Path | None = None,
+                 extra: list[str] = ()):
+        """`token=""`: no token (then `client_ca` must be given: client certificates only); `extra`: more flags of
+        `feddem server` (e.g. --idle-timeout, --data-root)."""
+        self.store, self.tls, self.log, self.client_ca, self.extra = store, tls, log, client_ca, list(extra)
         self.token = secrets.token_hex(24) if token is None else token
         self.token_file = log.with_suffix(".token")
         self.token_file.write_text(self.token + "\n")
@@ -72,7 +74,8 @@ class AdminServer:
         auth = ["--token-file", str(self.token_file)] if self.token else []
         auth += ["--client-ca", str(self.client_ca)] if self.client_ca else []
         self.proc = start([sys.executable, "-m", "feddem.server.cli", "server", "--store", str(self.store), "--address",
-                           self.address, "--cert", str(self.tls.cert), "--key", str(self.tls.key), *auth], env,
+                           self.address, "--cert", str(self.tls.cert), "--key", str(self.tls.key), *auth,
+                           *self.extra], env,
                           self.log, cwd=ROOT)
         deadline = time.monotonic() + timeout
         while "admin API on" not in self.log.read_text():

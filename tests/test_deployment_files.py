@@ -166,7 +166,7 @@ def test_compose_feddem_server_and_the_serverapp_recording_through_it():
         assert Path(mounts[str(path.parent)]) / path.name == Path(".") / layout, (flag, layout)
     assert PurePosixPath(str(args.store)).is_relative_to("/var/lib/feddem")  # on the run-store volume
     host, port = args.address.rsplit(":", 1)
-    assert host == "0.0.0.0" and f"{port}:{port}" in server["ports"]
+    assert host == "0.0.0.0" and f"127.0.0.1:{port}:{port}" in server["ports"]  # published on this host only
     assert TOKEN_ENV in server["environment"] and args.token_file is None  # the token from deploy/.env
     # the ServerApp (in the SuperLink's container) records every run through the admin API, over TLS with ca.crt
     env = services["superlink"]["environment"]

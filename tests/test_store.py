@@ -296,3 +296,142 @@ def test_evaluations_are_added_as_metrics(tmp_path):
     got = [m for m in store.get_run(run)["metrics"] if m["stage"] == "server:synthetic"]
     assert {(m["round"], m["name"], m["value"]) for m in got} == {(0, "loss", 0.5), (0, "perplexity", 1.6)}
     assert json.loads(json.dumps(store.report(run)))["weights"] == {"site-0": 0.5, "site-1": 0.5}
+
+
+# -- issue 15: what may enter, deletion, references, listings, permissions ----------------------------------------
+
+
+@pytest.mark.parametrize("change", [
+    lambda r: r | {"rounds": [{"round": 2**40, "weights": {"site-0": 1.0}}]},
+    lambda r: r | {"rounds": [{"round": 0, "weights": {"site-0": 1.0}}]},
+    lambda r: r | {"sites": [dict(r["sites"][0], examples=2**64)]},
+    lambda r: r | {"sites": [dict(r["sites"][0], tokens=-1)]},
+    lambda r: r | {"sites": [dict(r["sites"][0], site="x" * 129)]},
+    lambda r: r | {"sites": [dict(r["sites"][0], domain="a\nb")]},
+    lambda r: r | {"base_model": {"ref": "r", "checksum": "c", "parameters": 2**70}},
+    lambda r: r | {"timings": {"deep": json.loads("[" * 40 + "]" * 40)}},
+    lambda r: r | {"timings": {"nan": float("nan")}},
+    lambda r: r | {"failures": {"big": "x" * (9 << 20)}},
+    lambda r: r | {"weights": {f"s{i}": 0.1 for i in range(200_001)}},
+])
+def test_out_of_range_reports_are_refused(tmp_path, change):
+    store = Store(tmp_path)
+    run = store.begin_run({})
+    with pytest.raises(InvalidArgument):
+        store.finish_run(run, change(report()))
+    assert store.get_run(run)["status"] == "running" and store.get_run(run)["weights"] == []
+
+
+@pytest.mark.parametrize("config", [
+    {"pad": "x" * (70 << 10)}, {"n": 2**64}, {"x": float("inf")}, {"deep": json.loads("[" * 20 + "]" * 20)},
+    {"aggregation": "a" * 100}, ["not", "an", "object"],
+])
+def test_out_of_range_configs_are_refused(tmp_path, config):
+    store = Store(tmp_path)
+    with pytest.raises(InvalidArgument):
+        store.begin_run(config)
+    assert store.list_runs() == []
+
+
+def test_validate_parses_json_within_its_bounds():
+    from feddem.server.store.validate import parse_json, quote
+
+    assert parse_json('{"a": [1, 2.5, "x"]}', "t", 100) == {"a": [1, 2.5, "x"]}
+    for raw, word in (("[" * 100_000, "deep"), ('{"a": 1}', "bytes"), ("{", "not JSON"), ("NaN", "not JSON"),
+                      ("1" * 5000, "not JSON"), (str(2**64), "64 bits")):
+        with pytest.raises(InvalidArgument, match=word):
+            parse_json(raw, "t", 7 if word == "bytes" else 1 << 20)
+    assert quote("x" * 16_000).endswith("... (16000 characters)") and len(quote("x" * 16_000)) < 80
+
+
+def test_artefact_names_that_clash_as_file_and_folder(tmp_path):
+    store = Store(tmp_path)
+    run = store.begin_run({})
+    store.put_artefact(run, "fd", "report", [b"file"])
+    with pytest.raises(InvalidArgument, match="both a file and a folder"):
+        store.put_artefact(run, "fd/b", "report", [b"x"])
+    store.put_artefact(run, "ga/b", "report", [b"x"])
+    with pytest.raises(InvalidArgument, match="both a file and a folder"):
+        store.put_artefact(run, "ga", "report", [b"x"])
+    with pytest.raises(InvalidArgument, match="a part of its path is a file"):  # the files refuse it on their own
+        store.files.write(run, "fd/c", [b"x"])
+    assert [a["name"] for a in store.artefacts(run)] == ["fd", "ga/b"] and store.verify() == []
+
+
+def test_a_deleted_run_is_gone_and_audited(tmp_path):
+    store = Store(tmp_path)
+    parent = store.begin_run({})
+    store.put_artefact(parent, "model/m.bin", "model", [b"abc"])
+    store.finish_run(parent, report())
+    child = store.begin_run({}, kind="remerge", parent_run=parent)
+    with pytest.raises(FailedPrecondition, match=child):
+        store.delete_run(parent)
+    store._writing.add((child, "x.bin"))  # an artefact streaming in
+    with pytest.raises(FailedPrecondition, match="being written"):
+        store.delete_run(child)
+    store._writing.clear()
+    assert store.delete_run(child, by="tester")["status"] == "running"
+    assert store.delete_run(parent) == {"run_id": parent, "status": "finished", "artefacts": 1, "bytes": 3}
+    assert store.list_runs() == [] and not (tmp_path / "artefacts" / parent).exists()
+    for table in ("runs", "sites", "weights", "metrics", "rounds", "artefacts"):
+        assert store._rows(f"SELECT COUNT(*) AS n FROM {table}")[0]["n"] == 0, table
+    assert [(a["action"], a["run_id"], a["detail"].get("by")) for a in store.audit()] == [
+        ("delete", child, "tester"), ("delete", parent, "")]
+    with pytest.raises(NotFound):
+        store.delete_run(parent)
+    (tmp_path / "artefacts" / ".deleted-x-1234").mkdir()  # a crash between rename and removal
+    Store(tmp_path)
+    assert list((tmp_path / "artefacts").iterdir()) == []
+
+
+def test_run_references(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(NotFound, match="no runs yet"):
+        store.resolve_run("latest")
+    runs = [store.begin_run({}) for _ in range(3)]
+    assert store.resolve_run(runs[1]) == runs[1] and store.resolve_run("latest") == max(
+        store.list_runs(), key=lambda r: (r["created"], r["run_id"]))["run_id"]
+    assert store.resolve_run(runs[2][:-1]) == runs[2] or runs[2][:-1] == runs[0][:-1]
+    with pytest.raises(InvalidArgument, match="ambiguous") as exc:
+        store.resolve_run(runs[0][:8])  # the same day
+    assert all(r in str(exc.value) for r in runs)
+    with pytest.raises(NotFound):
+        store.resolve_run("19990101")
+
+
+def test_listings_are_pages_of_summaries(tmp_path):
+    store = Store(tmp_path)
+    runs = [store.begin_run({"aggregation": "plain", "i": i}) for i in range(5)]
+    store.finish_run(runs[0], report())
+    first = store.list_runs(limit=2)
+    rest = store.list_runs(after=(first[-1]["created"], first[-1]["run_id"]))
+    assert [r["run_id"] for r in first + rest] == [r["run_id"] for r in store.list_runs()] and len(rest) == 3
+    assert sorted(r["run_id"] for r in first + rest) == sorted(runs)
+    summary = next(r for r in first + rest if r["run_id"] == runs[0])
+    assert "config_json" not in summary and [s["site"] for s in summary["sites"]] == ["site-0", "site-1"]
+    assert store.weights(runs[0], last_round=True) == [{"round": 1, "site": "site-0", "weight": 0.5},
+                                                       {"round": 1, "site": "site-1", "weight": 0.5}]
+
+
+def _modes(root) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+def test_the_store_is_its_owners_alone(tmp_path):
+    old = os.umask(0o022)
+    try:
+        store = Store(tmp_path / "s")
+        run = store.begin_run({})
+        store.put_artefact(run, "model/deep/m.bin", "model", [b"abc"])
+        store.finish_run(run, report())
+        modes = _modes(tmp_path / "s")
+        assert {"store.db", "store.db-wal", "artefacts", f"artefacts/{run}/model/deep/m.bin"} <= set(modes)
+        wrong = {p: oct(m) for p, m in modes.items() if m != (0o700 if (tmp_path / "s" / p).is_dir() else 0o600)}
+        assert not wrong, wrong
+        store.close()
+        for p in (tmp_path / "s").rglob("*"):  # a store written by an older feddem
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        Store(tmp_path / "s")
+        assert set(_modes(tmp_path / "s").values()) == {0o700, 0o600}
+    finally:
+        os.umask(old)

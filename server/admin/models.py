@@ -16,6 +16,7 @@ from feddem.common.errors import FeddemError
 from feddem.server.admin.recorder import LocalRecorder, record_outputs
 from feddem.server.store import Store
 from feddem.server.store.errors import FailedPrecondition, InvalidArgument, StoreError
+from feddem.server.store.validate import quote
 
 TRUSTED = "plain"  # the aggregation of a run whose site vectors the server may hold
 
@@ -92,13 +93,13 @@ def check_weights(weights: dict[str, float], sites: list[str], cfg: RunConfig) -
 def remerge(store: Store, run_id: str, weights: dict[str, float]) -> str:
     """A new run (kind remerge, parent `run_id`): base + sum_i w_i d_i from the run's stored site vectors, exported
     the way a run exports its merged model (common.modeling.export_merged)."""
-    from feddem.common.modeling import export_merged, load_tokenizer
-    from feddem.common.vectors import save_vector, weighted_sum
-
     run = store.get_run(run_id)
     stored = pool_artefacts(store, run)
     cfg = run_config(run)
     full = check_weights(dict(weights), sorted(stored), cfg)
+    from feddem.common.modeling import export_merged, load_tokenizer  # after the checks: a refusal is quick
+    from feddem.common.vectors import save_vector, weighted_sum
+
     vectors = load_site_vectors(store, run_id, stored)
     base_model(run)  # loaded to check that the base on this server is the run's (checksum)
     aggregate = weighted_sum([vectors[s] for s in full], list(full.values()))
@@ -131,22 +132,47 @@ def remerge(store: Store, run_id: str, weights: dict[str, float]) -> str:
     return new
 
 
-def check_data(data: str) -> None:
-    """An evaluation data spec is refused (INVALID_ARGUMENT) before any model is loaded."""
-    from feddem.common.data import list_shards
+MAX_DATA_SPEC = 1024  # characters of a data spec
 
-    if data:
+
+def check_data(spec: str, roots: tuple[Path, ...]) -> str:
+    """The data a server-side evaluation may read, refused (INVALID_ARGUMENT) before anything is read or loaded: a
+    synthetic spec, or a folder inside one of the operator's data roots (`feddem server --data-root DIR`), given
+    absolute or relative to a root. Returns the spec to load (a folder resolved, symbolic links followed)."""
+    from feddem.common.data import SYNTHETIC, list_shards
+
+    if len(spec) > MAX_DATA_SPEC or "\0" in spec:
+        raise InvalidArgument(f"data spec {quote(spec)} is not a spec (at most {MAX_DATA_SPEC} characters)")
+    if spec == SYNTHETIC or spec.startswith(SYNTHETIC + ":"):
         try:
-            list_shards(data)
+            list_shards(spec)
         except FeddemError as exc:
-            raise InvalidArgument(f"data '{data}': {exc}") from None
+            raise InvalidArgument(str(exc)) from None
+        return spec
+    if not roots:
+        raise InvalidArgument(f"data {quote(spec)}: this feddem server reads no data folders (start it with "
+                              f"`feddem server --data-root DIR` to allow folders under DIR; `synthetic` needs none)")
+    path = Path(spec)
+    for candidate in [path] if path.is_absolute() else [root / path for root in roots]:
+        try:
+            resolved = candidate.resolve()
+        except (OSError, RuntimeError):
+            continue
+        if any(resolved.is_relative_to(root) for root in roots) and resolved.is_dir():
+            try:
+                list_shards(str(resolved))
+            except FeddemError as exc:
+                raise InvalidArgument(f"data {quote(spec)}: {exc}") from None
+            return str(resolved)
+    raise InvalidArgument(f"data {quote(spec)} is not a folder inside the server's data roots "
+                          f"({', '.join(map(str, roots))})")
 
 
 def evaluation_sets(cfg: RunConfig, data: str, tokenizer) -> dict:
-    """The held-out test blocks of each shard of `data` (default: the run's own data spec), by domain."""
+    """The held-out test blocks of each shard of `data` (a spec `check_data` returned), by domain."""
     from feddem.server.ablation import test_sets
 
-    cfg = replace(cfg, data=data or cfg.data)
+    cfg = replace(cfg, data=data)
     try:
         return test_sets(cfg, tokenizer)
     except FeddemError as exc:
@@ -161,26 +187,27 @@ def _losses(model, sets: dict, pad_id: int) -> dict[str, dict]:
     return {domain: evaluate_loss(model, blocks, pad_id, torch.device("cpu")) for domain, blocks in sets.items()}
 
 
-def evaluate(store: Store, run_id: str, data: str) -> dict[str, dict]:
-    """Held-out loss per domain of the run's merged model; recorded as metrics of stage `server:<data>`."""
+def evaluate(store: Store, run_id: str, data: str, roots: tuple[Path, ...] = ()) -> dict[str, dict]:
+    """Held-out loss per domain of the run's merged model on `data` (default: the run's own data spec; either
+    inside the data `roots`); recorded as metrics of stage `server:<data>`."""
     from feddem.common.modeling import load_model, load_tokenizer
 
     run = store.get_run(run_id)
     if not run["has_model"]:
         raise FailedPrecondition(f"run {run_id} holds no merged model (status {run['status']})")
     cfg = run_config(run)
-    check_data(data)
+    spec = check_data(data or cfg.data, roots)
     folder = str(store.verified_folder(run_id, "model", "model"))
     try:
         model, tokenizer = load_model(folder), load_tokenizer(folder)
     except FeddemError as exc:
         raise FailedPrecondition(f"the stored model of run {run_id} cannot be loaded: {exc}") from None
-    results = _losses(model, evaluation_sets(cfg, data, tokenizer), tokenizer.pad_token_id)
-    store.add_metrics(run_id, f"server:{data or cfg.data}", results)
+    results = _losses(model, evaluation_sets(cfg, spec, tokenizer), tokenizer.pad_token_id)
+    store.add_metrics(run_id, f"server:{(data or cfg.data)[:200]}", results)
     return results
 
 
-def rank_pool(store: Store, run_id: str, candidates: str, data: str) -> list[dict]:
+def rank_pool(store: Store, run_id: str, candidates: str, data: str, roots: tuple[Path, ...] = ()) -> list[dict]:
     """Candidate mixtures (subsets of the run's sites) ranked by the mean held-out loss of the average of their
     stored vectors (server/ablation.py's ranking)."""
     import torch
@@ -195,11 +222,11 @@ def rank_pool(store: Store, run_id: str, candidates: str, data: str) -> list[dic
         chosen = parse_candidates(candidates, names)
     except FeddemError as exc:
         raise InvalidArgument(str(exc)) from None
-    check_data(data)
+    spec = check_data(data or run_config(run).data, roots)
     vectors = load_site_vectors(store, run_id, stored)
     base = base_model(run)
     tokenizer = load_tokenizer(str(store.verified_folder(run_id, "model", "model")))
-    sets = evaluation_sets(run_config(run), data, tokenizer)
+    sets = evaluation_sets(run_config(run), spec, tokenizer)
 
     merge_loss = pool_merge_loss(base, vectors, sets, tokenizer.pad_token_id, torch.device("cpu"))
 

@@ -41,7 +41,8 @@ class LocalRecorder:
     """Records into a store folder on this machine (the same `Store` the feddem server serves)."""
 
     def __init__(self, store: Store | str | Path):
-        self.store = store if isinstance(store, Store) else Store(store)
+        self._owned = not isinstance(store, Store)
+        self.store = Store(store) if self._owned else store
 
     def begin(self, config: dict, flower_run_id: int = 0, kind: str = "federated", parent_run: str = "") -> str:
         return self.store.begin_run(config, flower_run_id, kind, parent_run or None)
@@ -54,6 +55,10 @@ class LocalRecorder:
 
     def fail(self, run_id: str, reason: str) -> None:
         self.store.fail_run(run_id, reason)
+
+    def close(self) -> None:
+        if self._owned:
+            self.store.close()
 
 
 class RemoteRecorder:
@@ -97,7 +102,11 @@ class RemoteRecorder:
                             timeout=self.CALL_TIMEOUT)
 
     def fail(self, run_id: str, reason: str) -> None:
-        self.stub.FailRun(self.pb.FailRunRequest(run_id=run_id, reason=reason), timeout=self.CALL_TIMEOUT)
+        self.stub.FailRun(self.pb.FailRunRequest(run_id=run_id, reason=reason[:2000]), timeout=self.CALL_TIMEOUT)
+
+    def close(self) -> None:
+        """Close the channel (an open gRPC channel can keep a finishing process from exiting)."""
+        self.channel.close()
 
 
 def _pb():
@@ -163,6 +172,14 @@ def recorded(config: dict, flower_run_id: int, run: Callable):
     recorder = recorder_from_environment()
     if recorder is None:
         return run()
+    try:
+        return _record(recorder, config, flower_run_id, run)
+    finally:
+        if hasattr(recorder, "close"):
+            recorder.close()
+
+
+def _record(recorder: Recorder, config: dict, flower_run_id: int, run: Callable):
     try:
         run_id = recorder.begin(config, flower_run_id)
     except Exception as exc:

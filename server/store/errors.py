@@ -29,3 +29,9 @@ class DataLoss(StoreError):
     """A stored file does not match its recorded size or sha256."""
 
     status = "DATA_LOSS"
+
+
+class ResourceExhausted(StoreError):
+    """The store has no room for it (disk space)."""
+
+    status = "RESOURCE_EXHAUSTED"

@@ -78,6 +78,16 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE runs ADD COLUMN writer TEXT NOT NULL DEFAULT '';
     """,
+    # 3: what was done to the store besides recording runs (an operator deleting a run)
+    """
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time REAL NOT NULL,
+        action TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

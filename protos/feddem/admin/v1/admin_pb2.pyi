@@ -40,14 +40,20 @@ class GetStatusResponse(_message.Message):
     def __init__(self, version: _Optional[str] = ..., store: _Optional[str] = ..., schema_version: _Optional[int] = ..., runs_by_status: _Optional[_Mapping[str, int]] = ..., artefacts: _Optional[int] = ..., artefact_bytes: _Optional[int] = ..., verified: _Optional[bool] = ..., problems: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
-    __slots__ = ("runs",)
+    __slots__ = ("runs", "next_page_token")
     RUNS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     runs: _containers.RepeatedCompositeFieldContainer[Run]
-    def __init__(self, runs: _Optional[_Iterable[_Union[Run, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, runs: _Optional[_Iterable[_Union[Run, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -156,8 +162,12 @@ class Run(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., kind: _Optional[str] = ..., parent_run: _Optional[str] = ..., flower_run_id: _Optional[int] = ..., created: _Optional[float] = ..., ended: _Optional[float] = ..., aggregation: _Optional[str] = ..., weighting: _Optional[str] = ..., base_ref: _Optional[str] = ..., base_checksum: _Optional[str] = ..., base_parameters: _Optional[int] = ..., out_dir: _Optional[str] = ..., config_json: _Optional[str] = ..., remergeable: _Optional[bool] = ..., has_model: _Optional[bool] = ..., sites: _Optional[_Iterable[_Union[Site, _Mapping]]] = ..., weights: _Optional[_Iterable[_Union[Weight, _Mapping]]] = ..., metrics: _Optional[_Iterable[_Union[Metric, _Mapping]]] = ..., artefacts: _Optional[_Iterable[_Union[Artefact, _Mapping]]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class Model(_message.Message):
     __slots__ = ("run_id", "kind", "parent_run", "aggregation", "weights", "size", "remergeable", "created")
@@ -180,10 +190,12 @@ class Model(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., kind: _Optional[str] = ..., parent_run: _Optional[str] = ..., aggregation: _Optional[str] = ..., weights: _Optional[_Iterable[_Union[Weight, _Mapping]]] = ..., size: _Optional[int] = ..., remergeable: _Optional[bool] = ..., created: _Optional[float] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "next_page_token")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[Model]
-    def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ExportModelRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -290,6 +302,24 @@ class RankPoolResponse(_message.Message):
     data: str
     ranking: _containers.RepeatedCompositeFieldContainer[PoolCandidate]
     def __init__(self, run_id: _Optional[str] = ..., data: _Optional[str] = ..., ranking: _Optional[_Iterable[_Union[PoolCandidate, _Mapping]]] = ...) -> None: ...
+
+class DeleteRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class DeleteRunResponse(_message.Message):
+    __slots__ = ("run_id", "status", "artefacts", "bytes")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ARTEFACTS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    status: str
+    artefacts: int
+    bytes: int
+    def __init__(self, run_id: _Optional[str] = ..., status: _Optional[str] = ..., artefacts: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class BeginRunRequest(_message.Message):
     __slots__ = ("config_json", "flower_run_id", "writer")

@@ -75,6 +75,11 @@ class AdminServiceStub:
                 request_serializer=feddem_dot_admin_dot_v1_dot_admin__pb2.RankPoolRequest.SerializeToString,
                 response_deserializer=feddem_dot_admin_dot_v1_dot_admin__pb2.RankPoolResponse.FromString,
                 _registered_method=True)
+        self.DeleteRun = channel.unary_unary(
+                '/feddem.admin.v1.AdminService/DeleteRun',
+                request_serializer=feddem_dot_admin_dot_v1_dot_admin__pb2.DeleteRunRequest.SerializeToString,
+                response_deserializer=feddem_dot_admin_dot_v1_dot_admin__pb2.DeleteRunResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -136,6 +141,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteRun(self, request, context):
+        """Remove a run: its records and files (recorded in the store's audit table). Refused while one of its artefacts
+        streams in, and for the parent of re-merged runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +191,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RankPool,
                     request_deserializer=feddem_dot_admin_dot_v1_dot_admin__pb2.RankPoolRequest.FromString,
                     response_serializer=feddem_dot_admin_dot_v1_dot_admin__pb2.RankPoolResponse.SerializeToString,
+            ),
+            'DeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRun,
+                    request_deserializer=feddem_dot_admin_dot_v1_dot_admin__pb2.DeleteRunRequest.FromString,
+                    response_serializer=feddem_dot_admin_dot_v1_dot_admin__pb2.DeleteRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +415,33 @@ class AdminService:
             '/feddem.admin.v1.AdminService/RankPool',
             feddem_dot_admin_dot_v1_dot_admin__pb2.RankPoolRequest.SerializeToString,
             feddem_dot_admin_dot_v1_dot_admin__pb2.RankPoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/feddem.admin.v1.AdminService/DeleteRun',
+            feddem_dot_admin_dot_v1_dot_admin__pb2.DeleteRunRequest.SerializeToString,
+            feddem_dot_admin_dot_v1_dot_admin__pb2.DeleteRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
