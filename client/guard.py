@@ -147,9 +147,9 @@ def training_seed(site: SiteContext, cfg: RunConfig, run_id: int, data: str) -> 
     recreates a spent vector (a first run stays reproducible)."""
     base = cfg.seed + site.index
     entries = _entries(site)
-    spent = {e.get("digest") for e in entries if e.get("event") in SPENT}
-    used = [e for e in entries if e.get("event") == "trained" and e.get("data") == data
-            and e.get("seed-base") == base and e.get("digest") in spent]
+    # spent vectors of this data and seed (or of unknown data or seed: adopted ones), whatever their run
+    used = [e for e in entries if e.get("event") in SPENT and e.get("data") in (data, UNKNOWN_DATA)
+            and e.get("seed-base", base) == base]
     if not used:
         return base, base, False
     trained = sum(1 for e in entries if e.get("event") == "trained")
@@ -232,8 +232,9 @@ def _spend(site: SiteContext, run_id: int, digest: str, policy: GuardPolicy, ent
         reason = _spent_reason(entries, run_id, digest, policy)
         if reason:
             raise GuardRefusal(site.name, reason)
-        data = (_trained(entries, digest) or {}).get("data", UNKNOWN_DATA)
-        return [{"run": run_id, "digest": digest, "data": data} | entry]
+        trained = _trained(entries, digest) or {}
+        known = {"seed-base": trained["seed-base"]} if "seed-base" in trained else {}
+        return [{"run": run_id, "digest": digest, "data": trained.get("data", UNKNOWN_DATA)} | known | entry]
 
     _update(site, build)
 
@@ -251,15 +252,23 @@ def check_plain_upload(site: SiteContext, cfg: RunConfig, policy: GuardPolicy, r
     """A plain upload (the vector in the clear) goes out only when this site allows plain aggregation, the run
     declared plain when this vector was trained (and still does), the weight is in range, and the vector has
     never left the site before (in a secure sum or in the clear); the upload is then recorded."""
-    check_plain_mode(site, cfg, policy)
+    if cfg.aggregation == "secure":
+        raise GuardRefusal(site.name, "a plain upload was asked for, but the run declares secure aggregation: this "
+                                      "site's vectors never go in the clear in it")
     if not policy.allow_plain:
         raise GuardRefusal(site.name, "this site never sends its vector in the clear (node config "
                                       "allow-plain-upload is false or, at a deployed site, unset)")
-    trained = _trained(_entries(site), digest)
-    if trained is None or trained.get("mode") != "plain":
-        declared = "no aggregation this site recorded" if trained is None else f"{trained.get('mode')} aggregation"
+    entries = _entries(site)
+    modes = {e.get("mode") for e in entries if e.get("event") == "trained" and e.get("digest") == digest}
+    if modes != {"plain"}:  # a vector (re)trained in a run that declared secure aggregation is committed to it
+        declared = " and ".join(sorted(map(str, modes))) + " aggregation" if modes else \
+            "no aggregation this site recorded"
         raise GuardRefusal(site.name, f"its vector of run {run_id} was trained under {declared}: it is committed to "
                                       f"that and is never sent in the clear")
+    data = (_trained(entries, digest) or {}).get("data")
+    if any(e.get("event") == "aggregated" and e.get("data") in (data, UNKNOWN_DATA) for e in entries):
+        raise GuardRefusal(site.name, "its data is already in a secure sum: a vector of the same data in the clear "
+                                      "would approximate the one in that sum")
     check_weight(policy, site, weight)
     _spend(site, run_id, digest, GuardPolicy(policy.min_peers, policy.weight_min, policy.weight_max),
            {"event": "uploaded", "weight": weight, "noise": 0.0, "mode": "plain"})
