@@ -213,8 +213,9 @@ def _differenced(sites, run_a, run_b) -> str:
     s_a = sum(WEIGHTS[n] * _flat(sites.vector(i, run_a)) for i, n in enumerate(NODES))
     s_b = sum(OTHER[n] * _flat(sites.vector(i, run_b)) for i, n in enumerate(NODES))
     d0 = _flat(sites.vector(0, run_a))
-    return (f"differencing the two sums would give d_0 with cos {_cos((s_a - s_b) / (WEIGHTS[NODES[0]] - "
-            f"OTHER[NODES[0]]), d0):.4f} (the first sum alone: cos {_cos(s_a, d0):.4f})")
+    recovered = (s_a - s_b) / (WEIGHTS[NODES[0]] - OTHER[NODES[0]])
+    return (f"differencing the two sums would give d_0 with cos {_cos(recovered, d0):.4f} (the first sum alone: "
+            f"cos {_cos(s_a, d0):.4f})")
 
 
 def test_rerun_with_the_same_config_trains_a_new_vector_and_its_sum_is_refused(sites, tiny_base):
