@@ -162,8 +162,9 @@ def training_seed(site: SiteContext, cfg: RunConfig, run_id: int, data: str) -> 
 def record_trained(site: SiteContext, run_id: int, cfg: RunConfig, data: str, seed_base: int, fresh: bool) -> None:
     """Persist that the run's vector was trained: its digest, its data, and the aggregation mode the run declared
     (the vector is committed to it: a vector trained in a secure run is never sent in the clear)."""
-    _update(site, lambda old: [{"event": "trained", "run": run_id, "digest": vector_digest(site, run_id), "data": data,
-                   "mode": cfg.aggregation, "seed-base": seed_base, "fresh-seed": fresh}])
+    entry = {"event": "trained", "run": run_id, "digest": vector_digest(site, run_id), "data": data,
+             "mode": cfg.aggregation, "seed-base": seed_base, "fresh-seed": fresh}
+    _update(site, lambda old: [entry])
 
 
 def check_plain_mode(site: SiteContext, cfg: RunConfig, policy: GuardPolicy) -> None:

@@ -3,11 +3,12 @@
   sa_keys    params + (client id, weight, names) -> guard checks, fresh X25519 keys -> (pk_c, pk_s)
   sa_share   everyone's public keys              -> guard (peers) -> AES-GCM-encrypted Shamir shares, one per peer
   sa_masked  the shares routed to this site      -> guard (peers, budgets left), mark the vector as spent once
-                                                    in the site-wide record (`client.ledger`), then w * d flattened in sorted-name order, plus this
-                                                    site's part of the noise when the run declares it, clipped
-                                                    to [-clip, clip], quantized and masked: ring (16/32/64-bit)
-                                                    chunks. With `upload-parts` K > 1 the server asks for the
-                                                    vector in K messages, each naming its `span` of elements
+                                                    in the site-wide record (`client.ledger`), then w * d
+                                                    flattened in sorted-name order, plus this site's part of
+                                                    the noise when the run declares it, clipped to [-clip,
+                                                    clip], quantized and masked: ring (16/32/64-bit) chunks.
+                                                    With `upload-parts` K > 1 the server asks for the vector
+                                                    in K messages, each naming its `span` of elements
   sa_unmask  survivors and dropped sites         -> guard (peers) -> shares that remove the masks
 
 The `SecAggClient` and the guard policy live in `context.state` between stages (a ConfigRecord under `secagg`):
