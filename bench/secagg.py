@@ -120,7 +120,8 @@ def feddem_client_app(seed: int, length: int):
     from flwr.clientapp import ClientApp
 
     from feddem.client import app as site_app
-    from feddem.client.guard import record_path
+    from feddem.client import guard, ledger
+    from feddem.common.config import RunConfig
     from feddem.client.site_context import SiteContext
     from feddem.common import messages as M
     from feddem.common.vectors import save_vector
@@ -133,7 +134,10 @@ def feddem_client_app(seed: int, length: int):
         path = site.vector_path(context.run_id)
         if not path.is_file():
             save_vector(as_vector(site_vector(seed, site.index, length), length), path)
-        record_path(site, context.run_id).unlink(missing_ok=True)  # bench only: re-arm the guard for a new round
+        for name in (ledger.RECORD_NAME, ledger.IDENTITY_NAME):  # bench only: a fresh site (guard) each round
+            (site.work_dir / name).unlink(missing_ok=True)
+        cfg = RunConfig.from_record(dict(msg.content.config_records[M.CONFIG]))
+        guard.record_trained(site, context.run_id, cfg, "bench", cfg.seed, False)  # the run's declared mode
         return Message(RecordDict({M.SITE: ConfigRecord({"site": site.name})}), reply_to=msg)
 
     app.train("upload")(site_app.upload)

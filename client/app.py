@@ -2,7 +2,8 @@
 
 A site's clean refusal or failure (bad data, wrong checksum, a privacy-guard refusal, ...) comes back as a `failure`
 record with the reason, so the server can report it and go on with the other sites. The four `query.sa_*` handlers
-are the site's side of secure aggregation (`client.secure_upload`); `train.upload` is the plain path.
+are the site's side of secure aggregation (`client.secure_upload`); `train.upload` is the plain path, which
+the site's guard allows only where its node config does (`client.upload.plain_upload`).
 
 `client.site` (transformers, datasets) and torch are imported by the handlers that need them, not at module load:
 in a deployment every message starts a fresh `flwr-clientapp` process, and the four secure-aggregation stages read
@@ -15,8 +16,8 @@ import time
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from feddem.client import secure_upload
-from feddem.client.site_context import SiteContext, stored_vector
+from feddem.client import guard, retention, secure_upload
+from feddem.client.site_context import SiteContext
 from feddem.common import messages as M
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
@@ -60,6 +61,8 @@ def train(msg: Message, context: Context) -> Message:
     def work(msg, site, cfg, ref, checksum):
         from feddem.client.site import fine_tune
 
+        node_config = dict(context.node_config)
+        guard.check_plain_mode(site, cfg, guard.GuardPolicy.for_site(cfg, node_config))  # before any training
         embed = EMBEDDING in strategy(cfg.strategy_name).needs
         result = fine_tune(cfg, site, ref, checksum, context.run_id, _optional_vector(msg.content, M.START),
                            _optional_vector(msg.content, M.TARGET), embed)
@@ -67,6 +70,7 @@ def train(msg: Message, context: Context) -> Message:
         content = _split(result)
         if embedding is not None:
             content[M.EMBEDDING] = ArrayRecord({"embedding": Array(embedding)})
+        retention.apply(site, node_config, keep=context.run_id)  # node config keep-runs: older vectors go
         # the vector's parameter names (not its values): the server needs them to lay out a secure sum
         content[M.LAYOUT] = ConfigRecord({"names": secure_upload.vector_layout(site, context.run_id)})
         return content
@@ -78,10 +82,9 @@ def train(msg: Message, context: Context) -> Message:
 def upload(msg: Message, context: Context) -> Message:
     def work(msg, site, cfg, ref, checksum):
         weight = float(msg.content.config_records[M.WEIGHT]["weight"])
-        from feddem.client.upload import upload_weighted_vector
+        from feddem.client.upload import plain_upload  # through the guard: a site decides what leaves it
 
-        return RecordDict({M.VECTOR: upload_weighted_vector(stored_vector(site, context.run_id), weight,
-                                                                 cfg.torch_vector_dtype)})
+        return RecordDict({M.VECTOR: plain_upload(site, cfg, dict(context.node_config), context.run_id, weight)})
 
     return _handle(msg, context, work)
 

@@ -2,12 +2,13 @@
 
   sa_keys    params + (client id, weight, names) -> guard checks, fresh X25519 keys -> (pk_c, pk_s)
   sa_share   everyone's public keys              -> guard (peers) -> AES-GCM-encrypted Shamir shares, one per peer
-  sa_masked  the shares routed to this site      -> guard (peers, budget left), mark the vector as spent once
-                                                    on disk, then w * d flattened in sorted-name order, plus this
-                                                    site's part of the noise when the run declares it, clipped
-                                                    to [-clip, clip], quantized and masked: ring (16/32/64-bit)
-                                                    chunks. With `upload-parts` K > 1 the server asks for the
-                                                    vector in K messages, each naming its `span` of elements
+  sa_masked  the shares routed to this site      -> guard (peers, budgets left), mark the vector as spent once
+                                                    in the site-wide record (`client.ledger`), then w * d
+                                                    flattened in sorted-name order, plus this site's part of
+                                                    the noise when the run declares it, clipped to [-clip,
+                                                    clip], quantized and masked: ring (16/32/64-bit) chunks.
+                                                    With `upload-parts` K > 1 the server asks for the vector
+                                                    in K messages, each naming its `span` of elements
   sa_unmask  survivors and dropped sites         -> guard (peers) -> shares that remove the masks
 
 The `SecAggClient` and the guard policy live in `context.state` between stages (a ConfigRecord under `secagg`):
@@ -82,7 +83,7 @@ class _Round:
             "client": self.client.to_state(), "session": self.client.params.session, "weight": self.weight,
             "min-peers": self.policy.min_peers, "weight-min": self.policy.weight_min,
             "weight-max": self.policy.weight_max, "budget": self.policy.budget, "noise": self.policy.noise,
-            "digest": self.digest,
+            "data-budget": self.policy.data_budget, "digest": self.digest,
         })
 
     @classmethod
@@ -95,7 +96,7 @@ class _Round:
             raise FeddemError(f"{site.name}: the message is for secure-aggregation session {bytes(session).hex()[:12]}, "
                               f"this site is in session {bytes(rec['session']).hex()[:12]}")
         policy = GuardPolicy(int(rec["min-peers"]), float(rec["weight-min"]), float(rec["weight-max"]),
-                             int(rec["budget"]), float(rec["noise"]))
+                             int(rec["budget"]), float(rec["noise"]), int(rec["data-budget"]))
         return cls(SecAggClient.from_state(bytes(rec["client"])), float(rec["weight"]), policy, str(rec["digest"]))
 
 
@@ -129,7 +130,7 @@ def sa_keys(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, c
     others = [w for cid, w in zip(params.client_ids, everyone) if cid != me]
     check_other_weights(policy, site, others)
     digest = vector_digest(site, run_id)
-    check_not_aggregated(site, run_id, digest, policy.budget)
+    check_not_aggregated(site, run_id, digest, policy)
     names = list(mine["names"])
     if names != vector_layout(site, run_id):
         raise FeddemError(f"{site.name}: the server's vector layout does not match the stored vector")
@@ -183,9 +184,9 @@ def sa_masked(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int,
     if client.stage == "shared":  # the first (or only) part
         received = _pairs(list(sa["from"]), [bytes(c) for c in sa["ct"]])
         check_peers(rnd.policy, site, len(set(received) - {client.id}), "masked")
-        check_not_aggregated(site, run_id, rnd.digest, rnd.policy.budget)
+        check_not_aggregated(site, run_id, rnd.digest, rnd.policy)
         client.receive_shares(received)
-        mark_aggregated(site, run_id, rnd.digest, client.params.session, rnd.weight, rnd.policy.noise)
+        mark_aggregated(site, run_id, rnd.digest, client.params.session, rnd.weight, rnd.policy)
     elif client.stage != "masking":
         raise FeddemError(f"{site.name}: a masked upload was asked for at secure-aggregation stage '{client.stage}'")
     elif len(sa.get("from", [])):

@@ -16,6 +16,7 @@ from feddem.common.errors import FeddemError
 from feddem.common.evaluation import evaluate_loss
 from feddem.common.modeling import base_tensors, load_model, load_tokenizer, model_checksum
 from feddem.common.training import TrainSettings, train_causal_lm
+from feddem.client.guard import data_digest, record_trained, training_seed
 from feddem.client.signals import alignment, domain_embedding
 from feddem.client.site_context import SiteContext
 from feddem.common.vectors import (
@@ -95,6 +96,9 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     model = load_verified_base(model_ref, checksum)
     tokenizer = load_tokenizer(model_ref)
     shard = load_site_shard(cfg, site)
+    # the guard's randomness: a spent (data, seed) pair trains with fresh randomness, never the same vector again
+    data = data_digest(shard.train["text"])
+    seed, seed_base, fresh = training_seed(site, cfg, run_id, data)
     train_blocks = pack_blocks(shard.train["text"], tokenizer, cfg.seq_len)
     heldout = heldout_blocks(shard, tokenizer, cfg)
     base_eval = evaluate_loss(model, heldout, tokenizer.pad_token_id, device)
@@ -116,7 +120,7 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
         if step % every == 0 or step == cfg.steps:
             log.info("%s (%s): step %d/%d, loss %.4f", site.name, shard.name, step, cfg.steps, loss)
 
-    settings = TrainSettings.from_run_config(cfg, seed=cfg.seed + site.index)
+    settings = TrainSettings.from_run_config(cfg, seed=seed)
     stats = train_causal_lm(model, train_blocks, settings, device, on_step)  # in place: no copy of the base is kept
     local_eval = evaluate_loss(model, heldout, tokenizer.pad_token_id, device)
     if cfg.lora:
@@ -125,6 +129,7 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
         vector = extract_vector(model, starting_point(model_ref, [n for n, _ in model.named_parameters()], start_from))
     save_vector(cast(vector, cfg.torch_vector_dtype), site.vector_path(run_id),
                 metadata={"site": site.name, "domain": shard.name})
+    record_trained(site, run_id, cfg, data, seed_base, fresh)  # the guard's record: digest, data, declared mode
     if target is not None:
         extra["alignment"] = alignment(vector, target)
     train_tokens = int(train_blocks.numel())

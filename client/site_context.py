@@ -20,8 +20,9 @@ class SiteContext:
     `--node-config` with `data-path` (its own data: a folder with `train.*` and `test.*` files, a folder holding one
     data file, or that file; `synthetic:NAME` only when a built-in domain is wanted on purpose), and optionally
     `site-name`, `domain` (the name its data goes by in the report), `device` (overrides the run's), `work-dir`,
-    and the privacy guard's stricter `min-peers`/`weight-min`/`weight-max` (`client.guard`).
-    """
+    and the privacy guard's settings (`min-peers`, `weight-min`, `weight-max`, `aggregation-budget`, `noise`,
+    `data-budget`, `allow-plain-upload`: `client.guard`) and `keep-runs` (`client.retention`). The guard's record and
+    the site's identity live in `work_dir` (`client.ledger`)."""
 
     index: int  # which shard of the data spec (partition-id); 0 for a deployed site
     name: str

@@ -1,7 +1,9 @@
-"""The site's upload path: what leaves the site when the server asks for its weighted vector.
+"""The site's plain upload path: what leaves the site when the server asks for its weighted vector in the clear.
 
-This is the one function that secure aggregation replaces: plain aggregation sends `weight * vector` in the run's
-`vector-dtype` (float32, or a 16-bit float: half the bytes).
+Secure aggregation replaces it; plain aggregation sends `weight * vector` in the run's `vector-dtype` (float32, or a
+16-bit float: half the bytes), and only through the privacy guard (`plain_upload`): the site's node config must
+allow plain uploads, the run must have declared plain aggregation when the vector was trained, the weight must be
+in range, and the vector must never have left the site before; the upload is recorded before it is sent.
 The (possibly lazy) stored vector is scaled and serialised one tensor at a time: the site holds the message and
 one tensor, never a second copy of the vector.
 """
@@ -11,6 +13,9 @@ import math
 import torch
 from flwr.app import ArrayRecord
 
+from feddem.client.guard import GuardPolicy, check_plain_upload, vector_digest
+from feddem.client.site_context import SiteContext, stored_vector
+from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
 from feddem.common.vectors import Vector, cast, scaled, vector_to_record
 
@@ -20,3 +25,12 @@ def upload_weighted_vector(vector: Vector, weight: float, dtype: torch.dtype = t
     if not math.isfinite(weight):
         raise FeddemError(f"the server asked for a non-finite weight ({weight})")
     return vector_to_record(cast(scaled(vector, weight), dtype))
+
+
+def plain_upload(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, weight: float) -> ArrayRecord:
+    """The guarded plain upload of this run's vector (a GuardRefusal names the rule it breaks)."""
+    if not math.isfinite(weight):
+        raise FeddemError(f"the server asked for a non-finite weight ({weight})")
+    policy = GuardPolicy.for_site(cfg, node_config)
+    check_plain_upload(site, cfg, policy, run_id, vector_digest(site, run_id), weight)
+    return upload_weighted_vector(stored_vector(site, run_id), weight, cfg.torch_vector_dtype)

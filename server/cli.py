@@ -1,12 +1,14 @@
 """`feddem`: the command line. `feddem simulate` runs a whole federated DEM run on this machine; `feddem certs`
 writes a deployment's certificates and site keys (`server.certs`); `feddem server` serves the run store over the
-admin API (`server.admin.serve`)."""
+admin API (`server.admin.serve`); `feddem sites prune` deletes old stored vectors of this machine's sites
+(`client.retention`)."""
 
 import argparse
 import logging
 import sys
 from dataclasses import fields
 
+from feddem.client import retention
 from feddem.common.config import AGGREGATIONS, RunConfig
 from feddem.common.devices import DEVICES
 from feddem.common.errors import FeddemError
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(sim)
     certs.add_parser(sub)
     serve.add_parser(sub)
+    retention.add_parser(sub)
     abl = sub.add_parser(
         "ablate",
         help="rank candidate data mixtures (subsets of sites) by merging a trusted run's pool of vectors",
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             certs.run(args)
         elif args.command == "server":
             serve.run(args)
+        elif args.command == "sites":
+            retention.run(args)
         elif args.command == "ablate":
             from feddem.server.ablation import ablate_pool, print_ranking
 

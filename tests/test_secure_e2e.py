@@ -9,9 +9,13 @@ from tests.conftest import simulate_cli
 
 
 @pytest.mark.slow
-def test_secure_simulation_equals_plain_within_the_reported_bound(tmp_path, tiny_base):
-    secure, result = simulate_cli(tmp_path / "secure", "--sites", "3")  # secure is the default
-    plain, _ = simulate_cli(tmp_path / "plain", "--sites", "3", "--aggregation", "plain")
+def test_secure_simulation_equals_plain_within_the_reported_bound(tmp_path, tiny_base, monkeypatch):
+    # each run at sites of its own (FEDDEM_HOME holds the sites' work dirs): a site whose vector was in a secure sum
+    # never sends that vector in the clear, and one that re-trains on spent data and seed draws fresh randomness
+    monkeypatch.setenv("FEDDEM_HOME", str(tmp_path / "secure-home"))
+    secure, result = simulate_cli(tmp_path / "secure", "--sites", "3", "--model", str(tiny_base))  # secure: default
+    monkeypatch.setenv("FEDDEM_HOME", str(tmp_path / "plain-home"))
+    plain, _ = simulate_cli(tmp_path / "plain", "--sites", "3", "--aggregation", "plain", "--model", str(tiny_base))
     assert secure["aggregation"] == "secure" and plain["aggregation"] == "plain"
     assert "secure_aggregation" not in plain
     details = secure["secure_aggregation"]

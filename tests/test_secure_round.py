@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ConfigRecord, Message, RecordDict
+from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
 from feddem.client.guard import RECORD_NAME, GuardPolicy
 from feddem.client.site_context import SiteContext
+from feddem.client.upload import upload_weighted_vector
 from feddem.common import messages as M
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
@@ -177,7 +179,7 @@ def test_upload_spans_are_consecutive_and_never_empty():
     assert upload_spans(3, 8) == [(0, 1), (1, 2), (2, 3)]
 
 
-def test_dropout_before_the_first_part_is_tolerated_after_it_fails_the_round(sites, tiny_base):
+def test_dropout_before_the_first_part_is_tolerated_after_it_fails_the_round(sites, tiny_base, trained):
     """A site lost at its first part is an ordinary dropout; one lost after a part of its masked vector went into
     the sum fails the round, naming the site and why, with nothing merged."""
     root, layout = sites
@@ -188,10 +190,7 @@ def test_dropout_before_the_first_part_is_tolerated_after_it_fails_the_round(sit
     assert (_flat(result.aggregate) - _expected(root, WEIGHTS, in_sum)).abs().max() <= result.error_bound
 
     root2 = root.parent / "again"
-    shutil.copytree(root, root2)
-    for i in range(len(NODES)):  # a fresh round on the same vectors: forget the first round's guard records
-        (SiteContext(i, f"site-{i}", root2 / f"site-{i}").vector_path(RUN_ID).parent / RECORD_NAME).unlink(
-            missing_ok=True)
+    shutil.copytree(trained[0], root2)  # a fresh round on the same vectors: sites whose records never saw the first
     grid = FakeGrid(root2, NODES, {(NODES[2], M.SA_MASKED): [None, "silent"]})
     with pytest.raises(FeddemError, match=rf"stage 'masked, part 2 of 3'.*node-{NODES[2]} dropped after uploading "
                                           rf"part of its masked vector.*Nothing was merged"):
@@ -346,8 +345,8 @@ def test_guard_refuses_a_weight_outside_the_range(sites, tiny_base, weight):
 def test_guard_refuses_a_second_aggregation_even_after_a_restart(sites, tiny_base):
     root, layout = sites
     _secure(FakeGrid(root, NODES), tiny_base, layout)
-    record = root / "site-0" / "runs" / str(RUN_ID) / RECORD_NAME
-    assert record.is_file()  # persisted next to the vector
+    record = root / "site-0" / RECORD_NAME
+    assert record.is_file()  # persisted in the site-wide record
     params = SecAggParams.create([0, 1, 2, 3], 10, 1.0)
     fresh = FakeGrid(root, NODES)  # a restarted site: empty context.state
     assert "already aggregated once" in _refusal(_ask(fresh, _keys_message(tiny_base, params, 0, 0.25, layout)))
@@ -520,10 +519,17 @@ def test_secure_run_folder_and_messages_hold_no_site_vector_in_the_clear(tiny_ba
     received = b"".join(grid.seen)
     assert not [(i, name) for i, name, w in windows if w in received]
 
+    # a server asking for the plain upload after the secure sum (the downgrade) gets refusals, not vectors
+    with pytest.raises(FeddemError, match="no site succeeded"):
+        Stage(grid, _cfg(tiny_base, sites=3), _base_record(tiny_base)).run(
+            "upload", M.UPLOAD, {n: RecordDict({M.WEIGHT: ConfigRecord({"weight": 1 / 3})}) for n in nodes})
+    assert not [(i, name) for i, name, w in windows if w in b"".join(grid.seen[-3:])]
     # the same check finds the vectors in what a plain upload sends: it would see a leak
-    Stage(grid, _cfg(tiny_base, sites=3), _base_record(tiny_base)).run(
-        "upload", M.UPLOAD, {n: RecordDict({M.WEIGHT: ConfigRecord({"weight": 1 / 3})}) for n in nodes})
-    assert any(w in b"".join(grid.seen[-3:]) for _, _, w in windows)
+    plain = [message_to_proto(Message(RecordDict({M.VECTOR: upload_weighted_vector(_vector(tmp_path / "sites", i),
+                                                                                     1 / 3)}),
+                                      dst_node_id=nodes[i], message_type=M.UPLOAD)).SerializeToString()
+             for i in range(3)]
+    assert any(w in b"".join(plain) for _, _, w in windows)
 
 
 def test_failed_secure_round_writes_no_model_and_no_report(tiny_base, tmp_path):
