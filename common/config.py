@@ -16,6 +16,7 @@ def _opt(default, help_text: str, **extra):
     return field(default=default, metadata={"help": help_text, **extra})
 
 
+MAX_TIMEOUT = 30 * 24 * 3600.0  # seconds: beyond this, a wait is a mistake (and overflows some timers)
 VECTOR_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes: `RunConfig.torch_vector_dtype`
 
 
@@ -117,7 +118,9 @@ class RunConfig:
         from feddem.common.weighting import WEIGHTINGS  # late import: weighting imports nothing from here
         from feddem.common.devices import DEVICES
 
-        for name in ("sites", "steps", "batch_size", "grad_accum", "train_examples", "eval_examples", "lora_r"):
+        self._validate_types()
+        for name in ("sites", "steps", "batch_size", "grad_accum", "train_examples", "eval_examples", "lora_r",
+                     "lora_alpha"):
             if getattr(self, name) < 1:
                 raise FeddemError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.tokens_per_step < 0:
@@ -126,6 +129,11 @@ class RunConfig:
             raise FeddemError(f"seq-len must be at least 8, got {self.seq_len}")
         if not self.lr > 0:
             raise FeddemError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.timeout <= MAX_TIMEOUT:
+            raise FeddemError(f"timeout must be more than 0 and at most {MAX_TIMEOUT:.0f} seconds (30 days), "
+                              f"got {self.timeout}")
+        if not 0 <= self.seed < 2**32:
+            raise FeddemError(f"seed must be between 0 and 2^32 - 1, got {self.seed}")
         if self.base_steps < 0:
             raise FeddemError(f"base-steps must be 0 or more, got {self.base_steps}")
         if self.weighting not in WEIGHTINGS:
@@ -138,13 +146,30 @@ class RunConfig:
         self._validate_aggregation()
         self._validate_weighting()
 
+    def _validate_types(self) -> None:
+        """Every value has its field's type (a bool is no number here), and every number is finite: an inf or nan
+        would pass the range checks below or fail only once the run has started."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            key = f.name.replace("_", "-")
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if type(value) is not kind:
+                raise FeddemError(f"{key} must be a {kind.__name__}, got {value!r}")
+            if kind is float and not math.isfinite(value):
+                raise FeddemError(f"{key} must be a finite number, got {value}")
+
     def _validate_weighting(self) -> None:
         from feddem.common.weighting.manual import parse_weights
 
         if self.rounds < 1:
             raise FeddemError(f"rounds must be at least 1, got {self.rounds}")
         if self.weights:
-            parse_weights(self.weights)
+            given = parse_weights(self.weights)
+            outside = {site: w for site, w in given.items() if not self.weight_min <= w <= self.weight_max}
+            if self.aggregation == "secure" and outside:
+                raise FeddemError(f"weights {outside} are outside [weight-min, weight-max] = [{self.weight_min}, "
+                                  f"{self.weight_max}]: the sites would refuse them in secure aggregation")
             if self.weighting not in ("uniform", "manual"):
                 raise FeddemError(f"--weights gives the weights by hand; it cannot be combined with --weighting "
                                   f"{self.weighting}")
