@@ -29,6 +29,8 @@ def check_run_folder(out: str, overwrite: bool = False) -> Path:
     path = Path(out).expanduser().resolve()
     label = f"--out '{out}'"
     check_writable(path, label)
+    if not path.exists():
+        return path  # a new folder: the run makes it
     try:
         entries = sorted(p.name for p in path.iterdir())
     except OSError as exc:
