@@ -60,12 +60,12 @@ class RunConfig:
     ablate: str = _opt("", "rank candidate mixtures at the end of the run by merging: K (every subset of up to K "
                        "sites) or 'site-0,site-1;site-2,site-3'; in secure runs each is one more aggregation")
     device: str = _opt("auto", "training device of the sites: auto, cpu or cuda")
-    seed: int = _opt(0, "seed of data generation, training order and initialisation")
+    seed: int = _opt(0, "seed of data generation, training order and initialisation (0 to 2^32 - 1)")
     base_steps: int = _opt(300, "embedded model only: pre-training steps of the cached base")
     max_shard_size: str = _opt("5GB", "largest weight file of the exported model (e.g. 500MB, 5GB); a larger model "
                                "is written in shards with a model.safetensors.index.json, as save_pretrained does")
     out_dir: str = _opt("", "run folder for the merged model and report; empty = $FEDDEM_HOME/runs/<time>")
-    timeout: float = _opt(3600.0, "seconds to wait for the sites at each stage")
+    timeout: float = _opt(3600.0, "seconds to wait for the sites at each stage (more than 0, at most 30 days)")
     aggregation: str = _opt("secure", "how weighted vectors reach the server: 'secure' (SecAgg+: the server "
                             "learns only the sum) or 'plain' (each site's weighted vector in the clear)")
     vector_dtype: str = _opt("float32", "dtype of the sites' stored vectors and of their uploads: float32, "
@@ -152,9 +152,8 @@ class RunConfig:
         for f in fields(self):
             value, kind = getattr(self, f.name), type(f.default)
             key = f.name.replace("_", "-")
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if type(value) is not kind:
+            accepted = (int, float) if kind is float else kind  # an int is a float here, a bool no number
+            if not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool)):
                 raise FeddemError(f"{key} must be a {kind.__name__}, got {value!r}")
             if kind is float and not math.isfinite(value):
                 raise FeddemError(f"{key} must be a finite number, got {value}")

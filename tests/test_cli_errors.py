@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "ray", "flwr", "transformers", "datasets")  # modules the error path must not import
 
 
-def _feddem(*args, home):
+def _feddem(*args, home, timeout=300):
     env = dict(os.environ, FEDDEM_HOME=str(home), HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "feddem.server.cli", "simulate", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=timeout)
 
 
 def _data(tmp_path, files: dict):
@@ -243,10 +243,10 @@ def test_every_option_has_help_text():
 
 
 @pytest.mark.slow
-def test_a_diverged_run_has_its_own_exit_code(tmp_path, feddem_home):
+def test_a_diverged_run_has_its_own_exit_code(tmp_path, feddem_home, tiny_base):
     """A huge learning rate makes the sites' loss inf/nan: the run fails with exit code 3, not 2 (bad usage)."""
     result = _feddem("--sites", "2", "--aggregation", "plain", "--steps", "4", "--lr", "1e30", "--train-examples",
                      "40", "--eval-examples", "8", "--base-steps", "30", "--seq-len", "32", "--batch-size", "4",
-                     "--out", str(tmp_path / "run"), home=feddem_home)
+                     "--out", str(tmp_path / "run"), home=feddem_home, timeout=900)
     assert result.returncode == cli.EXIT_DIVERGED, result.stderr[-3000:]
     assert "training diverged" in result.stderr and "Traceback" not in result.stderr
