@@ -242,11 +242,24 @@ def test_every_option_has_help_text():
     assert "{float32,bfloat16,float16}" in out and "--overwrite" in out
 
 
+def test_a_refused_run_clears_nothing(tmp_path, feddem_home):
+    """--overwrite clears the old run only once every check has passed, those that load the data included."""
+    out = _run_folder(tmp_path)
+    data = _data(tmp_path, {"a.jsonl": _lines(5, "a"), "b.jsonl": ""})
+    result = _feddem("--sites", "2", "--aggregation", "plain", "--data", data, "--out", str(out), "--overwrite",
+                     home=feddem_home)
+    assert result.returncode == 2 and re.search("data file '.*b.jsonl' is empty", result.stderr), result.stderr[-2000:]
+    assert (out / "pool" / "site-0.safetensors").read_bytes() == b"old"
+
+
 @pytest.mark.slow
 def test_a_diverged_run_has_its_own_exit_code(tmp_path, feddem_home, tiny_base):
-    """A huge learning rate makes the sites' loss inf/nan: the run fails with exit code 3, not 2 (bad usage)."""
+    """A huge learning rate makes the sites' loss inf/nan: the run fails with exit code 3, not 2 (bad usage). It runs
+    with --overwrite into an old run's folder, which is cleared when the run starts: no old pool/ is left."""
+    out = _run_folder(tmp_path)
     result = _feddem("--sites", "2", "--aggregation", "plain", "--steps", "4", "--lr", "1e30", "--train-examples",
                      "40", "--eval-examples", "8", "--base-steps", "30", "--seq-len", "32", "--batch-size", "4",
-                     "--out", str(tmp_path / "run"), home=feddem_home, timeout=900)
+                     "--out", str(out), "--overwrite", home=feddem_home, timeout=900)
     assert result.returncode == cli.EXIT_DIVERGED, result.stderr[-3000:]
     assert "training diverged" in result.stderr and "Traceback" not in result.stderr
+    assert not (out / "pool").exists() and not (out / "report.json").exists()
