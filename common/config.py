@@ -16,6 +16,7 @@ def _opt(default, help_text: str, **extra):
     return field(default=default, metadata={"help": help_text, **extra})
 
 
+MAX_TIMEOUT = 30 * 24 * 3600.0  # seconds: beyond this, a wait is a mistake (and overflows some timers)
 VECTOR_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes: `RunConfig.torch_vector_dtype`
 
 
@@ -59,12 +60,12 @@ class RunConfig:
     ablate: str = _opt("", "rank candidate mixtures at the end of the run by merging: K (every subset of up to K "
                        "sites) or 'site-0,site-1;site-2,site-3'; in secure runs each is one more aggregation")
     device: str = _opt("auto", "training device of the sites: auto, cpu or cuda")
-    seed: int = _opt(0, "seed of data generation, training order and initialisation")
+    seed: int = _opt(0, "seed of data generation, training order and initialisation (0 to 2^32 - 1)")
     base_steps: int = _opt(300, "embedded model only: pre-training steps of the cached base")
     max_shard_size: str = _opt("5GB", "largest weight file of the exported model (e.g. 500MB, 5GB); a larger model "
                                "is written in shards with a model.safetensors.index.json, as save_pretrained does")
     out_dir: str = _opt("", "run folder for the merged model and report; empty = $FEDDEM_HOME/runs/<time>")
-    timeout: float = _opt(3600.0, "seconds to wait for the sites at each stage")
+    timeout: float = _opt(3600.0, "seconds to wait for the sites at each stage (more than 0, at most 30 days)")
     aggregation: str = _opt("secure", "how weighted vectors reach the server: 'secure' (SecAgg+: the server "
                             "learns only the sum) or 'plain' (each site's weighted vector in the clear)")
     vector_dtype: str = _opt("float32", "dtype of the sites' stored vectors and of their uploads: float32, "
@@ -117,7 +118,9 @@ class RunConfig:
         from feddem.common.weighting import WEIGHTINGS  # late import: weighting imports nothing from here
         from feddem.common.devices import DEVICES
 
-        for name in ("sites", "steps", "batch_size", "grad_accum", "train_examples", "eval_examples", "lora_r"):
+        self._validate_types()
+        for name in ("sites", "steps", "batch_size", "grad_accum", "train_examples", "eval_examples", "lora_r",
+                     "lora_alpha"):
             if getattr(self, name) < 1:
                 raise FeddemError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.tokens_per_step < 0:
@@ -126,6 +129,11 @@ class RunConfig:
             raise FeddemError(f"seq-len must be at least 8, got {self.seq_len}")
         if not self.lr > 0:
             raise FeddemError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.timeout <= MAX_TIMEOUT:
+            raise FeddemError(f"timeout must be more than 0 and at most {MAX_TIMEOUT:.0f} seconds (30 days), "
+                              f"got {self.timeout}")
+        if not 0 <= self.seed < 2**32:
+            raise FeddemError(f"seed must be between 0 and 2^32 - 1, got {self.seed}")
         if self.base_steps < 0:
             raise FeddemError(f"base-steps must be 0 or more, got {self.base_steps}")
         if self.weighting not in WEIGHTINGS:
@@ -138,13 +146,29 @@ class RunConfig:
         self._validate_aggregation()
         self._validate_weighting()
 
+    def _validate_types(self) -> None:
+        """Every value has its field's type (a bool is no number here), and every number is finite: an inf or nan
+        would pass the range checks below or fail only once the run has started."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            key = f.name.replace("_", "-")
+            accepted = (int, float) if kind is float else kind  # an int is a float here, a bool no number
+            if not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool)):
+                raise FeddemError(f"{key} must be a {kind.__name__}, got {value!r}")
+            if kind is float and not math.isfinite(value):
+                raise FeddemError(f"{key} must be a finite number, got {value}")
+
     def _validate_weighting(self) -> None:
         from feddem.common.weighting.manual import parse_weights
 
         if self.rounds < 1:
             raise FeddemError(f"rounds must be at least 1, got {self.rounds}")
         if self.weights:
-            parse_weights(self.weights)
+            given = parse_weights(self.weights)
+            outside = {site: w for site, w in given.items() if not self.weight_min <= w <= self.weight_max}
+            if self.aggregation == "secure" and outside:
+                raise FeddemError(f"weights {outside} are outside [weight-min, weight-max] = [{self.weight_min}, "
+                                  f"{self.weight_max}]: the sites would refuse them in secure aggregation")
             if self.weighting not in ("uniform", "manual"):
                 raise FeddemError(f"--weights gives the weights by hand; it cannot be combined with --weighting "
                                   f"{self.weighting}")

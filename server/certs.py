@@ -32,6 +32,7 @@ from feddem.common.errors import FeddemError
 DEFAULT_SANS = ("127.0.0.1", "localhost")
 DEFAULT_OUT = Path("deploy") / "certs"
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+MAX_DAYS = 36500  # validity limit: beyond it a date overflows (and no deployment needs more)
 CURVE = ec.SECP384R1  # a NIST curve: Flower accepts only those for SuperNode keys
 
 
@@ -73,13 +74,14 @@ class CertsResult:
 
 
 def site_names(spec: str) -> list[str]:
-    """`--sites`: a count N (sites `site-1` .. `site-N`) or a comma-separated list of names."""
+    """`--sites`: a count N (sites `site-0` .. `site-(N-1)`, the names `feddem simulate` gives its sites) or a
+    comma-separated list of names."""
     spec = spec.strip()
     if spec.isdigit():
         count = int(spec)
         if count < 1:
             raise FeddemError("--sites: give at least one site")
-        return [f"site-{i}" for i in range(1, count + 1)]
+        return [f"site-{i}" for i in range(count)]
     names = [n.strip() for n in spec.split(",") if n.strip()]
     bad = [n for n in names if not SITE_NAME.match(n)]
     if not names or bad:
@@ -174,8 +176,8 @@ def _write(path: Path, data: bytes, private: bool) -> None:
 def generate(out: Path, sites: list[str], extra_sans: list[str] = (), days: int = 365,
              force: bool = False) -> CertsResult:
     """Write the CA, the SuperLink certificate and one key pair per site under `out` (see the module docstring)."""
-    if days < 1:
-        raise FeddemError("--days must be at least 1")
+    if not 1 <= days <= MAX_DAYS:
+        raise FeddemError(f"--days must be between 1 and {MAX_DAYS} (100 years), got {days}")
     paths = CertPaths(Path(out).expanduser())
     sans = list(dict.fromkeys([*DEFAULT_SANS, *extra_sans]))
     for san in sans:  # check them all before writing anything
@@ -214,7 +216,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                    help=f"output folder (default: {DEFAULT_OUT}, where deploy/ mounts it from)")
     p.add_argument("--sites", default="3", metavar="N|a,b,c",
-                   help="number of sites (named site-1..site-N) or their names (default: 3)")
+                   help="number of sites (named site-0..site-(N-1), as in feddem simulate) or their names "
+                   "(default: 3)")
     p.add_argument("--san", action="append", default=[], metavar="NAME_OR_IP",
                    help="extra subject alternative name of the SuperLink certificate: the host name or address "
                    "that sites dial, e.g. --san superlink --san link.example.org (repeatable)")

@@ -1,23 +1,34 @@
 """`feddem`: the command line. `feddem simulate` runs a whole federated DEM run on this machine; `feddem certs`
 writes a deployment's certificates and site keys (`server.certs`); `feddem server` serves the run store over the
 admin API (`server.admin.serve`); `feddem sites prune` deletes old stored vectors of this machine's sites
-(`client.retention`)."""
+(`client.retention`).
+
+Exit codes (README, "Exit codes"): 0 the command succeeded; 1 a run started and failed; 2 bad usage (a bad option or
+input, named before anything starts); 3 the run diverged (a site's training loss became inf or nan: lower --lr);
+130 interrupted (Ctrl-C)."""
 
 import argparse
 import logging
 import sys
 from dataclasses import fields
 
+import feddem
 from feddem.client import retention
-from feddem.common.config import AGGREGATIONS, RunConfig
+from feddem.common.config import AGGREGATIONS, VECTOR_DTYPES, RunConfig
 from feddem.common.devices import DEVICES
 from feddem.common.errors import FeddemError
 from feddem.common.weighting import WEIGHTINGS
 from feddem.server import certs
 from feddem.server.admin import serve
+from feddem.server.precheck import check_simulation_inputs
+from feddem.server.run_folder import check_run_folder, clear_run_folder
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+DIVERGED = "training diverged"  # how common.training words a site's inf/nan loss (kept in the run's error)
 
 RENAMED = {"out_dir": "out"}  # option names that differ from the run-config key
-CHOICES = {"weighting": list(WEIGHTINGS), "device": list(DEVICES), "aggregation": list(AGGREGATIONS)}
+CHOICES = {"weighting": list(WEIGHTINGS), "device": list(DEVICES), "aggregation": list(AGGREGATIONS),
+           "vector_dtype": list(VECTOR_DTYPES)}
 METAVARS = {"model": "NAME_OR_DIR", "data": "SPEC", "out_dir": "DIR", "sites": "N"}
 
 
@@ -41,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="feddem",
         description="feddem: federated Distribution Edited Models. Sites fine-tune a shared base model on private "
         "data; the server merges theta_base + sum_i w_i (theta_i - theta_base) without seeing the data.",
+        epilog="exit codes: 0 ok, 1 a run failed, 2 bad usage, 3 a run diverged (inf/nan loss), 130 interrupted",
     )
+    parser.add_argument("--version", action="version", version=f"feddem {feddem.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser(
         "simulate",
@@ -53,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         "$FEDDEM_HOME, default ~/.cache/feddem) on 4 built-in synthetic domains.",
     )
     _add_run_options(sim)
+    sim.add_argument("--overwrite", action="store_true",
+                     help="clear a non-empty --out first; only a previous run's folder (nothing in it but what a run "
+                     "writes) is cleared, never /, $HOME or $FEDDEM_HOME")
     certs.add_parser(sub)
     serve.add_parser(sub)
     retention.add_parser(sub)
@@ -78,12 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "simulate":
-            from feddem.server.simulation import simulate
-
-            cfg = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
-            result = simulate(cfg)
-            print(f"\nmerged model: {result.out_dir / 'model'}\nreport: {result.out_dir / 'report.json'}, "
-                  f"{result.out_dir / 'report.png'}")
+            return run_simulate(args)
         elif args.command == "certs":
             certs.run(args)
         elif args.command == "server":
@@ -98,11 +109,34 @@ def main(argv: list[str] | None = None) -> int:
             print_ranking(rows)
     except FeddemError as exc:
         print(f"feddem: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("feddem: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    """Check everything that can be checked (a FeddemError: bad usage, nothing started), then run; a run that
+    fails is EXIT_FAILED, one whose training diverged EXIT_DIVERGED."""
+    cfg = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
+    check_simulation_inputs(cfg)  # no torch, no Ray yet: well under a second
+    out = check_run_folder(cfg.out_dir, args.overwrite)
+    from feddem.server.simulation import check_local_inputs, simulate
+    from feddem.server.workflow import preflight
+
+    preflight(cfg)
+    check_local_inputs(cfg)  # every shard loaded and the model's config read, before Ray starts
+    if cfg.out_dir and args.overwrite and out.is_dir():
+        clear_run_folder(out)
+    try:
+        result = simulate(cfg)
+    except FeddemError as exc:
+        print(f"feddem: error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED if DIVERGED in str(exc) else EXIT_FAILED
+    print(f"\nmerged model: {result.out_dir / 'model'}\nreport: {result.out_dir / 'report.json'}, "
+          f"{result.out_dir / 'report.png'}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def test_refuses_to_overwrite_unless_forced(tmp_path):
 
 
 def test_site_names_and_bad_input(tmp_path):
-    assert site_names("3") == ["site-1", "site-2", "site-3"]
+    assert site_names("3") == ["site-0", "site-1", "site-2"]
     assert site_names("a, b,c") == ["a", "b", "c"]
     for bad in ("0", "a,a", "../x", ","):
         with pytest.raises(FeddemError):
@@ -70,6 +70,10 @@ def test_site_names_and_bad_input(tmp_path):
     with pytest.raises(FeddemError, match="neither an IP address nor a DNS name"):
         generate(tmp_path / "c", ["a"], ["bad name!"])
     assert not (tmp_path / "c").exists()  # nothing written on bad input
+    for days in (0, 10**9):
+        with pytest.raises(FeddemError, match=f"--days must be between 1 and 36500 \\(100 years\\), got {days}"):
+            generate(tmp_path / "c", ["a"], days=days)
+    assert not (tmp_path / "c").exists()
 
 
 def test_cli(tmp_path):
@@ -77,6 +81,6 @@ def test_cli(tmp_path):
     args = [sys.executable, "-m", "feddem.server.cli", "certs", "--out", str(out), "--sites", "2", "--san", "superlink"]
     first = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
-    assert (out / "sites" / "site-2" / "node.pub").is_file() and "superlink" in first.stdout
+    assert (out / "sites" / "site-1" / "node.pub").is_file() and not (out / "sites" / "site-2").exists() and "superlink" in first.stdout
     again = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr and "Traceback" not in again.stderr

@@ -44,10 +44,26 @@ def test_record_round_trip_and_coercion():
     ({"upload-parts": 4, "aggregation": "plain"}, "upload-parts 4 splits secure aggregation's masked uploads"),
     ({"max-shard-size": "5 parsecs"}, "max-shard-size must be a size such as 500MB or 5GB, got '5 parsecs'"),
     ({"max-shard-size": "0MB"}, "max-shard-size must be a size such as 500MB or 5GB, got '0MB'"),
+    ({"lr": "inf"}, "lr must be a finite number, got inf"),
+    ({"noise": float("nan")}, "noise must be a finite number, got nan"),
+    ({"timeout": -1}, "timeout must be more than 0 and at most 2592000 seconds"),
+    ({"timeout": 1e9}, "timeout must be more than 0 and at most 2592000 seconds"),
+    ({"seed": 2**32}, "seed must be between 0 and 2\\^32 - 1"),
+    ({"lora-alpha": 0}, "lora-alpha must be at least 1, got 0"),
+    ({"weights": "a=0.5,b=1.5"}, "weights {'b': 1.5} are outside \\[weight-min, weight-max\\] = \\[0.0, 1.0\\]"),
 ])
 def test_malformed_config_is_named(record, message):
     with pytest.raises(FeddemError, match=message):
         RunConfig.from_record(record)
+
+
+def test_values_have_their_fields_types():
+    with pytest.raises(FeddemError, match="steps must be a int, got True"):
+        RunConfig(steps=True).validate()
+    with pytest.raises(FeddemError, match="data must be a str, got 3"):
+        RunConfig(data=3).validate()
+    RunConfig(lr=1, timeout=60).validate()  # an int where a float is wanted is a number like any other
+    RunConfig(aggregation="plain", weights="a=1.5,b=-0.5").validate()  # a trusted run takes any finite weights
 
 
 def _sites():
