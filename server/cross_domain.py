@@ -13,6 +13,7 @@ so the matrix needs each site's own vector d_j. Who may form it depends on the r
 """
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 
 from feddem.common.errors import FeddemError
@@ -71,8 +72,10 @@ def complete_in_simulation(cfg, result):
     report = result.report
     if (report.get("cross_domain") or {}).get("status") != "withheld":
         return result
+    started = time.perf_counter()
     try:
         report["cross_domain"] = simulation_matrix(cfg, report, result.out_dir)
+        report["cross_domain"]["seconds"] = round(time.perf_counter() - started, 3)
     except FeddemError as exc:
         report["cross_domain"] = withheld() | {"simulation": f"the simulation driver could not form it: {exc}"}
         log.warning("cross-domain matrix: %s", exc)
