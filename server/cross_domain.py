@@ -15,6 +15,7 @@ so the matrix needs each site's own vector d_j. Who may form it depends on the r
 import logging
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from feddem.common.errors import FeddemError
 
@@ -83,10 +84,11 @@ def complete_in_simulation(cfg, result):
     return result
 
 
-def simulation_matrix(cfg, report: dict, out_dir) -> dict:
-    """The matrix from the simulated sites' stored vectors (FEDDEM_HOME/sites/<site>/runs/<run-id>/), on this
-    machine. In a multi-round run the last round's start is recovered as the run's aggregate minus the last
-    round's weighted sum of the stored vectors (exact up to secure aggregation's quantization error and noise)."""
+def simulation_matrix(cfg, report: dict, out_dir, work_dirs: dict | None = None) -> dict:
+    """The matrix from the simulated sites' stored vectors (FEDDEM_HOME/sites/<site>/runs/<run-id>/, or under
+    `work_dirs[site]`), on this machine. In a multi-round run the last round's start is recovered as the run's
+    aggregate minus the last round's weighted sum of the stored vectors (exact up to secure aggregation's
+    quantization error and noise)."""
     import torch
 
     from feddem.client.site_context import SiteContext, vector_file
@@ -101,6 +103,8 @@ def simulation_matrix(cfg, report: dict, out_dir) -> dict:
     vectors = {}
     for index in range(cfg.sites):
         site = SiteContext.from_node_config({"partition-id": index})
+        if work_dirs and site.name in work_dirs:
+            site.work_dir = Path(work_dirs[site.name])
         if site.name in sites:
             vectors[site.name] = load_vector(vector_file(site, int(report["flower_run_id"])))
     ref, checksum = report["base_model"]["ref"], report["base_model"]["checksum"]
@@ -111,7 +115,7 @@ def simulation_matrix(cfg, report: dict, out_dir) -> dict:
     tests = test_sets(cfg, tokenizer, sorted(set(sites.values())))
     start, note = None, ""
     if len(report.get("rounds", [])) > 1:
-        start = {name: t.float().clone() for name, t in load_vector(out_dir / "aggregate.safetensors").items()}
+        start = {name: t.float().clone() for name, t in load_vector(Path(out_dir) / "aggregate.safetensors").items()}
         for name, weight in report["rounds"][-1]["weights"].items():
             for key, t in vectors[name].items():
                 start[key] -= weight * t.float()

@@ -221,13 +221,30 @@ def test_plain_two_round_run_computes_the_matrix_and_judges_every_round(grid_run
     assert "warnings" in report["judgement"] and len(report["rounds"][0]["merged_loss"]) == 2
 
 
-def test_secure_run_withholds_the_matrix_and_never_asks_for_a_vector(grid_run):
-    grid, report = grid_run()
-    assert report["aggregation"] == "secure"
-    assert set(report["cross_domain"]) == {"status", "reason"} and report["cross_domain"]["status"] == "withheld"
-    assert report["cross_domain"]["reason"].startswith("withheld: needs each site's vector")
-    assert M.UPLOAD not in grid.sent and grid.sent.count(M.EVALUATE) == 3  # the merge's evaluation only
-    assert "kept_share" in report["judgement"]["mean"]
+def test_a_secure_run_withholds_the_matrix_without_asking_the_sites_anything():
+    from feddem.server.workflow import _cross_domain
+
+    # no stage, no merger: a secure run must not touch either (it never asks a site for its vector)
+    section = _cross_domain(RunConfig(aggregation="secure"), None, None, [1, 2, 3], {}, {}, None)
+    assert section["status"] == "withheld" and section["reason"].startswith("withheld: needs each site's vector")
+
+
+@pytest.mark.slow  # an in-process secure two-round run (about a minute on 2 busy cores)
+def test_secure_two_round_run_withholds_the_matrix_and_the_simulation_driver_recovers_it(grid_run, tmp_path):
+    from feddem.server.cross_domain import BY_SIMULATION, simulation_matrix
+
+    grid, report = grid_run(rounds=2)
+    assert report["aggregation"] == "secure" and report["cross_domain"]["status"] == "withheld"
+    assert M.UPLOAD not in grid.sent and grid.sent.count(M.EVALUATE) == 2 * 3  # each round's merge, nothing more
+    assert [r["round"] for r in report["rounds"]] == [1, 2] and all(r["mean_merged_loss"] for r in report["rounds"])
+    # the driver (one owner of every site) forms it from the stored vectors: start of round 2 + d_j on every domain
+    cfg = _cfg(report["base_model"]["ref"], tmp_path / "run", rounds=2)
+    cross = simulation_matrix(cfg, report, tmp_path / "run",
+                              {f"site-{i}": tmp_path / "sites" / f"site-{i}" for i in range(3)})
+    assert cross["computed_by"] == BY_SIMULATION and "multi-round" in cross["note"]
+    for s in report["sites"]:  # its diagonal is what each site measured of its own local model
+        assert cross["loss"][s["site"]][s["domain"]] == pytest.approx(
+            report["eval"]["local"][s["domain"]]["loss"], rel=1e-4)
 
 
 @pytest.mark.slow
