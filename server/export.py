@@ -47,11 +47,44 @@ def check_tied(ref: str, model_dir: Path) -> None:
         raise FeddemError(f"export to '{model_dir}': tie_word_embeddings is {merged}, the base's is {base}")
 
 
+def tied_names(ref: str) -> tuple[str, str] | None:
+    """(output, input) embedding weight names when the base's config ties them, else None (the model is built on
+    the meta device: no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(ref)
+    if not getattr(config, "tie_word_embeddings", False):
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = {id(module): name for name, module in model.named_modules()}
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None:
+        return None
+    return f"{names[id(out)]}.weight", f"{names[id(inp)]}.weight"
+
+
+def with_tied_copy(ref: str, vector):
+    """A base that ties its embeddings but stores both weights (some checkpoints do) would give an export whose
+    stored output embedding is the base's, unchanged, beside the merged input embedding: transformers then refuses
+    to tie them. The output weight gets the input's delta too, so both are stored equal and load tied."""
+    from feddem.common.modeling import base_tensors
+
+    names = tied_names(ref)
+    if names is None or names[0] in vector or names[1] not in vector:
+        return vector
+    stored = base_tensors(ref, [])
+    if names[0] not in stored:  # stored once, as save_pretrained does: nothing to do
+        return vector
+    return {**vector, names[0]: vector[names[1]]}
+
+
 def export_model(ref: str, vector, model_dir: str | Path, max_shard_bytes: int) -> Path:
     """Write base + vector to `model_dir` as a Hugging Face model folder with the base's tokenizer (and chat
     template) and generation config, every file under one permission policy. Returns the folder."""
     model_dir = Path(model_dir)
-    export_merged(ref, vector, model_dir, max_shard_bytes)
+    export_merged(ref, with_tied_copy(ref, vector), model_dir, max_shard_bytes)
     load_tokenizer(ref).save_pretrained(model_dir)
     _copy_generation_config(ref, model_dir)
     check_tied(ref, model_dir)

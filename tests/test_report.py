@@ -147,11 +147,18 @@ def _tiny_folder(path, tie: bool):
     return model
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_export_keeps_ties_tokenizer_chat_template_generation_config_and_one_permission_policy(tmp_path, tie):
+@pytest.mark.parametrize("tie, stored_twice", [(True, False), (False, False), (True, True)])
+def test_export_keeps_ties_tokenizer_chat_template_generation_config_and_one_permission_policy(tmp_path, tie,
+                                                                                              stored_twice):
+    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     base = _tiny_folder(tmp_path / "base", tie)
+    if stored_twice:  # a tied checkpoint that stores the output embedding too (not what save_pretrained writes)
+        weights = load_file(tmp_path / "base" / "model.safetensors")
+        assert "lm_head.weight" not in weights
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+        save_file(weights, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
     params = dict(base.named_parameters())
     assert ("lm_head.weight" in params) is (not tie)  # a tied weight is one parameter
     torch.manual_seed(1)
