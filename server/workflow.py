@@ -313,7 +313,7 @@ def _cross_domain(cfg: RunConfig, stage: Stage, merger: RoundMerger, nodes: list
         return withheld()
 
     def vector_of(node: int) -> Vector:
-        if merger.vectors is not None:
+        if merger.vectors is not None and node in merger.vectors:
             return merger.vectors[node]
         return dict(fetch_uploads(stage, sites, {node: 1.0}, base_params))[node]
 
