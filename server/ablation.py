@@ -118,7 +118,9 @@ def pool_merge_loss(base, vectors: dict, sets: dict, pad_id: int, device
 
 
 def write_ablation(rows: list[dict], out: Path) -> None:
-    """ablation.json (the ranking) and ablation.png (mean loss by candidate, best first)."""
+    """ablation.json (the ranking) and ablation.png: by candidate, best first, the mean loss of its merge on an axis
+    from zero (labelled with the value), and beside it how much worse than the best candidate it is, so that small
+    differences between candidates show."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,13 +129,24 @@ def write_ablation(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps({"ranking": rows}, indent=1))
     scored = [r for r in rows if "mean_loss" in r]
-    fig, ax = plt.subplots(figsize=(6.5, max(2.5, 0.35 * len(scored) + 1)))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, max(2.5, 0.35 * len(scored) + 1.2)), sharey=True,
+                                      gridspec_kw={"width_ratios": [3, 2]})
     labels = ["+".join(r["candidate"]) for r in scored]
-    ax.barh(range(len(scored)), [r["mean_loss"] for r in scored], color="#4c72b0")
-    ax.set_yticks(range(len(scored)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("mean held-out loss of the merge (nats/token)")
-    ax.set_title("candidate mixtures ranked by merging (best first)", fontsize=9)
+    ys = range(len(scored))
+    losses = [r["mean_loss"] for r in scored]
+    bars = left.barh(ys, losses, color="#4c72b0")
+    left.bar_label(bars, fmt="%.4f", fontsize=6, padding=2)
+    left.set_xlim(0, max(losses + [0]) * 1.18 or 1)
+    left.set_yticks(ys, labels, fontsize=7)
+    left.invert_yaxis()
+    left.set_xlabel("mean held-out loss of the merge (nats/token)", fontsize=8)
+    best = min(losses) if losses else 0.0
+    gaps = [loss - best for loss in losses]
+    bars = right.barh(ys, gaps, color="#dd8452")
+    right.bar_label(bars, labels=[f"+{g:.4f}" for g in gaps], fontsize=6, padding=2)
+    right.set_xlim(0, max(gaps + [0]) * 1.25 or 1)
+    right.set_xlabel("worse than the best candidate by (nats/token)", fontsize=8)
+    fig.suptitle("candidate mixtures ranked by merging (best first)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "ablation.png", dpi=120)
     plt.close(fig)

@@ -19,7 +19,7 @@ from feddem.common import messages as M
 from feddem.common.config import RunConfig
 from feddem.common.data import list_shards
 from feddem.common.errors import FeddemError
-from feddem.common.modeling import export_merged, load_model, load_tokenizer, model_checksum
+from feddem.common.modeling import load_model, load_tokenizer, model_checksum
 from feddem.common.paths import feddem_home
 from feddem.common.vectors import (
     Vector, add_into, apply_vector, check_vector, save_vector, vector_from_record, vector_to_record,
@@ -28,6 +28,9 @@ from feddem.common.vectors import (
 from feddem.common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights, strategy
 from feddem.server.base import resolve_base_ref
 from feddem.server.messaging import failure_reason, pull_one_at_a_time, push_each
+from feddem.server.cross_domain import federated_matrix, withheld
+from feddem.server.export import export_model
+from feddem.server.model_card import write_model_card
 from feddem.server.report import build_report, write_report
 from feddem.server.ablation import POOL, parse_candidates, rank_candidates, write_ablation
 from feddem.server.search import search_merge
@@ -185,12 +188,19 @@ def _secure_aggregate(grid: Grid, cfg: RunConfig, stage: Stage, trained: dict, s
     return result.aggregate, result.survivors, used, details
 
 
-def evaluate_merge(stage: Stage, nodes, aggregate: Vector, split: str, name: str) -> dict[int, float]:
-    """Each site's loss of base + aggregate on its validation or test split."""
+def evaluate_records(stage: Stage, nodes, aggregate: Vector, split: str, name: str) -> dict[int, dict]:
+    """Each site's evaluation of base + aggregate on its validation or test split: its whole reply (merged_loss,
+    domain, and the generation metrics and samples of instruction data)."""
     record = vector_to_record(aggregate)  # serialised once, sent to every site
     replies = stage.run(name, M.EVALUATE, {n: RecordDict({M.AGGREGATE: record,
                                                           M.EVAL: ConfigRecord({"split": split})}) for n in nodes})
-    return {node: float(_site_record(content)["merged_loss"]) for node, content in replies.items()}
+    return {node: _site_record(content) for node, content in replies.items()}
+
+
+def evaluate_merge(stage: Stage, nodes, aggregate: Vector, split: str, name: str) -> dict[int, float]:
+    """Each site's loss of base + aggregate on its validation or test split."""
+    return {node: float(r["merged_loss"]) for node, r in evaluate_records(stage, nodes, aggregate, split,
+                                                                          name).items()}
 
 
 def _reports(sites: dict, trained: dict, order: list[int]) -> list[SiteReport]:
@@ -288,6 +298,36 @@ def _ablation(merger: RoundMerger, cfg: RunConfig, out: Path) -> list[dict]:
     return rows
 
 
+def _record_round_merge(entry: dict, losses: dict[int, float], sites: dict) -> None:
+    """A round's entry in the report gets its merge's test loss per domain and their mean."""
+    entry["merged_loss"] = {sites[n]["domain"]: loss for n, loss in losses.items()}
+    entry["mean_merged_loss"] = sum(losses.values()) / len(losses) if losses else None
+
+
+def _cross_domain(cfg: RunConfig, stage: Stage, merger: RoundMerger, nodes: list[int], sites: dict,
+                  base_params: dict, start: Vector | None) -> dict:
+    """The report's cross-domain matrix (`server.cross_domain`). A secure run withholds it: the server never asks
+    for a site's vector. A plain run forms each site's local model from its vector (held, or fetched once more,
+    one at a time) and has every site evaluate it."""
+    if cfg.aggregation == "secure":
+        return withheld()
+
+    def vector_of(node: int) -> Vector:
+        if merger.vectors is not None and node in merger.vectors:
+            return merger.vectors[node]
+        return dict(fetch_uploads(stage, sites, {node: 1.0}, base_params))[node]
+
+    def evaluate(vector: Vector) -> dict[int, tuple[str, float]]:
+        records = evaluate_records(stage, nodes, vector, "test", "cross-domain evaluation")
+        return {n: (str(r["domain"]), float(r["merged_loss"])) for n, r in records.items()}
+
+    try:
+        return federated_matrix({n: merger.names[n] for n in nodes}, vector_of, evaluate, start)
+    except FeddemError as exc:
+        log.warning("cross-domain matrix not formed: %s", exc)
+        return {"status": "failed", "reason": str(exc)}
+
+
 def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
     """A DEM run of `cfg.rounds` rounds; writes the merged model, report.json and report.png to the run folder."""
     timings: dict[str, float] = {}
@@ -350,11 +390,21 @@ def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
                        "local_loss": {sites[n]["domain"]: float(sites[n]["local_loss"]) for n in order}}
                       | ({"search": search} if search else {}))
         nodes = sorted(contributors)  # a site that dropped out does not come back in later rounds
+        if r < cfg.rounds:  # the merge of every round is judged too (the last one below)
+            _record_round_merge(rounds[-1], evaluate_merge(stage, nodes, merged_so_far, "test",
+                                                           f"round {r}/{cfg.rounds}: evaluation"), sites)
+            lap("evaluate")
 
-    merged_losses = evaluate_merge(stage, nodes, merged_so_far, "test", "evaluation")
-    merged = {sites[n]["site"]: loss for n, loss in merged_losses.items()}
+    merged_records = evaluate_records(stage, nodes, merged_so_far, "test", "evaluation")
+    merged = {sites[n]["site"]: float(r["merged_loss"]) for n, r in merged_records.items()}
+    _record_round_merge(rounds[-1], {n: float(r["merged_loss"]) for n, r in merged_records.items()}, sites)
     lap("evaluate")
-    extra = {}
+    start = None  # where the last round started from: the merge so far without the last round's aggregate
+    if cfg.rounds > 1:
+        start = {name: t - aggregate[name] if name in aggregate else t for name, t in merged_so_far.items()}
+    extra = {"cross_domain": _cross_domain(cfg, stage, merger, nodes, sites, base_params, start)}
+    del start
+    lap("cross_domain")
     if merger.vectors is not None and cfg.keep_pool:  # a trusted run keeps the last round's vectors
         for n, vector in merger.vectors.items():
             save_vector(vector, out / POOL / f"{merger.names[n]}.safetensors",
@@ -364,9 +414,7 @@ def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
         extra["ablation"] = _ablation(merger, cfg, out)
         lap("ablation")
 
-    model_dir = out / "model"
-    export_merged(model_ref, merged_so_far, model_dir, cfg.max_shard_bytes)
-    load_tokenizer(model_ref).save_pretrained(model_dir)
+    model_dir = export_model(model_ref, merged_so_far, out / "model", cfg.max_shard_bytes)
     save_vector(merged_so_far, out / "aggregate.safetensors", metadata={"weights": str(used)})
     lap("export")
     timings["total"] = round(time.perf_counter() - started, 3)
@@ -377,8 +425,12 @@ def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
     report = build_report(cfg.to_record(), base_info, trained_sites, used, merged,
                           dict(stage.failures), timings, aggregation=cfg.aggregation,
                           aggregation_details=details,
-                          extra={"weighting": chosen.name, "rounds": rounds} | extra)
+                          extra={"flower_run_id": run_id, "weighting": chosen.name, "rounds": rounds} | extra,
+                          merged_records={sites[n]["site"]: r for n, r in merged_records.items()})
     write_report(report, out)
+    write_model_card(model_dir, report)
+    for warning in report["judgement"]["warnings"]:
+        log.warning("report: %s", warning)
     for s in trained_sites:
         if s["site"] in merged:
             log.info("%-10s base %.4f  local %.4f  merged %.4f (nats/token)", s["domain"], s["base_loss"],

@@ -1,0 +1,133 @@
+"""The cross-domain matrix: each site's local model on every domain's held-out test split, which shows interference.
+
+Site j's local model is `base + start + d_j` (start: the merge the last round began from, zero in a one-round run),
+so the matrix needs each site's own vector d_j. Who may form it depends on the run:
+
+- a plain (trusted) run: the server already sees each vector in the clear; it forms site j's local model and asks
+  every site to evaluate it with the ordinary evaluate message (`federated_matrix`);
+- a secure run: the server learns only the weighted sum, never a site's vector, so the ServerApp writes the matrix
+  as withheld (`withheld`) and never asks for a vector;
+- `feddem simulate`: one user owns every site on one machine; after the run, the simulation driver (not the
+  ServerApp, and outside the federation) reads the sites' stored vectors under FEDDEM_HOME and the shards' test
+  splits and fills the matrix in (`complete_in_simulation`), marked as computed by the simulation driver.
+"""
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from feddem.common.errors import FeddemError
+
+log = logging.getLogger("feddem.server")
+
+WITHHELD_REASON = ("withheld: needs each site's vector, and under secure aggregation the server learns only the "
+                   "weighted sum of the vectors")
+BY_FEDERATION = "ServerApp, in the federation (plain aggregation: the server sees each site's vector)"
+BY_SIMULATION = ("simulation driver, outside the federation (one user owns every site's vector and data on this "
+                 "machine; a deployed secure run withholds this matrix)")
+
+
+def withheld() -> dict:
+    """The report's `cross_domain` section of a secure run."""
+    return {"status": "withheld", "reason": WITHHELD_REASON}
+
+
+def section(loss: dict[str, dict[str, float]], computed_by: str, note: str = "") -> dict:
+    """The report's `cross_domain` section: loss[site][domain] of site's local model; per domain, which site's
+    model scores best (the diagonal is the site's own domain)."""
+    domains = sorted({d for row in loss.values() for d in row})
+    best = {d: min((s for s in loss if d in loss[s]), key=lambda s: loss[s][d]) for d in domains}
+    return {"status": "computed", "computed_by": computed_by, "unit": "nats per token (held-out test loss)",
+            "rows": "each site's local model (base + its own vector, from the last round's start)",
+            "loss": loss, "best_on_domain": best} | ({"note": note} if note else {})
+
+
+def local_model_vector(start: Mapping | None, vector: Mapping) -> dict:
+    """start + d_j as a vector on the base (start is None in a one-round run)."""
+    if not start:
+        return dict(vector)
+    out = {name: t.float().clone() for name, t in start.items()}
+    for name, t in vector.items():
+        out[name] = out[name] + t.float() if name in out else t.float().clone()
+    return out
+
+
+def federated_matrix(names: dict[int, str], vector_of: Callable[[int], Mapping],
+                     evaluate: Callable[[Mapping], dict[int, tuple[str, float]]], start: Mapping | None = None) -> dict:
+    """The matrix formed by the ServerApp of a plain run, one site's vector at a time: `vector_of(node)` gives d_j,
+    `evaluate(vector)` asks every site to evaluate base + vector and gives node -> (domain, loss)."""
+    loss = {}
+    for node, name in sorted(names.items(), key=lambda item: item[1]):
+        results = evaluate(local_model_vector(start, vector_of(node)))
+        loss[name] = {domain: value for domain, value in sorted(results.values())}
+    return section(loss, BY_FEDERATION)
+
+
+def complete_in_simulation(cfg, result):
+    """After a `feddem simulate` run whose ServerApp withheld the matrix (a secure run), form it here from the
+    sites' stored vectors and the shards' test splits, and rewrite report.json/report.png. A run whose report has
+    the matrix already, or none of this, is left as it is. Returns the result."""
+    from feddem.server.report import write_report
+
+    report = result.report
+    if (report.get("cross_domain") or {}).get("status") != "withheld":
+        return result
+    started = time.perf_counter()
+    try:
+        report["cross_domain"] = simulation_matrix(cfg, report, result.out_dir)
+        report["cross_domain"]["seconds"] = round(time.perf_counter() - started, 3)
+    except FeddemError as exc:
+        report["cross_domain"] = withheld() | {"simulation": f"the simulation driver could not form it: {exc}"}
+        log.warning("cross-domain matrix: %s", exc)
+    write_report(report, result.out_dir)
+    return result
+
+
+def simulation_matrix(cfg, report: dict, out_dir, work_dirs: dict | None = None) -> dict:
+    """The matrix from the simulated sites' stored vectors (FEDDEM_HOME/sites/<site>/runs/<run-id>/, or under
+    `work_dirs[site]`), on this machine. In a multi-round run the last round's start is recovered as the run's
+    aggregate minus the last round's weighted sum of the stored vectors (exact up to secure aggregation's
+    quantization error and noise)."""
+    import torch
+
+    from feddem.client.site_context import SiteContext, vector_file
+    from feddem.common.devices import resolve_device
+    from feddem.common.modeling import load_model, load_tokenizer, model_checksum
+    from feddem.common.vectors import load_vector
+    from feddem.server.ablation import test_sets
+
+    if "flower_run_id" not in report:
+        raise FeddemError("the report has no flower_run_id: cannot find the sites' stored vectors")
+    sites = {s["site"]: s["domain"] for s in report["sites"]}
+    vectors = {}
+    for index in range(cfg.sites):
+        site = SiteContext.from_node_config({"partition-id": index})
+        if work_dirs and site.name in work_dirs:
+            site.work_dir = Path(work_dirs[site.name])
+        if site.name in sites:
+            vectors[site.name] = load_vector(vector_file(site, int(report["flower_run_id"])))
+    ref, checksum = report["base_model"]["ref"], report["base_model"]["checksum"]
+    base = load_model(ref)
+    if model_checksum(base) != checksum:
+        raise FeddemError(f"the base model at '{ref}' is not the one the run used (checksum differs)")
+    tokenizer = load_tokenizer(ref)
+    tests = test_sets(cfg, tokenizer, sorted(set(sites.values())))
+    start, note = None, ""
+    if len(report.get("rounds", [])) > 1:
+        start = {name: t.float().clone() for name, t in load_vector(Path(out_dir) / "aggregate.safetensors").items()}
+        for name, weight in report["rounds"][-1]["weights"].items():
+            for key, t in vectors[name].items():
+                start[key] -= weight * t.float()
+        note = ("multi-round run: each local model is the last round's start (the run's aggregate minus the last "
+                "round's weighted sum of the stored vectors) plus the site's own vector")
+    from feddem.server.ablation import pool_merge_loss
+
+    device = resolve_device(cfg.device)
+    loss = {}
+    for name in sorted(vectors):
+        local = {"local": local_model_vector(start, vectors[name])}
+        with torch.no_grad():
+            loss[name] = pool_merge_loss(base, local, tests, tokenizer.pad_token_id, device)({"local": 1.0})
+    log.info("cross-domain matrix formed by the simulation driver: %d site(s) x %d domain(s)", len(loss), len(tests))
+    return section(loss, BY_SIMULATION, note)
