@@ -70,8 +70,7 @@ def heldout_indices(shard: Shard, split: str) -> list[int]:
 
 def heldout_texts(shard: Shard, split: str) -> list:
     """The examples of a held-out split (texts, or `messages` lists for chat data)."""
-    values = shard.heldout[shard.column]
-    return [values[i] for i in heldout_indices(shard, split)]
+    return list(shard.heldout.select(heldout_indices(shard, split))[shard.column])
 
 
 def heldout_blocks(shard: Shard, tokenizer, cfg: RunConfig, split: str = "test") -> TokenBatch:

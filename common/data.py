@@ -130,12 +130,21 @@ def _read_file(path: Path) -> datasets.Dataset:
         raise FeddemError(f"data file '{path}' is not one of {', '.join(EXTENSIONS)}")
     if path.stat().st_size == 0:
         raise FeddemError(f"data file '{path}' is empty")
-    kwargs = {"dtype": str} if path.suffix == ".csv" else {}  # CSV cells stay strings ("42" is an answer, not 42)
     try:
+        kwargs = _csv_as_strings(path) if path.suffix == ".csv" else {}
         return datasets.load_dataset(EXTENSIONS[path.suffix], data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # datasets raises many types for unreadable files
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise FeddemError(f"could not read data file '{path}': {first}") from None
+
+
+def _csv_as_strings(path: Path) -> dict:
+    """CSV cells stay strings ("42" is an answer, not the number 42): every header column typed as a string."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header})}
 
 
 def _load_file(path: Path, text_column: str) -> tuple[str, datasets.Dataset]:
@@ -364,7 +373,7 @@ def encode_examples(shard: Shard, split: str, tokenizer, seq_len: int, indices=N
     data = getattr(shard, split)
     if indices is not None:
         data = data.select(indices)
-    values = data[shard.column]
+    values = list(data[shard.column])
     if shard.kind == TEXT:
         return _pack(values, tokenizer, seq_len, pad_last=split != "train")
     if not values:
@@ -383,7 +392,7 @@ def encode_train(shard: Shard, tokenizer, seq_len: int, needed_sequences: int, s
         chosen = sorted(order[:needed_sequences])
         return encode_examples(shard, "train", tokenizer, seq_len, chosen if len(chosen) < n else None)
     needed_tokens, ids, tokens, chunk = needed_sequences * seq_len, {}, 0, 256
-    texts = shard.train["text"]
+    texts = list(shard.train["text"])
     for start in range(0, n, chunk):
         part = order[start : start + chunk]
         for i, row in zip(part, tokenizer([texts[i] for i in part], add_special_tokens=False)["input_ids"]):
