@@ -67,9 +67,11 @@ def _load(loader, ref: str, **kwargs):
         return loader(ref, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        from feddem.common.model_sources import PRESETS
+
         raise FeddemError(
-            f"could not load model '{ref}': not a local model folder, and not loadable from the hub "
-            f"(no network here, or no such model): {first}"
+            f"could not load model '{ref}': not a local model folder, GGUF file or preset ({', '.join(PRESETS)}), "
+            f"and not loadable from the hub (no network here, or no such model): {first}"
         ) from None
 
 
