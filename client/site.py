@@ -111,7 +111,13 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
 
     `start_from`: the merged model of the previous round as a vector on the base (rounds > 1); the site's vector is
     then relative to that start. `target`: the server's target direction (DGA): the result gets `alignment`.
-    `embed`: the result gets `embedding`, the base model's domain embedding (Chameleon)."""
+    `embed`: the result gets `embedding`, the base model's domain embedding (Chameleon).
+
+    Besides the losses the result holds `data_format` (`text` or `chat`), `truncated_examples` (train and test
+    examples cut to seq-len, never dropped), `warnings` (one string, one warning per line, empty when none: a small
+    held-out split, truncation), `setup_seconds`/`train_seconds`/`eval_seconds`, and for chat data the generation
+    metric of the base and the local model (`base_gen_exact_match`, `base_gen_rouge_l`, `base_samples`, and the
+    same with `local_`; `common.evaluation.generation_metrics`)."""
     start = time.perf_counter()
     device = site.resolve_device(cfg)
     model = load_verified_base(model_ref, checksum)
@@ -183,7 +189,9 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
 
 def evaluate_merged(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, aggregate: Vector,
                     split: str = "test") -> dict:
-    """Loss of base + aggregate on the site's own domain, on the validation or the test half of its held-out data."""
+    """Loss of base + aggregate on the site's own domain, on the validation or the test half of its held-out data;
+    on the test half of chat data also `gen_exact_match`, `gen_rouge_l` (numbers) and `samples` (a JSON list of
+    {prompt, reference, answer})."""
     device = site.resolve_device(cfg)
     model = load_verified_base(model_ref, checksum)
     tokenizer = load_tokenizer(model_ref)
