@@ -11,9 +11,10 @@ from collections.abc import Mapping
 import torch
 
 from feddem.common.config import RunConfig
-from feddem.common.data import Shard, SyntheticSizes, load_shard, load_site_data, pack_blocks
+from feddem.common.chat_format import CHAT
+from feddem.common.data import Shard, SyntheticSizes, TokenBatch, encode_examples, encode_train, load_shard, load_site_data
 from feddem.common.errors import FeddemError
-from feddem.common.evaluation import evaluate_loss
+from feddem.common.evaluation import evaluate_loss, generation_metrics
 from feddem.common.modeling import base_tensors, load_model, load_tokenizer, model_checksum
 from feddem.common.training import TrainSettings, train_causal_lm
 from feddem.client.guard import data_digest, record_trained, training_seed
@@ -37,7 +38,7 @@ def load_verified_base(ref: str, checksum: str):
 
 def load_site_shard(cfg: RunConfig, site: SiteContext) -> Shard:
     """The site's data: its own `data-path` when deployed, else its shard of the run's `data` spec."""
-    sizes = SyntheticSizes(cfg.train_examples, cfg.eval_examples, cfg.seed)
+    sizes = SyntheticSizes(cfg.train_examples, cfg.eval_examples, cfg.seed, cfg.text_column)
     if site.data_path is None:
         shard = load_shard(cfg.data, site.index, sizes)
     else:
@@ -53,22 +54,43 @@ def load_site_shard(cfg: RunConfig, site: SiteContext) -> Shard:
 
 
 SPLITS = ("validation", "test")
+GEN_MAX_NEW_TOKENS = 32  # tokens generated per held-out prompt for the generation metric
 
 
-def heldout_texts(shard: Shard, split: str) -> list[str]:
+def heldout_indices(shard: Shard, split: str) -> list[int]:
     """The held-out split in two: its first half validates (the weight search), its second half tests (the report).
     A one-example held-out split serves as both."""
     if split not in SPLITS:
         raise FeddemError(f"unknown evaluation split '{split}': choose one of {', '.join(SPLITS)}")
-    texts = list(shard.heldout["text"])
-    if len(texts) < 2:
-        return texts
-    half = len(texts) // 2
-    return texts[:half] if split == "validation" else texts[half:]
+    n = len(shard.heldout)
+    if n < 2:
+        return list(range(n))
+    half = n // 2
+    return list(range(half)) if split == "validation" else list(range(half, n))
 
 
-def heldout_blocks(shard: Shard, tokenizer, cfg: RunConfig, split: str = "test") -> torch.Tensor:
-    return pack_blocks(heldout_texts(shard, split), tokenizer, cfg.seq_len, pad_last=True)
+def heldout_texts(shard: Shard, split: str) -> list:
+    """The examples of a held-out split (texts, or `messages` lists for chat data)."""
+    return list(shard.heldout.select(heldout_indices(shard, split))[shard.column])
+
+
+def heldout_blocks(shard: Shard, tokenizer, cfg: RunConfig, split: str = "test") -> TokenBatch:
+    """The model inputs of a held-out split (`common.data.encode_examples`)."""
+    return encode_examples(shard, "heldout", tokenizer, cfg.seq_len, heldout_indices(shard, split))
+
+
+def generation_sample(shard: Shard, cfg: RunConfig, split: str = "test") -> list:
+    """The held-out conversations answered for the generation metric: the first `gen-examples` of the split, for
+    instruction/chat data only (none for text)."""
+    if shard.kind != CHAT or cfg.gen_examples <= 0:
+        return []
+    return heldout_texts(shard, split)[: cfg.gen_examples]
+
+
+def _generation(model, tokenizer, conversations: list, cfg: RunConfig, device, prefix: str = "") -> dict:
+    if not conversations:
+        return {}
+    return generation_metrics(model, tokenizer, conversations, device, cfg.seq_len, GEN_MAX_NEW_TOKENS, prefix)
 
 
 def starting_point(model_ref: str, names: list[str], start_from: Vector | None) -> Mapping[str, torch.Tensor]:
@@ -90,21 +112,32 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
 
     `start_from`: the merged model of the previous round as a vector on the base (rounds > 1); the site's vector is
     then relative to that start. `target`: the server's target direction (DGA): the result gets `alignment`.
-    `embed`: the result gets `embedding`, the base model's domain embedding (Chameleon)."""
+    `embed`: the result gets `embedding`, the base model's domain embedding (Chameleon).
+
+    Besides the losses the result holds `data_format` (`text` or `chat`), `truncated_examples` (train and test
+    examples cut to seq-len, never dropped), `warnings` (one string, one warning per line, empty when none: a small
+    held-out split, truncation), `setup_seconds`/`train_seconds`/`eval_seconds`, and for chat data the generation
+    metric of the base and the local model (`base_gen_exact_match`, `base_gen_rouge_l`, `base_samples`, and the
+    same with `local_`; `common.evaluation.generation_metrics`)."""
     start = time.perf_counter()
     device = site.resolve_device(cfg)
     model = load_verified_base(model_ref, checksum)
     tokenizer = load_tokenizer(model_ref)
     shard = load_site_shard(cfg, site)
     # the guard's randomness: a spent (data, seed) pair trains with fresh randomness, never the same vector again
-    data = data_digest(shard.train["text"])
+    data = data_digest(shard.train[shard.column])
     seed, seed_base, fresh = training_seed(site, cfg, run_id, data)
-    train_blocks = pack_blocks(shard.train["text"], tokenizer, cfg.seq_len)
+    settings = TrainSettings.from_run_config(cfg, seed=seed)
+    settings.validate()
+    needed = cfg.steps * settings.accumulation(cfg.seq_len) * cfg.batch_size  # sequences the run draws
+    train_data = encode_train(shard, tokenizer, cfg.seq_len, needed, seed)
     heldout = heldout_blocks(shard, tokenizer, cfg)
-    base_eval = evaluate_loss(model, heldout, tokenizer.pad_token_id, device)
-    extra = {}
+    prompts = generation_sample(shard, cfg)
+    setup_seconds = time.perf_counter() - start
+    base_eval = evaluate_loss(model, heldout, None, device)
+    extra = _generation(model, tokenizer, prompts, cfg, device, "base_")
     if embed:
-        extra["embedding"] = domain_embedding(model, train_blocks, tokenizer.pad_token_id, device)
+        extra["embedding"] = domain_embedding(model, train_data.input_ids, tokenizer.pad_token_id, device)
     if start_from is not None:
         apply_vector(model, start_from)
     if cfg.lora:
@@ -120,9 +153,11 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
         if step % every == 0 or step == cfg.steps:
             log.info("%s (%s): step %d/%d, loss %.4f", site.name, shard.name, step, cfg.steps, loss)
 
-    settings = TrainSettings.from_run_config(cfg, seed=seed)
-    stats = train_causal_lm(model, train_blocks, settings, device, on_step)  # in place: no copy of the base is kept
-    local_eval = evaluate_loss(model, heldout, tokenizer.pad_token_id, device)
+    stats = train_causal_lm(model, train_data, settings, device, on_step)  # in place: no copy of the base is kept
+    eval_start = time.perf_counter()
+    local_eval = evaluate_loss(model, heldout, None, device)
+    extra |= _generation(model, tokenizer, prompts, cfg, device, "local_")
+    eval_seconds = time.perf_counter() - eval_start
     if cfg.lora:
         vector = extract_lora_vector(model)
     else:
@@ -132,29 +167,42 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     record_trained(site, run_id, cfg, data, seed_base, fresh)  # the guard's record: digest, data, declared mode
     if target is not None:
         extra["alignment"] = alignment(vector, target)
-    train_tokens = int(train_blocks.numel())
+    truncated = train_data.truncated + heldout.truncated
+    warnings = list(shard.warnings)
+    if truncated:
+        warnings.append(f"{shard.name}: {truncated} example(s) longer than seq-len {cfg.seq_len} were truncated")
     return extra | {
         "site": site.name,
         "domain": shard.name,
+        "data_format": shard.kind,
         "examples": len(shard.train),
-        "tokens": train_tokens,
-        "heldout_examples": len(heldout_texts(shard, "test")),
+        "tokens": int(train_data.attention_mask.sum()),
+        "heldout_examples": len(heldout_indices(shard, "test")),
+        "truncated_examples": truncated,
+        "warnings": "\n".join(warnings),
         "train_loss": stats["train_loss"],
         "tokens_per_second": stats["tokens_per_second"],
         "base_loss": base_eval["loss"],
         "local_loss": local_eval["loss"],
         "heldout_tokens": base_eval["tokens"],
+        "setup_seconds": setup_seconds,
+        "train_seconds": stats["train_seconds"],
+        "eval_seconds": eval_seconds,
         "seconds": time.perf_counter() - start,
     }
 
 
 def evaluate_merged(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, aggregate: Vector,
                     split: str = "test") -> dict:
-    """Loss of base + aggregate on the site's own domain, on the validation or the test half of its held-out data."""
+    """Loss of base + aggregate on the site's own domain, on the validation or the test half of its held-out data;
+    on the test half of chat data also `gen_exact_match`, `gen_rouge_l` (numbers) and `samples` (a JSON list of
+    {prompt, reference, answer})."""
     device = site.resolve_device(cfg)
     model = load_verified_base(model_ref, checksum)
     tokenizer = load_tokenizer(model_ref)
     apply_vector(model, aggregate)
     shard = load_site_shard(cfg, site)
-    result = evaluate_loss(model, heldout_blocks(shard, tokenizer, cfg, split), tokenizer.pad_token_id, device)
-    return {"site": site.name, "domain": shard.name, "merged_loss": result["loss"], "heldout_tokens": result["tokens"]}
+    result = evaluate_loss(model, heldout_blocks(shard, tokenizer, cfg, split), None, device)
+    generation = _generation(model, tokenizer, generation_sample(shard, cfg, split), cfg, device) if split == "test" else {}
+    return generation | {"site": site.name, "domain": shard.name, "merged_loss": result["loss"],
+                         "heldout_tokens": result["tokens"]}

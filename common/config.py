@@ -23,11 +23,19 @@ VECTOR_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes: `Ru
 @dataclass
 class RunConfig:
     sites: int = _opt(4, "number of sites (one shard/domain each); the run waits for this many nodes")
-    model: str = _opt("", "base model: a local Hugging Face folder or a hub name; empty = the embedded tiny model")
-    data: str = _opt("synthetic", "'synthetic', 'synthetic:DOMAIN,...' or a folder of per-site files")
+    model: str = _opt("", "base model: a local Hugging Face folder, a hub name (the local cache when offline), a GGUF "
+                      "file (converted once into $FEDDEM_HOME/models/) or a preset (smollm2-135m); empty = the "
+                      "embedded tiny model")
+    data: str = _opt("synthetic", "'synthetic', 'synthetic:DOMAIN,...', a folder with one entry per site (a "
+                     ".jsonl/.json/.parquet/.txt/.csv file, a train/test subfolder or a save_to_disk folder) or "
+                     "'hf:ORG/NAME[:CONFIG][@SPLIT]'; text, prompt/completion, alpaca or messages data")
     train_examples: int = _opt(2000, "synthetic domains: train examples per site")
-    eval_examples: int = _opt(400, "synthetic domains: held-out examples per site (first half: validation for "
-                              "the weight search; second half: the test split of the report)")
+    eval_examples: int = _opt(400, "held-out examples per site: generated for synthetic domains, a cap for any "
+                              "other data (first half: validation for the weight search; second half: the test "
+                              "split of the report)")
+    text_column: str = _opt("text", "the column of plain-text data (when no instruction/chat columns are present)")
+    gen_examples: int = _opt(8, "instruction/chat data: held-out prompts answered greedily for the generation "
+                             "metric (exact match, ROUGE-L) of the base, local and merged models; 0 = off")
     steps: int = _opt(200, "local fine-tuning steps per site")
     lr: float = _opt(3e-4, "peak learning rate of local fine-tuning (warm-up then cosine decay)")
     batch_size: int = _opt(16, "sequences per micro-batch")
@@ -145,6 +153,9 @@ class RunConfig:
             raise FeddemError(f"unknown vector-dtype '{self.vector_dtype}': choose one of {', '.join(VECTOR_DTYPES)}")
         self._validate_aggregation()
         self._validate_weighting()
+        if self.gen_examples < 0 or not self.text_column:
+            raise FeddemError(f"gen-examples must be 0 or more and text-column non-empty, got {self.gen_examples}, "
+                              f"{self.text_column!r}")
 
     def _validate_types(self) -> None:
         """Every value has its field's type (a bool is no number here), and every number is finite: an inf or nan

@@ -1,4 +1,5 @@
-"""Loading the base causal LM: the embedded tiny Llama built from a config, a local HF folder, or a hub name.
+"""Loading the base causal LM: the embedded tiny Llama built from a config, a local HF folder, a hub name, a GGUF
+file or a preset (the last two converted once into a local folder: `common.model_sources`).
 
 Also the model checksum that sites compare with the run config before they train.
 """
@@ -10,7 +11,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
+from feddem.common.chat_format import PLAIN_CHAT_TEMPLATE
 from feddem.common.errors import FeddemError
+from feddem.common.model_sources import resolve_model_ref
 from feddem.common.vectors import LazyVector, Vector, merged_tensors, open_tensors, save_sharded, specs_of
 from feddem.common.tokenizer import build_byte_tokenizer
 
@@ -52,7 +55,9 @@ def _is_local(ref: str) -> bool:
 
 
 def _load(loader, ref: str, **kwargs):
-    """Call a `from_pretrained` on a local folder or hub name; a missing model becomes a clear FeddemError."""
+    """Call a `from_pretrained` on a local folder, hub name, GGUF file or preset; a missing model becomes a clear
+    FeddemError."""
+    ref = resolve_model_ref(ref)
     if _is_local(ref):
         path = Path(ref).expanduser()
         if not (path / "config.json").is_file():
@@ -62,9 +67,11 @@ def _load(loader, ref: str, **kwargs):
         return loader(ref, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        from feddem.common.model_sources import PRESETS
+
         raise FeddemError(
-            f"could not load model '{ref}': not a local model folder, and not loadable from the hub "
-            f"(no network here, or no such model): {first}"
+            f"could not load model '{ref}': not a local model folder, GGUF file or preset ({', '.join(PRESETS)}), "
+            f"and not loadable from the hub (no network here, or no such model): {first}"
         ) from None
 
 
@@ -79,11 +86,18 @@ def load_model(ref: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
 
 
 def load_tokenizer(ref: str):
-    """The tokenizer saved with a model (local folder or hub name)."""
+    """The tokenizer saved with a model (local folder, hub name, GGUF file or preset). One without a chat template
+    gets the plain one chat data is rendered with (`common.chat_format`), one without a pad token pads with EOS."""
+    resolved = resolve_model_ref(ref)
     try:
-        return AutoTokenizer.from_pretrained(str(Path(ref).expanduser()) if _is_local(ref) else ref)
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(resolved).expanduser()) if _is_local(resolved) else resolved)
     except (OSError, ValueError) as exc:
         raise FeddemError(f"could not load the tokenizer of model '{ref}': {exc}") from None
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def model_checksum(model: torch.nn.Module) -> str:
@@ -103,6 +117,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 def model_folder(ref: str) -> Path | None:
     """The local folder holding a model's files: the folder itself, or the hub cache's snapshot of a hub name that
     was loaded before (no download); None when there is none."""
+    ref = resolve_model_ref(ref)
     if _is_local(ref):
         return Path(ref).expanduser()
     try:

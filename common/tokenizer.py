@@ -9,6 +9,8 @@ from functools import lru_cache
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from feddem.common.chat_format import PLAIN_CHAT_TEMPLATE
+
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
 
@@ -28,7 +30,8 @@ def _byte_alphabet() -> tuple[str, ...]:
 
 
 def build_byte_tokenizer(model_max_length: int = 1024) -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer: ids 0..255 are the bytes, then <s>, </s>, <pad>."""
+    """A byte-level tokenizer: ids 0..255 are the bytes, then <s>, </s>, <pad>; chat data is rendered with the
+    plain chat template (`common.chat_format.PLAIN_CHAT_TEMPLATE`)."""
     vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -36,4 +39,5 @@ def build_byte_tokenizer(model_max_length: int = 1024) -> PreTrainedTokenizerFas
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=model_max_length
     )
+    tok.chat_template = PLAIN_CHAT_TEMPLATE
     return tok

@@ -3,7 +3,8 @@
 AdamW (fused on CUDA), linear warm-up then cosine decay, gradient clipping, gradient accumulation (a fixed number
 of micro-batches, or as many as a token budget per optimizer step needs), bf16 autocast on CUDA, optional gradient
 checkpointing and `torch.compile`. Batches are drawn from packed token blocks (`common.data.pack_blocks`: texts
-concatenated and cut into full sequences, no padding) in seeded random order (epoch by epoch); the models load with
+concatenated and cut into full sequences, no padding) or from padded chat examples (`common.data.TokenBatch`, labels
+-100 on the prompt tokens, each batch trimmed to its longest row) in seeded random order (epoch by epoch); the models load with
 PyTorch SDPA attention (`common.modeling`). Everything the loop allocates is released before it returns, and
 `release_device_memory` empties the CUDA cache, so virtual sites that take turns on one GPU start from free memory.
 """
@@ -17,6 +18,7 @@ from typing import Callable
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
+from feddem.common.data import TokenBatch
 from feddem.common.errors import FeddemError
 
 
@@ -80,14 +82,15 @@ def _batches(num_blocks: int, batch_size: int, seed: int):
 
 def train_causal_lm(
     model: torch.nn.Module,
-    blocks: torch.Tensor,
+    blocks: torch.Tensor | TokenBatch,
     settings: TrainSettings,
     device: torch.device,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict:
-    """Fine-tune `model` in place on [n, seq_len] token blocks; returns loss and throughput figures."""
+    """Fine-tune `model` in place on [n, seq_len] token blocks or a `TokenBatch`; returns loss and throughput."""
     settings.validate()
-    accum = settings.accumulation(blocks.shape[1])
+    data = blocks if isinstance(blocks, TokenBatch) else TokenBatch.from_blocks(blocks)
+    accum = settings.accumulation(data.input_ids.shape[1])
     model.to(device).train()
     if settings.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -98,17 +101,21 @@ def train_causal_lm(
     )
     warmup = int(settings.warmup_ratio * settings.steps)
     schedule = get_cosine_schedule_with_warmup(optimizer, warmup, settings.steps)
-    batches = _batches(len(blocks), settings.batch_size, settings.seed)
+    batches = _batches(len(data), settings.batch_size, settings.seed)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     losses: list[float] = []
+    tokens = 0
     start = time.perf_counter()
     try:
         for step in range(1, settings.steps + 1):
             step_loss = torch.zeros((), device=device)
             for _ in range(accum):
-                batch = blocks[next(batches)].to(device, non_blocking=True)
+                batch = data.rows(next(batches))
+                tokens += int(batch.attention_mask.sum())
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = forward(input_ids=batch, labels=batch).loss / accum
+                    loss = forward(input_ids=batch.input_ids.to(device, non_blocking=True),
+                                   attention_mask=batch.model_mask(device),
+                                   labels=batch.labels.to(device, non_blocking=True)).loss / accum
                 loss.backward()
                 step_loss += loss.detach()  # no host sync per micro-batch
             step_loss = float(step_loss)
@@ -130,7 +137,6 @@ def train_causal_lm(
         if settings.gradient_checkpointing:
             model.activation_checkpointing_disable()
         release_device_memory(device)
-    tokens = settings.steps * accum * settings.batch_size * blocks.shape[1]
     tail = losses[-max(1, len(losses) // 10) :]
     model.eval()
     return {

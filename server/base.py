@@ -1,4 +1,6 @@
-"""Resolving the run's base model on the server: the cached embedded default, or the user's folder/hub name."""
+"""Resolving the run's base model on the server: the cached embedded default, or the user's reference (a folder, a
+hub name, a GGUF file or a preset; the last two are converted once here, and each site converts its own copy the
+same way: `common.model_sources`)."""
 
 import logging
 
@@ -14,6 +16,11 @@ log = logging.getLogger("feddem.server")
 def resolve_base_ref(cfg: RunConfig) -> str:
     """The model reference the sites load: `cfg.model`, or the embedded base (pre-trained and cached if needed)."""
     if cfg.model:
+        from feddem.common.model_sources import resolve_model_ref
+
+        resolved = resolve_model_ref(cfg.model)  # fetch/convert once, before any site needs it
+        if resolved != cfg.model:
+            log.info("base model %s: %s", cfg.model, resolved)
         return cfg.model
     settings = BaseSettings(steps=cfg.base_steps, seed=cfg.seed)
     every = max(1, settings.steps // 5)

