@@ -289,7 +289,7 @@ def run_cli(srv, *args, env_auth=True) -> tuple[int, str, str]:
     if env_auth:
         env |= srv.env
     p = subprocess.run([sys.executable, "-m", "feddem.server.admin_cli", *args], capture_output=True, text=True, env=env,
-                       timeout=120, cwd=ROOT)
+                       timeout=120, cwd=ROOT, stdin=subprocess.DEVNULL)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -580,7 +580,8 @@ def test_cli_never_hangs_and_closes_its_channels(server, capsys):
     assert threading.active_count() <= before + 2  # no channel left open
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDDEM_ADMIN_")} | srv.env
     procs = [subprocess.Popen([sys.executable, "-m", "feddem.server.admin_cli", "runs", "show", "nope"], env=env,
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(5)]
+                              cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for _ in range(5)]
     try:
         assert [p.wait(timeout=120) for p in procs] == [3] * 5
     finally:
