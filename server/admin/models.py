@@ -167,13 +167,14 @@ def check_data(spec: str, roots: tuple[Path, ...]) -> str:
     for candidate in [path] if path.is_absolute() else [root / path for root in roots]:
         try:
             resolved = candidate.resolve()
-        except (OSError, RuntimeError):
+            inside = any(resolved.is_relative_to(root) for root in roots) and resolved.is_dir()
+        except (OSError, RuntimeError):  # a name too long, a loop of links
             continue
-        if any(resolved.is_relative_to(root) for root in roots) and resolved.is_dir():
+        if inside:
             try:
                 list_shards(str(resolved))
-            except FeddemError as exc:
-                raise InvalidArgument(f"data {quote(spec)}: {exc}") from None
+            except (FeddemError, OSError) as exc:
+                raise InvalidArgument(f"data {quote(spec)}: {str(exc)[:300]}") from None
             return str(resolved)
     raise InvalidArgument(f"data {quote(spec)} is not a folder inside the server's data roots "
                           f"({', '.join(map(str, roots))})")
