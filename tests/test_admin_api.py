@@ -553,7 +553,9 @@ def test_cli_run_references_and_json(server, admin, capsys):
     assert code == 2 and "ambiguous" in err and trusted in err and runs["secure"] in err
     code, out, _ = cli("runs", "list", "--json")
     listed = json.loads(out)
-    newest = max(admin.ListRuns(pb.ListRunsRequest(), timeout=30).runs, key=lambda r: (r.created, r.run_id)).run_id
+    every = admin.ListRuns(pb.ListRunsRequest(page_size=500), timeout=30)  # (fuzzed BeginRuns add runs)
+    assert not every.next_page_token
+    newest = max(every.runs, key=lambda r: (r.created, r.run_id)).run_id
     assert {r["run_id"]: [s["site"] for s in r["sites"]] for r in listed}[trusted] == ["site-0", "site-1"]
     code, out, _ = cli("runs", "show", "latest", "--json")
     assert code == 0 and json.loads(out)["run_id"] == newest
@@ -575,7 +577,7 @@ def test_cli_never_hangs_and_closes_its_channels(server, capsys):
         assert admin_cli.main([*_connection(srv), "runs", "show", "nope"]) == 3
     assert "NOT_FOUND" in capsys.readouterr().err
     assert time.monotonic() - started < 60
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while threading.active_count() > before + 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert threading.active_count() <= before + 2  # no channel left open
