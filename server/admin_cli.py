@@ -211,7 +211,10 @@ def delete_run(args, pb, stub) -> int:
     if not args.yes:
         if not sys.stdin.isatty():
             raise UsageError(f"deleting run {what} removes its records and files for good: add --yes")
-        answer = input(f"delete run {what} and its files for good? [y/N] ")
+        try:
+            answer = input(f"delete run {what} and its files for good? [y/N] ")
+        except EOFError:
+            answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             print("not deleted", file=sys.stderr)
             return 1

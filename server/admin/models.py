@@ -63,13 +63,24 @@ def base_model(run: dict):
 
     try:
         model = load_model(run["base_ref"])
-    except FeddemError as exc:
+    except Exception as exc:  # FeddemError, or what transformers/safetensors raise for a broken folder
         raise FailedPrecondition(f"the base model of run {run['run_id']} is not available on the server: {exc}") \
             from None
     if model_checksum(model) != run["base_checksum"]:
         raise FailedPrecondition(f"the base model at '{run['base_ref']}' differs from the one run {run['run_id']} "
                                  f"used (checksum)")
     return model
+
+
+def stored_tokenizer(store: Store, run_id: str):
+    """The tokenizer of a run's stored model (verified first); FAILED_PRECONDITION when it cannot be loaded."""
+    from feddem.common.modeling import load_tokenizer
+
+    folder = store.verified_folder(run_id, "model", "model")
+    try:
+        return load_tokenizer(str(folder))
+    except Exception as exc:  # FeddemError, or what transformers raises for a broken folder
+        raise FailedPrecondition(f"the stored model of run {run_id} cannot be loaded: {str(exc)[:300]}") from None
 
 
 def check_weights(weights: dict[str, float], sites: list[str], cfg: RunConfig) -> dict[str, float]:
@@ -97,13 +108,13 @@ def remerge(store: Store, run_id: str, weights: dict[str, float]) -> str:
     stored = pool_artefacts(store, run)
     cfg = run_config(run)
     full = check_weights(dict(weights), sorted(stored), cfg)
-    from feddem.common.modeling import export_merged, load_tokenizer  # after the checks: a refusal is quick
+    from feddem.common.modeling import export_merged  # after the checks: a refusal is quick
     from feddem.common.vectors import save_vector, weighted_sum
 
     vectors = load_site_vectors(store, run_id, stored)
     base_model(run)  # loaded to check that the base on this server is the run's (checksum)
     aggregate = weighted_sum([vectors[s] for s in full], list(full.values()))
-    tokenizer = load_tokenizer(str(store.verified_folder(run_id, "model", "model")))
+    tokenizer = stored_tokenizer(store, run_id)
     parent_report = store.report(run_id)
     report = {  # the weights were given by hand: the config says so
         "config": parent_report.get("config", {}) | {"weighting": "manual",
@@ -156,13 +167,14 @@ def check_data(spec: str, roots: tuple[Path, ...]) -> str:
     for candidate in [path] if path.is_absolute() else [root / path for root in roots]:
         try:
             resolved = candidate.resolve()
-        except (OSError, RuntimeError):
+            inside = any(resolved.is_relative_to(root) for root in roots) and resolved.is_dir()
+        except (OSError, RuntimeError):  # a name too long, a loop of links
             continue
-        if any(resolved.is_relative_to(root) for root in roots) and resolved.is_dir():
+        if inside:
             try:
                 list_shards(str(resolved))
-            except FeddemError as exc:
-                raise InvalidArgument(f"data {quote(spec)}: {exc}") from None
+            except (FeddemError, OSError) as exc:
+                raise InvalidArgument(f"data {quote(spec)}: {str(exc)[:300]}") from None
             return str(resolved)
     raise InvalidArgument(f"data {quote(spec)} is not a folder inside the server's data roots "
                           f"({', '.join(map(str, roots))})")
@@ -190,18 +202,18 @@ def _losses(model, sets: dict, pad_id: int) -> dict[str, dict]:
 def evaluate(store: Store, run_id: str, data: str, roots: tuple[Path, ...] = ()) -> dict[str, dict]:
     """Held-out loss per domain of the run's merged model on `data` (default: the run's own data spec; either
     inside the data `roots`); recorded as metrics of stage `server:<data>`."""
-    from feddem.common.modeling import load_model, load_tokenizer
-
     run = store.get_run(run_id)
     if not run["has_model"]:
         raise FailedPrecondition(f"run {run_id} holds no merged model (status {run['status']})")
     cfg = run_config(run)
     spec = check_data(data or cfg.data, roots)
+    from feddem.common.modeling import load_model, load_tokenizer  # after the checks: a refusal is quick
+
     folder = str(store.verified_folder(run_id, "model", "model"))
     try:
         model, tokenizer = load_model(folder), load_tokenizer(folder)
-    except FeddemError as exc:
-        raise FailedPrecondition(f"the stored model of run {run_id} cannot be loaded: {exc}") from None
+    except Exception as exc:  # FeddemError, or what transformers/safetensors raise for a broken folder
+        raise FailedPrecondition(f"the stored model of run {run_id} cannot be loaded: {str(exc)[:300]}") from None
     results = _losses(model, evaluation_sets(cfg, spec, tokenizer), tokenizer.pad_token_id)
     store.add_metrics(run_id, f"server:{(data or cfg.data)[:200]}", results)
     return results
@@ -210,13 +222,12 @@ def evaluate(store: Store, run_id: str, data: str, roots: tuple[Path, ...] = ())
 def rank_pool(store: Store, run_id: str, candidates: str, data: str, roots: tuple[Path, ...] = ()) -> list[dict]:
     """Candidate mixtures (subsets of the run's sites) ranked by the mean held-out loss of the average of their
     stored vectors (server/ablation.py's ranking)."""
-    import torch
-
-    from feddem.common.modeling import load_tokenizer
-    from feddem.server.ablation import parse_candidates, pool_merge_loss, rank_candidates
-
     run = store.get_run(run_id)
     stored = pool_artefacts(store, run)
+    import torch  # after the first checks: a refusal is quick
+
+    from feddem.server.ablation import parse_candidates, pool_merge_loss, rank_candidates
+
     names = sorted(stored)
     try:
         chosen = parse_candidates(candidates, names)
@@ -225,7 +236,7 @@ def rank_pool(store: Store, run_id: str, candidates: str, data: str, roots: tupl
     spec = check_data(data or run_config(run).data, roots)
     vectors = load_site_vectors(store, run_id, stored)
     base = base_model(run)
-    tokenizer = load_tokenizer(str(store.verified_folder(run_id, "model", "model")))
+    tokenizer = stored_tokenizer(store, run_id)
     sets = evaluation_sets(run_config(run), spec, tokenizer)
 
     merge_loss = pool_merge_loss(base, vectors, sets, tokenizer.pad_token_id, torch.device("cpu"))
