@@ -103,13 +103,14 @@ def check_weights(weights: dict[str, float], sites: list[str], cfg: RunConfig) -
 
 def remerge(store: Store, run_id: str, weights: dict[str, float]) -> str:
     """A new run (kind remerge, parent `run_id`): base + sum_i w_i d_i from the run's stored site vectors, exported
-    the way a run exports its merged model (common.modeling.export_merged)."""
+    the way a run exports its merged model (server.export.export_model), with its model card."""
     run = store.get_run(run_id)
     stored = pool_artefacts(store, run)
     cfg = run_config(run)
     full = check_weights(dict(weights), sorted(stored), cfg)
-    from feddem.common.modeling import export_merged  # after the checks: a refusal is quick
-    from feddem.common.vectors import save_vector, weighted_sum
+    from feddem.common.vectors import save_vector, weighted_sum  # after the checks: a refusal is quick
+    from feddem.server.export import export_model
+    from feddem.server.model_card import write_model_card
 
     vectors = load_site_vectors(store, run_id, stored)
     base_model(run)  # loaded to check that the base on this server is the run's (checksum)
@@ -133,8 +134,9 @@ def remerge(store: Store, run_id: str, weights: dict[str, float]) -> str:
     try:
         with tempfile.TemporaryDirectory(prefix="feddem-remerge-") as tmp:
             out = Path(tmp)
-            export_merged(run["base_ref"], aggregate, out / "model", cfg.max_shard_bytes)
-            tokenizer.save_pretrained(out / "model")
+            export_model(run["base_ref"], aggregate, out / "model", cfg.max_shard_bytes)
+            tokenizer.save_pretrained(out / "model")  # the run's own tokenizer, as stored
+            write_model_card(out / "model", report)
             save_vector(aggregate, out / "aggregate.safetensors", metadata={"weights": str(full)})
             record_outputs(recorder, new, out, report)
     except BaseException as exc:
