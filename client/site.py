@@ -14,6 +14,7 @@ from feddem.common.config import RunConfig
 from feddem.common.data import Shard, SyntheticSizes, load_shard, load_site_data, pack_blocks
 from feddem.common.errors import FeddemError
 from feddem.common.evaluation import evaluate_loss
+from feddem.common.progress import ProgressWriter
 from feddem.common.modeling import base_tensors, load_model, load_tokenizer, model_checksum
 from feddem.common.training import TrainSettings, train_causal_lm
 from feddem.client.signals import alignment, domain_embedding
@@ -111,12 +112,15 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
         model = get_peft_model(model, lora)
 
     every = max(1, cfg.steps // 4)
+    settings = TrainSettings.from_run_config(cfg, seed=cfg.seed + site.index)
+    progress = ProgressWriter(site.name, shard.name, cfg.steps,  # to `feddem simulate`'s console, when it asks
+                              settings.accumulation(cfg.seq_len) * cfg.batch_size * cfg.seq_len)
 
     def on_step(step: int, loss: float) -> None:
+        progress.step(step, loss)
         if step % every == 0 or step == cfg.steps:
             log.info("%s (%s): step %d/%d, loss %.4f", site.name, shard.name, step, cfg.steps, loss)
 
-    settings = TrainSettings.from_run_config(cfg, seed=cfg.seed + site.index)
     stats = train_causal_lm(model, train_blocks, settings, device, on_step)  # in place: no copy of the base is kept
     local_eval = evaluate_loss(model, heldout, tokenizer.pad_token_id, device)
     if cfg.lora:

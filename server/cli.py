@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         "$FEDDEM_HOME, default ~/.cache/feddem) on 4 built-in synthetic domains.",
     )
     _add_run_options(sim)
+    sim.add_argument("--verbose", action="store_true", help="also show the library logs (Flower, Ray, the sites), "
+                     "which otherwise go only to run.log in the run folder")
     certs.add_parser(sub)
     serve.add_parser(sub)
     abl = sub.add_parser(
@@ -67,30 +69,40 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--data", default="", metavar="SPEC", help="evaluation data (default: the run's data spec)")
     abl.add_argument("--domains", default="", help="comma-separated evaluation domains (default: all)")
     abl.add_argument("--out", default="", metavar="DIR", help="where to write the table (default: the run folder)")
+    abl.add_argument("--verbose", action="store_true", help="also show the library logs")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command not in ("simulate", "ablate"):
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "simulate":
-            from feddem.server.simulation import simulate
+            from feddem.server.console import display_for
+            from feddem.server.simulation import Interrupted, simulate
 
             cfg = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
-            result = simulate(cfg)
-            print(f"\nmerged model: {result.out_dir / 'model'}\nreport: {result.out_dir / 'report.json'}, "
-                  f"{result.out_dir / 'report.png'}")
+            with display_for(cfg.sites, cfg.steps, args.verbose) as display:
+                try:
+                    result = simulate(cfg, display)
+                except Interrupted as exc:
+                    display.stage(f"feddem: {exc}", logging.WARNING)
+                    return exc.exit_code
+                display.close()
+                display.summary(result.report, result.out_dir)
         elif args.command == "certs":
             certs.run(args)
         elif args.command == "server":
             serve.run(args)
         elif args.command == "ablate":
-            from feddem.server.ablation import ablate_pool, print_ranking
+            from feddem.server.ablation import ablate_pool
+            from feddem.server.console import display_for
 
-            rows = ablate_pool(args.run, args.candidates, args.data,
-                               [d.strip() for d in args.domains.split(",") if d.strip()] or None, args.out or None)
-            print_ranking(rows)
+            with display_for(0, 0, args.verbose) as display:
+                rows = ablate_pool(args.run, args.candidates, args.data,
+                                   [d.strip() for d in args.domains.split(",") if d.strip()] or None, args.out or None)
+                display.ranking(rows)
     except FeddemError as exc:
         print(f"feddem: error: {exc}", file=sys.stderr)
         return 2
