@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             from feddem.server.simulation import Interrupted, simulate
 
             cfg = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
-            with display_for(cfg.sites, cfg.steps, args.verbose) as display:
+            with display_for(cfg.sites, cfg.steps, args.verbose, rounds=cfg.rounds) as display:
                 try:
                     result = simulate(cfg, display)
                 except Interrupted as exc:

@@ -10,6 +10,7 @@ import logging
 import re
 import sys
 import time
+from dataclasses import replace
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
@@ -41,16 +42,17 @@ class Overall:
     def __init__(self, sites: int, steps: int):
         self.total = sites * steps
         self.first: float | None = None
+        self.first_done = 0
 
     def update(self, progress: dict[str, SiteProgress], now: float | None = None) -> tuple[int, float | None]:
         now = time.monotonic() if now is None else now
         done = sum(p.step for p in progress.values())
         if done and self.first is None:
-            self.first = now
-        if not done or self.first is None or now <= self.first:
-            return done, None
-        rate = done / (now - self.first)
-        return done, (self.total - done) / rate if rate > 0 else None
+            self.first, self.first_done = now, done
+        if self.first is None or now <= self.first or done <= self.first_done:
+            return done, (0.0 if done >= self.total else None)
+        rate = (done - self.first_done) / (now - self.first)
+        return done, (self.total - done) / rate
 
     def text(self, done: int, eta: float | None) -> str:
         pct = 100 * done // max(self.total, 1)
@@ -61,11 +63,14 @@ class RunConsole:
     """The display of one run. Use as a context manager; `stage`, `progress` and `log_line` come from
     `server.simulation.simulate`."""
 
-    def __init__(self, sites: int, steps: int, verbose: bool = False, stream=None):
+    def __init__(self, sites: int, steps: int, verbose: bool = False, stream=None, rounds: int = 1):
         self.console = Console(file=stream or sys.stderr, highlight=False, soft_wrap=True)
         self.live = self.console.is_terminal
         self.verbose = verbose
-        self.overall = Overall(sites, steps)
+        self.steps, self.rounds = steps, rounds
+        self.overall = Overall(sites, steps * rounds)
+        self.last_step: dict[str, int] = {}
+        self.rounds_done: dict[str, int] = {}  # a site's step going back down: its next round began
         self.shown: dict[str, int] = {}  # site -> last quarter printed (not a terminal)
         self.overall_shown = 0
         self.tasks: dict[str, int] = {}
@@ -95,7 +100,13 @@ class RunConsole:
     def progress(self, sites: dict[str, SiteProgress]) -> None:
         if not sites:
             return
-        done, eta = self.overall.update(sites)
+        for name, p in sites.items():
+            if p.step < self.last_step.get(name, 0):
+                self.rounds_done[name] = self.rounds_done.get(name, 0) + 1
+                self.shown[name] = 0
+            self.last_step[name] = p.step
+        done, eta = self.overall.update({name: replace(p, step=self.rounds_done.get(name, 0) * p.steps + p.step)
+                                         for name, p in sites.items()})
         if self.live:
             self._bars(sites, done, eta)
             return
@@ -103,11 +114,14 @@ class RunConsole:
             quarter = 4 * p.step // max(p.steps, 1)
             if quarter > self.shown.get(name, 0):
                 self.shown[name] = quarter
-                self.console.print(site_text(p), markup=False)
+                self.console.print(self._round(name) + site_text(p), markup=False)
         quarter = 4 * done // max(self.overall.total, 1)
         if quarter > self.overall_shown:
             self.overall_shown = quarter
             self.console.print(self.overall.text(done, eta), markup=False)
+
+    def _round(self, name: str) -> str:
+        return f"round {self.rounds_done.get(name, 0) + 1}/{self.rounds}: " if self.rounds > 1 else ""
 
     def _bars(self, sites: dict[str, SiteProgress], done: int, eta: float | None) -> None:
         if not self.bars.live.is_started:
@@ -117,7 +131,7 @@ class RunConsole:
             if name not in self.tasks:
                 self.tasks[name] = self.bars.add_task(f"{p.site} ({p.domain})", total=p.steps, info="")
             self.bars.update(self.tasks[name], completed=p.step,
-                             info=f"{p.step}/{p.steps}  loss {p.loss:.4f}  {_rate(p.tokens_per_second)}  "
+                             info=f"{self._round(name)}{p.step}/{p.steps}  loss {p.loss:.4f}  {_rate(p.tokens_per_second)}  "
                                   f"ETA {_clock(p.eta_seconds)}")
         self.bars.update(self.overall_task, completed=done, info=self.overall.text(done, eta))
         if done >= self.overall.total:  # training is over: the next stages print lines again
@@ -179,14 +193,14 @@ class display_for:  # noqa: N801 - used as `with display_for(...) as display`
     """The console of one `feddem simulate`/`ablate` command, with this process's logging routed to it: feddem's
     records as stage lines; other libraries' warnings and progress bars off (with `verbose`: on, at INFO)."""
 
-    def __init__(self, sites: int, steps: int, verbose: bool = False, stream=None):
+    def __init__(self, sites: int, steps: int, verbose: bool = False, stream=None, rounds: int = 1):
         import os
 
         if not verbose:
             for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
                 os.environ.setdefault(var, "1")
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        self.display = RunConsole(sites, steps, verbose, stream)
+        self.display = RunConsole(sites, steps, verbose, stream, rounds)
         self.handler = StageHandler(self.display)
         self.verbose = verbose
 

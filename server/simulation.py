@@ -379,7 +379,9 @@ def configure_child_logging(events) -> None:
 
 
 def _child() -> int:
-    events = os.fdopen(int(os.environ.pop(EVENTS_FD_VAR)), "wb")
+    fd = int(os.environ.pop(EVENTS_FD_VAR))
+    os.set_inheritable(fd, False)  # Ray's processes must not hold the pipe open
+    events = os.fdopen(fd, "wb")
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # the driver cleans up: end without Ray's teardown
     configure_child_logging(events)
     try:
