@@ -78,7 +78,7 @@ class RunConsole:
         self.overall_task = None
         if self.live:
             self.bars = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24),
-                                 TextColumn("{task.fields[info]}"), console=self.console, transient=True)
+                                 TextColumn("{task.fields[info]}"), console=self.console, transient=False)
 
     def __enter__(self) -> "RunConsole":
         return self
@@ -156,9 +156,6 @@ class RunConsole:
         self.console.print(table)
         for name, why in report.get("failures", {}).items():
             self.console.print(f"failed: {name}: {why}", style="yellow", markup=False)
-        total = report.get("timings", {}).get("total")
-        if total is not None:
-            self.console.print(f"done in {total:.1f} s", markup=False)
         self.console.print(f"merged model: {out_dir / 'model'}\nreport: {out_dir / 'report.json'}, "
                            f"{out_dir / 'report.png'}", markup=False)
 
