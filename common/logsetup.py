@@ -8,6 +8,7 @@
 """
 
 import logging
+import sys
 
 QUIET = ("httpx", "httpcore", "urllib3", "filelock", "alembic", "asyncio")
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -48,7 +49,12 @@ def configure_file_logging(stream) -> None:
 
 
 def ensure_app_logging() -> None:
-    """Under Flower's processes: feddem's INFO lines on stderr, unless an entry point configured logging already."""
+    """Under Flower's processes: feddem's INFO lines on stderr, unless an entry point configured logging already;
+    Flower's own lines without colour codes when stderr is not a terminal (a Ray worker's goes to run.log)."""
+    if not sys.stderr.isatty():
+        from flwr.common.logger import update_console_handler
+
+        update_console_handler(colored=False)
     if logging.getLogger().handlers:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
