@@ -83,7 +83,8 @@ def _signal_all(pids: list[int], sig: int) -> None:
 
 def stop_leftovers(tag: str, grace: float = 10.0) -> int:
     """Wait up to `grace` seconds for the simulation's processes to end, then terminate (and kill) the rest: Ray can
-    leave a busy actor process behind after shutdown, and with many sites those pile up. Returns how many."""
+    leave a busy actor process behind after shutdown, and with many sites those pile up. Returns how many are
+    still alive after that (0: all gone)."""
     deadline = time.monotonic() + grace
     while (pids := _tagged_pids(tag)) and time.monotonic() < deadline:
         time.sleep(0.25)
@@ -91,8 +92,8 @@ def stop_leftovers(tag: str, grace: float = 10.0) -> int:
 
 
 def terminate_tagged(tag: str, pids: list[int] | None = None, grace: float = STOP_GRACE) -> int:
-    """SIGTERM every process carrying the tag, SIGKILL what is left after `grace` seconds; returns how many there
-    were."""
+    """SIGTERM every process carrying the tag, SIGKILL what is left after `grace` seconds; returns how many are
+    still alive after that (0: all gone)."""
     pids = _tagged_pids(tag) if pids is None else pids
     if not pids:
         return 0
@@ -103,9 +104,9 @@ def terminate_tagged(tag: str, pids: list[int] | None = None, grace: float = STO
     if left:
         _signal_all(left, signal.SIGKILL)
         deadline = time.monotonic() + 2.0
-        while _tagged_pids(tag) and time.monotonic() < deadline:
+        while (left := _tagged_pids(tag)) and time.monotonic() < deadline:
             time.sleep(0.1)
-    return len(pids)
+    return len(left)
 
 
 def backend_config(cfg: RunConfig) -> dict:
