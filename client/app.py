@@ -21,9 +21,9 @@ from feddem.client.site_context import SiteContext
 from feddem.common import messages as M
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
+from feddem.common.logsetup import ensure_app_logging
 from feddem.common.weighting import EMBEDDING, strategy
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 log = logging.getLogger("feddem.site")
 
 app = ClientApp()
@@ -37,6 +37,7 @@ def _split(result: dict) -> RecordDict:
 
 
 def _handle(msg: Message, context: Context, work) -> Message:
+    ensure_app_logging()  # a no-op where an entry point configured logging
     started = time.perf_counter()
     try:
         site = SiteContext.from_node_config(dict(context.node_config))
@@ -46,7 +47,7 @@ def _handle(msg: Message, context: Context, work) -> Message:
     except FeddemError as exc:
         log.error("site refused or failed: %s", exc)
         content = RecordDict({M.FAILURE: ConfigRecord({"reason": str(exc)})})
-    log.info("%s handled in %.2f s", msg.metadata.message_type, time.perf_counter() - started)
+    log.debug("%s handled in %.2f s", msg.metadata.message_type, time.perf_counter() - started)
     return Message(content, reply_to=msg)
 
 

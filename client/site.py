@@ -15,6 +15,7 @@ from feddem.common.chat_format import CHAT
 from feddem.common.data import Shard, SyntheticSizes, TokenBatch, encode_examples, encode_train, load_shard, load_site_data
 from feddem.common.errors import FeddemError
 from feddem.common.evaluation import evaluate_loss, generation_metrics
+from feddem.common.progress import ProgressWriter
 from feddem.common.modeling import base_tensors, load_model, load_tokenizer, model_checksum
 from feddem.common.training import TrainSettings, train_causal_lm
 from feddem.client.guard import data_digest, record_trained, training_seed
@@ -148,8 +149,11 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
         model = get_peft_model(model, lora)
 
     every = max(1, cfg.steps // 4)
+    progress = ProgressWriter(site.name, shard.name, cfg.steps,  # to `feddem simulate`'s console, when it asks
+                              settings.accumulation(cfg.seq_len) * cfg.batch_size * cfg.seq_len)
 
     def on_step(step: int, loss: float) -> None:
+        progress.step(step, loss)
         if step % every == 0 or step == cfg.steps:
             log.info("%s (%s): step %d/%d, loss %.4f", site.name, shard.name, step, cfg.steps, loss)
 

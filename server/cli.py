@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--overwrite", action="store_true",
                      help="clear a non-empty --out first; only a previous run's folder (nothing in it but what a run "
                      "writes) is cleared, never /, $HOME or $FEDDEM_HOME")
+    sim.add_argument("--verbose", action="store_true", help="also show the library logs (Flower, Ray, the sites), "
+                     "which otherwise go only to run.log in the run folder")
     certs.add_parser(sub)
     serve.add_parser(sub)
     retention.add_parser(sub)
@@ -86,12 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--data", default="", metavar="SPEC", help="evaluation data (default: the run's data spec)")
     abl.add_argument("--domains", default="", help="comma-separated evaluation domains (default: all)")
     abl.add_argument("--out", default="", metavar="DIR", help="where to write the table (default: the run folder)")
+    abl.add_argument("--verbose", action="store_true", help="also show the library logs")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command not in ("simulate", "ablate"):
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "simulate":
             return run_simulate(args)
@@ -102,11 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sites":
             retention.run(args)
         elif args.command == "ablate":
-            from feddem.server.ablation import ablate_pool, print_ranking
+            from feddem.server.ablation import ablate_pool
+            from feddem.server.console import display_for
 
-            rows = ablate_pool(args.run, args.candidates, args.data,
-                               [d.strip() for d in args.domains.split(",") if d.strip()] or None, args.out or None)
-            print_ranking(rows)
+            with display_for(0, 0, args.verbose) as display:
+                rows = ablate_pool(args.run, args.candidates, args.data,
+                                   [d.strip() for d in args.domains.split(",") if d.strip()] or None, args.out or None)
+                display.ranking(rows)
     except FeddemError as exc:
         print(f"feddem: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -122,20 +128,25 @@ def run_simulate(args: argparse.Namespace) -> int:
     cfg = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
     check_simulation_inputs(cfg)  # no torch, no Ray yet: well under a second
     out = check_run_folder(cfg.out_dir, args.overwrite)
-    from feddem.server.simulation import check_local_inputs, simulate
+    from feddem.server.console import display_for
+    from feddem.server.simulation import Interrupted, check_local_inputs, simulate
     from feddem.server.workflow import preflight
 
     preflight(cfg)
     check_local_inputs(cfg)  # every shard loaded and the model's config read, before Ray starts
     if cfg.out_dir and args.overwrite and out.is_dir():
         clear_run_folder(out)
-    try:
-        result = simulate(cfg)
-    except FeddemError as exc:
-        print(f"feddem: error: {exc}", file=sys.stderr)
-        return EXIT_DIVERGED if DIVERGED in str(exc) else EXIT_FAILED
-    print(f"\nmerged model: {result.out_dir / 'model'}\nreport: {result.out_dir / 'report.json'}, "
-          f"{result.out_dir / 'report.png'}")
+    with display_for(cfg.sites, cfg.steps, args.verbose, rounds=cfg.rounds) as display:
+        try:
+            result = simulate(cfg, display)
+        except Interrupted as exc:
+            display.stage(f"feddem: {exc}", logging.WARNING)
+            return exc.exit_code
+        except FeddemError as exc:
+            display.stage(f"feddem: error: {exc}", logging.ERROR)
+            return EXIT_DIVERGED if DIVERGED in str(exc) else EXIT_FAILED
+        display.close()
+        display.summary(result.report, result.out_dir)
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from feddem.common.errors import FeddemError
+from feddem.common.model_sources import resolve_model_ref
 from feddem.common.modeling import export_merged, load_tokenizer
 
 log = logging.getLogger("feddem.server")
@@ -84,6 +85,7 @@ def export_model(ref: str, vector, model_dir: str | Path, max_shard_bytes: int) 
     """Write base + vector to `model_dir` as a Hugging Face model folder with the base's tokenizer (and chat
     template) and generation config, every file under one permission policy. Returns the folder."""
     model_dir = Path(model_dir)
+    ref = resolve_model_ref(ref)  # a preset or GGUF file: its converted folder, as the sites load it
     export_merged(ref, with_tied_copy(ref, vector), model_dir, max_shard_bytes)
     load_tokenizer(ref).save_pretrained(model_dir)
     _copy_generation_config(ref, model_dir)

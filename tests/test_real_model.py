@@ -100,7 +100,20 @@ def test_secure_run_on_smollm2_with_chat_pairs_and_text_sites(smollm2_home, tmp_
     domains = {"capitals", "sums", "stdlib"}
     for kind in ("base", "local", "merged"):
         assert set(report["eval"][kind]) == domains
-    # (the report's kept share and cross-domain matrix are asserted here once the report work is merged)
+    judged = report["judgement"]["domains"]
+    assert set(judged) == domains
+    for d, row in judged.items():  # the kept share is the report's own figures, or named as not defined
+        gain = row["base"] - row["local"]
+        if gain > 0:
+            assert row["kept_share"] == pytest.approx((row["base"] - row["merged"]) / gain, rel=1e-6)
+        else:
+            assert row["kept_share"] is None and row["note"]
+    cross = report["cross_domain"]  # a secure run: formed by the simulation driver, outside the federation
+    assert cross["status"] == "computed" and set(cross["loss"]) == {s["site"] for s in report["sites"]}
+    for s in report["sites"]:
+        assert set(cross["loss"][s["site"]]) == domains
+        assert cross["loss"][s["site"]][s["domain"]] == pytest.approx(report["eval"]["local"][s["domain"]]["loss"],
+                                                                       rel=1e-3)
 
     model_dir = out / "model"
     model = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -24,6 +24,8 @@ def test_three_site_run_merges_better_than_base_and_exports(tmp_path, tiny_base)
     assert report["base_model"]["ref"] == str(tiny_base)
     assert report["timings"]["total"] > 0 and report["failures"] == {}
     assert "step 20/20" in result.stdout + result.stderr  # progress was shown
+    assert (out / "run.log").is_file() and not (out / ".progress").exists()  # library logs kept, progress cleaned
+    assert not (out / "INTERRUPTED").exists()
 
     # the exported folder is the formula theta_base + sum_i w_i d_i, loads with Auto* and generates
     model = AutoModelForCausalLM.from_pretrained(out / "model")
