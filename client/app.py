@@ -39,6 +39,7 @@ def _split(result: dict) -> RecordDict:
 def _handle(msg: Message, context: Context, work) -> Message:
     ensure_app_logging()  # a no-op where an entry point configured logging
     started = time.perf_counter()
+    site = None
     try:
         site = SiteContext.from_node_config(dict(context.node_config))
         cfg = RunConfig.from_record(dict(msg.content.config_records[M.CONFIG]))
@@ -46,7 +47,9 @@ def _handle(msg: Message, context: Context, work) -> Message:
         content = work(msg, site, cfg, str(base["model-ref"]), str(base["model-checksum"]))
     except FeddemError as exc:
         log.error("site refused or failed: %s", exc)
-        content = RecordDict({M.FAILURE: ConfigRecord({"reason": str(exc)})})
+        # the site's name with the reason, so the server's report names the site, not its Flower node id
+        named = {"site": site.name} if site is not None else {}
+        content = RecordDict({M.FAILURE: ConfigRecord({"reason": str(exc)} | named)})
     log.debug("%s handled in %.2f s", msg.metadata.message_type, time.perf_counter() - started)
     return Message(content, reply_to=msg)
 

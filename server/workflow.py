@@ -75,11 +75,25 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
 
 
 class Stage:
-    """Send one message per node, collect the replies, split them into results and failures."""
+    """Send one message per node, collect the replies, split them into results and failures (keyed by the site's
+    name once any reply of that node named it, else `node-<id>`)."""
 
     def __init__(self, grid: Grid, cfg: RunConfig, base: ConfigRecord):
         self.grid, self.cfg, self.base = grid, cfg, base
         self.failures: dict[str, str] = {}
+        self.names: dict[int, str] = {}  # node -> site name, from the replies that carry it
+
+    def label(self, node: int) -> str:
+        return self.names.get(node, f"node-{node}")
+
+    def fail(self, node: int, why: str) -> None:
+        self.failures[self.label(node)] = why
+        log.warning("%s failed: %s", self.label(node), why)
+
+    def _learn_name(self, node: int, content: RecordDict) -> None:
+        for record in (M.SITE, M.FAILURE):
+            if record in content.config_records and "site" in content.config_records[record]:
+                self.names[node] = str(content.config_records[record]["site"])
 
     def run(self, name: str, message_type: str, per_node: dict[int, RecordDict]) -> dict[int, RecordDict]:
         """The contents of the successful replies by node (failures recorded in `failures`; a FeddemError when no
@@ -91,7 +105,7 @@ class Stage:
         replies one at a time, so a stage whose replies are whole vectors (plain uploads) holds one of them at a
         time, not one per site. Failures go to `failures`; a FeddemError at the end when no site succeeded."""
         def not_sent(node):
-            self.failures[f"node-{node}"] = f"{name}: the message could not be sent"
+            self.fail(node, f"{name}: the message could not be sent")
 
         pending = push_each(self.grid, self.cfg, self.base, message_type, per_node, not_sent)
         log.info("%s: %d site(s)", name, len(pending))
@@ -99,9 +113,10 @@ class Stage:
         succeeded = 0
         for node, reply in pull_one_at_a_time(self.grid, pending, self.cfg.timeout):
             reason = failure_reason(reply)
+            if not reply.has_error():
+                self._learn_name(node, reply.content)
             if reason is not None:
-                self.failures[f"node-{node}"] = f"{name}: {reason}"
-                log.warning("node-%d failed: %s", node, self.failures[f"node-{node}"])
+                self.fail(node, f"{name}: {reason}")
                 continue
             succeeded += 1
             content = reply.content
@@ -109,8 +124,7 @@ class Stage:
             yield node, content
             del content
         for node in pending.values():
-            self.failures[f"node-{node}"] = f"{name}: no reply within {self.cfg.timeout:.0f} s"
-            log.warning("node-%d failed: %s", node, self.failures[f"node-{node}"])
+            self.fail(node, f"{name}: no reply within {self.cfg.timeout:.0f} s")
         log.info("%s: %d of %d site(s) replied in %.1f s", name, succeeded, asked, time.perf_counter() - started)
         if not succeeded:
             raise FeddemError(f"{name}: no site succeeded ({'; '.join(self.failures.values())})")
@@ -160,7 +174,7 @@ def _secure_aggregate(grid: Grid, cfg: RunConfig, stage: Stage, trained: dict, s
                           "sites run the same configuration (full vs LoRA)")
     result = secure_sum(grid, cfg, stage.base, weights, layout, base_params)
     for node, why in result.dropped.items():
-        stage.failures[f"node-{node}"] = f"secure aggregation, {why}"
+        stage.fail(node, f"secure aggregation, {why}")
     name = {n: sites[n]["site"] for n in weights}
     used = {name[n]: weights[n] for n in result.survivors}
     clipped = {name[n]: c for n, c in result.clipped.items()}

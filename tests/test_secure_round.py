@@ -552,7 +552,21 @@ def test_secure_run_with_a_dropout_reports_effective_weights(tiny_base, tmp_path
     assert list(details["dropped"]) == ["site-2"] and "share" in details["dropped"]["site-2"]
     assert report["weights"] == pytest.approx({f"site-{i}": 1 / 3 for i in range(2)})
     assert details["effective_weight_sum"] == pytest.approx(2 / 3) and "not renormalised" in details["note"]
-    assert f"node-{nodes[2]}" in report["failures"] and set(report["eval"]["merged"]) == {"arithmetic", "records"}
+    # a failure names the site (learnt from its earlier replies), not its Flower node id
+    assert "site-2" in report["failures"] and not any(k.startswith("node-") for k in report["failures"])
+    assert set(report["eval"]["merged"]) == {"arithmetic", "records"}
+
+
+def test_a_site_that_fails_before_any_reply_is_named_by_its_own_failure(tiny_base, tmp_path):
+    """The first message a site answers is a refusal (a base whose checksum differs): the report names the site."""
+    nodes = NODES[:2]
+    grid = FakeGrid(tmp_path / "sites", nodes)
+    wrong_base = ConfigRecord({"model-ref": str(tiny_base), "model-checksum": "0" * 64})
+    stage = Stage(grid, _cfg(tiny_base, sites=2, min_peers=1), wrong_base)
+    with pytest.raises(FeddemError, match="no site succeeded"):
+        stage.run("local fine-tuning", M.TRAIN, {n: RecordDict() for n in nodes})
+    assert sorted(stage.failures) == ["site-0", "site-1"]
+    assert all("checksum" in why for why in stage.failures.values()), stage.failures
 
 
 @pytest.mark.parametrize("record, message", [
