@@ -15,6 +15,7 @@ import pytest
 from feddem.common.errors import FeddemError
 from feddem.server import cli
 from feddem.server.run_folder import RUN_ENTRIES, check_run_folder, clear_run_folder
+from tests.conftest import TINY_BASE_STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "ray", "flwr", "transformers", "datasets")  # modules the error path must not import
@@ -253,12 +254,22 @@ def test_a_refused_run_clears_nothing(tmp_path, feddem_home):
 
 
 @pytest.mark.slow
+def test_too_little_data_for_one_block_is_named_before_ray(tmp_path, feddem_home, tiny_base):
+    """Found by tokenizing (so with the base model built: slow on a cold cache), still before Ray starts."""
+    result = _feddem("--train-examples", "1", "--seq-len", "512", "--base-steps", str(TINY_BASE_STEPS),
+                     home=feddem_home)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert re.search(r"site-0's training data gives \d+ tokens, fewer than one block of --seq-len 512", result.stderr)
+    assert "Initialising: RayBackend" not in result.stdout + result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
 def test_a_diverged_run_has_its_own_exit_code(tmp_path, feddem_home, tiny_base):
     """A huge learning rate makes the sites' loss inf/nan: the run fails with exit code 3, not 2 (bad usage). It runs
     with --overwrite into an old run's folder, which is cleared when the run starts: no old pool/ is left."""
     out = _run_folder(tmp_path)
     result = _feddem("--sites", "2", "--aggregation", "plain", "--steps", "4", "--lr", "1e30", "--train-examples",
-                     "40", "--eval-examples", "8", "--base-steps", "30", "--seq-len", "32", "--batch-size", "4",
+                     "40", "--eval-examples", "8", "--base-steps", str(TINY_BASE_STEPS), "--seq-len", "32", "--batch-size", "4",
                      "--out", str(out), "--overwrite", home=feddem_home, timeout=900)
     assert result.returncode == cli.EXIT_DIVERGED, result.stderr[-3000:]
     assert "training diverged" in result.stderr and "Traceback" not in result.stderr
