@@ -20,7 +20,7 @@ from feddem.common.errors import FeddemError
 from feddem.common.weighting import WEIGHTINGS
 from feddem.server import certs
 from feddem.server.admin import serve
-from feddem.server.precheck import check_simulation_inputs
+from feddem.server.precheck import check_shards_fill_a_block, check_simulation_inputs
 from feddem.server.run_folder import check_run_folder, clear_run_folder
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -134,6 +134,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     preflight(cfg)
     check_local_inputs(cfg)  # every shard loaded and the model's config read, before Ray starts
+    check_shards_fill_a_block(cfg)
     if cfg.out_dir and args.overwrite and out.is_dir():
         clear_run_folder(out)
     with display_for(cfg.sites, cfg.steps, args.verbose, rounds=cfg.rounds) as display:

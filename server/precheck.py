@@ -1,7 +1,8 @@
 """The first checks of a `feddem simulate` run: those that need no heavy import (no torch, datasets, transformers,
 flwr or Ray), so that bad input is named within a second. They cover the run config (`RunConfig.validate`), the
 data, target and model paths, and the site names that `--weights` and `--ablate` use; the full checks (every shard
-loaded, the model's config read: `server.simulation.check_local_inputs`) follow them, still before Ray starts."""
+loaded, the model's config read: `server.simulation.check_local_inputs`, and `check_shards_fill_a_block`, which
+tokenizes) follow them, still before Ray starts."""
 
 from pathlib import Path
 
@@ -70,3 +71,26 @@ def _check_model(ref: str) -> None:
     path = Path(ref).expanduser()
     if (path.exists() or ref.startswith((".", "/", "~"))) and not (path / "config.json").is_file():
         raise FeddemError(f"model folder '{ref}' does not exist or has no config.json (not a Hugging Face model)")
+
+
+def check_shards_fill_a_block(cfg: RunConfig, chunk: int = 256) -> None:
+    """Every site's train split gives at least one block of `seq-len` tokens (else each site's training fails once
+    the run has started). Runs after `check_local_inputs` (the base is built, the shards load); it tokenizes only
+    as many examples as that takes."""
+    from feddem.common.data import SyntheticSizes, load_shard
+    from feddem.common.modeling import load_tokenizer
+    from feddem.server.base import resolve_base_ref
+
+    tokenizer = load_tokenizer(resolve_base_ref(cfg))
+    sizes = SyntheticSizes(cfg.train_examples, cfg.eval_examples, cfg.seed)
+    for index, name in enumerate(simulated_site_names(cfg.sites)):
+        train = load_shard(cfg.data, index, sizes).train
+        tokens = 0  # as common.data.pack_blocks counts them: each example's tokens and one EOS
+        for start in range(0, len(train), chunk):
+            ids = tokenizer(train[start:start + chunk]["text"], add_special_tokens=False)["input_ids"]
+            tokens += sum(len(row) + 1 for row in ids)
+            if tokens >= cfg.seq_len:
+                break
+        if tokens < cfg.seq_len:
+            raise FeddemError(f"{name}'s training data gives {tokens} tokens, fewer than one block of --seq-len "
+                              f"{cfg.seq_len}: lower --seq-len or give the site more examples")

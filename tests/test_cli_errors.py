@@ -15,6 +15,7 @@ import pytest
 from feddem.common.errors import FeddemError
 from feddem.server import cli
 from feddem.server.run_folder import RUN_ENTRIES, check_run_folder, clear_run_folder
+from tests.conftest import TINY_BASE_STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "ray", "flwr", "transformers", "datasets")  # modules the error path must not import
@@ -109,7 +110,8 @@ QUICK = {
     "lora-alpha 0": (lambda t: ["--lora-alpha", "0"], "lora-alpha must be at least 1, got 0"),
     "negative seed": (lambda t: ["--seed", "-1"], r"seed must be between 0 and 2\^32 - 1, got -1"),
     "duplicate weights": (lambda t: ["--weights", "site-0=0.5,site-0=0.5"], "weights: site-0 is given twice"),
-    "infinite weight": (lambda t: ["--weights", "site-0=inf,site-1=0.5"], r"weights: the weight of site-0 is not finite"),
+    "infinite weight": (lambda t: ["--weights", "site-0=inf,site-1=0.5"],
+                        r"weights: the weight of site-0 is not finite"),
     "weights miss a site": (lambda t: ["--sites", "3", "--weights", "site-0=0.5,site-1=0.5"],
                             r"--weights: unknown site\(s\) \[\], missing site\(s\) \['site-2'\]"),
     "weights name no site": (lambda t: ["--sites", "2", "--aggregation", "plain", "--weights", "site-1=0.5,site-2=0.5"],
@@ -158,7 +160,8 @@ def test_bad_input_is_named_before_torch_loads(case, tmp_path, feddem_home):
     assert "Traceback" not in result.stderr + result.stdout
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert "feddem.server.precheck" in imported  # the import log works
-    assert not {m for m in imported if m.split(".")[0] in HEAVY}, sorted(m for m in imported if m.split(".")[0] in HEAVY)
+    heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY)
+    assert not heavy, heavy
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created, nothing cleared
     assert elapsed < 30, elapsed  # typically well under 1 s; generous for a loaded machine
 
@@ -174,7 +177,7 @@ def test_out_folder_is_checked_without_leaving_a_trace(tmp_path, monkeypatch):
     assert check_run_folder("") == tmp_path / "home" / "runs"  # the default: each run makes its folder there
     assert not (tmp_path / "home").exists()
     monkeypatch.setenv("FEDDEM_HOME", str(_file(tmp_path)))
-    with pytest.raises(FeddemError, match="the default run folder '.*a-file/runs'.*is under '.*a-file', which is a file"):
+    with pytest.raises(FeddemError, match="default run folder '.*a-file/runs'.*is under '.*a-file', which is a file"):
         check_run_folder("")
 
 
@@ -253,13 +256,23 @@ def test_a_refused_run_clears_nothing(tmp_path, feddem_home):
 
 
 @pytest.mark.slow
+def test_too_little_data_for_one_block_is_named_before_ray(tmp_path, feddem_home, tiny_base):
+    """Found by tokenizing (so with the base model built: slow on a cold cache), still before Ray starts."""
+    result = _feddem("--train-examples", "1", "--seq-len", "512", "--base-steps", str(TINY_BASE_STEPS),
+                     home=feddem_home)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert re.search(r"site-0's training data gives \d+ tokens, fewer than one block of --seq-len 512", result.stderr)
+    assert "Initialising: RayBackend" not in result.stdout + result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
 def test_a_diverged_run_has_its_own_exit_code(tmp_path, feddem_home, tiny_base):
     """A huge learning rate makes the sites' loss inf/nan: the run fails with exit code 3, not 2 (bad usage). It runs
     with --overwrite into an old run's folder, which is cleared when the run starts: no old pool/ is left."""
     out = _run_folder(tmp_path)
     result = _feddem("--sites", "2", "--aggregation", "plain", "--steps", "4", "--lr", "1e30", "--train-examples",
-                     "40", "--eval-examples", "8", "--base-steps", "30", "--seq-len", "32", "--batch-size", "4",
-                     "--out", str(out), "--overwrite", home=feddem_home, timeout=900)
+                     "40", "--eval-examples", "8", "--base-steps", str(TINY_BASE_STEPS), "--seq-len", "32",
+                     "--batch-size", "4", "--out", str(out), "--overwrite", home=feddem_home, timeout=900)
     assert result.returncode == cli.EXIT_DIVERGED, result.stderr[-3000:]
     assert "training diverged" in result.stderr and "Traceback" not in result.stderr
     assert not (out / "pool").exists() and not (out / "report.json").exists()
