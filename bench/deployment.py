@@ -115,7 +115,7 @@ def simulated(cfg, root: Path, env: dict) -> tuple[float, dict]:
 
     from feddem.server.cli import RENAMED
 
-    args = [sys.executable, "-m", "feddem.server.cli", "simulate", "--out", str(out)]
+    args = [sys.executable, "-m", "feddem.server.cli", "simulate", "--overwrite", "--out", str(out)]
     for f in fields(cfg):  # the same settings as the deployed run, as `feddem simulate` options
         value = getattr(cfg, f.name)
         if f.name == "out_dir" or value in ("", None) or value is False:

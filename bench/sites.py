@@ -51,7 +51,8 @@ def run_sites(n: int, args, home: Path, out: Path) -> dict:
     data = "synthetic:" + ",".join(DOMAINS[i % len(DOMAINS)] for i in range(n))
     tag = f"sites-{n}-{uuid.uuid4().hex[:8]}"
     env = dict(os.environ, FEDDEM_HOME=str(home), HF_HUB_OFFLINE="1", **{TAG_VAR: tag})
-    cmd = [sys.executable, "-m", "feddem.server.cli", "simulate", "--out", str(out / f"sites-{n}"), "--sites", str(n),
+    cmd = [sys.executable, "-m", "feddem.server.cli", "simulate", "--overwrite", "--out", str(out / f"sites-{n}"),
+           "--sites", str(n),
            "--data", data, "--steps", str(args.steps), "--train-examples", str(args.train_examples),
            "--eval-examples", str(args.eval_examples), "--base-steps", str(args.base_steps),
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
