@@ -28,9 +28,15 @@ BY_SIMULATION = ("simulation driver, outside the federation (one user owns every
                  "machine; a deployed secure run withholds this matrix)")
 
 
-def withheld() -> dict:
-    """The report's `cross_domain` section of a secure run."""
-    return {"status": "withheld", "reason": WITHHELD_REASON}
+NOT_HELD_REASON = ("withheld: needs each site's vector, and in this plain run each site sent its vector once, "
+                   "into the sum (a site's guard sends a vector in the clear at most once): --keep-pool, --ablate "
+                   "or --weighting search make the server hold each vector, and the matrix is formed from those")
+
+
+def withheld(reason: str = WITHHELD_REASON) -> dict:
+    """The report's `cross_domain` section where the server holds no single vector (a secure run; a plain run
+    that streamed the vectors into the sum)."""
+    return {"status": "withheld", "reason": reason}
 
 
 def section(loss: dict[str, dict[str, float]], computed_by: str, note: str = "") -> dict:

@@ -28,7 +28,7 @@ from feddem.common.vectors import (
 from feddem.common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights, strategy
 from feddem.server.base import resolve_base_ref
 from feddem.server.messaging import failure_reason, pull_one_at_a_time, push_each
-from feddem.server.cross_domain import federated_matrix, withheld
+from feddem.server.cross_domain import NOT_HELD_REASON, federated_matrix, withheld
 from feddem.server.export import export_model
 from feddem.server.model_card import write_model_card
 from feddem.server.report import build_report, write_report
@@ -318,18 +318,21 @@ def _record_round_merge(entry: dict, losses: dict[int, float], sites: dict) -> N
     entry["mean_merged_loss"] = sum(losses.values()) / len(losses) if losses else None
 
 
-def _cross_domain(cfg: RunConfig, stage: Stage, merger: RoundMerger, nodes: list[int], sites: dict,
-                  base_params: dict, start: Vector | None) -> dict:
+def _cross_domain(cfg: RunConfig, stage: Stage, merger: RoundMerger, nodes: list[int],
+                  start: Vector | None) -> dict:
     """The report's cross-domain matrix (`server.cross_domain`). A secure run withholds it: the server never asks
-    for a site's vector. A plain run forms each site's local model from its vector (held, or fetched once more,
-    one at a time) and has every site evaluate it."""
+    for a site's vector. A plain run that holds the sites' vectors (search, pool, ablation) forms each site's local
+    model from its vector and has every site evaluate it; one that streamed them into the sum withholds it too
+    (asking a second time would be refused: a site sends a vector in the clear once)."""
     if cfg.aggregation == "secure":
         return withheld()
+    if merger.vectors is None:
+        return withheld(NOT_HELD_REASON)
 
     def vector_of(node: int) -> Vector:
-        if merger.vectors is not None and node in merger.vectors:
-            return merger.vectors[node]
-        return dict(fetch_uploads(stage, sites, {node: 1.0}, base_params))[node]
+        if node not in merger.vectors:
+            raise FeddemError(f"{merger.names[node]}'s vector did not reach the server")
+        return merger.vectors[node]
 
     def evaluate(vector: Vector) -> dict[int, tuple[str, float]]:
         records = evaluate_records(stage, nodes, vector, "test", "cross-domain evaluation")
@@ -416,7 +419,7 @@ def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
     start = None  # where the last round started from: the merge so far without the last round's aggregate
     if cfg.rounds > 1:
         start = {name: t - aggregate[name] if name in aggregate else t for name, t in merged_so_far.items()}
-    extra = {"cross_domain": _cross_domain(cfg, stage, merger, nodes, sites, base_params, start)}
+    extra = {"cross_domain": _cross_domain(cfg, stage, merger, nodes, start)}
     del start
     lap("cross_domain")
     if merger.vectors is not None and cfg.keep_pool:  # a trusted run keeps the last round's vectors

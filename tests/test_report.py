@@ -209,7 +209,8 @@ def grid_run(tiny_base, tmp_path):
 
 @pytest.mark.slow  # an in-process run of 18 site messages (about a minute on 2 busy cores)
 def test_plain_two_round_run_computes_the_matrix_and_judges_every_round(grid_run):
-    grid, report = grid_run(nodes=(11, 22), sites=2, aggregation="plain", rounds=2)
+    # the server holds each vector (pool): a site sends a vector in the clear once, so only then can it be formed
+    grid, report = grid_run(nodes=(11, 22), sites=2, aggregation="plain", rounds=2, keep_pool=True)
     cross = report["cross_domain"]
     assert cross["status"] == "computed" and cross["computed_by"] == BY_FEDERATION
     domains = [s["domain"] for s in report["sites"]]
@@ -224,7 +225,8 @@ def test_plain_two_round_run_computes_the_matrix_and_judges_every_round(grid_run
         assert r["mean_merged_loss"] == pytest.approx(sum(r["merged_loss"].values()) / 2)
     assert report["rounds"][-1]["merged_loss"] == {d: report["eval"]["merged"][d]["loss"] for d in domains}
     assert report["judgement"]["mean"]["merged"] == pytest.approx(report["rounds"][-1]["mean_merged_loss"])
-    assert grid.sent.count(M.UPLOAD) == 2 * 2 + 2  # each round's weighted uploads, then each vector once more
+    # each vector is uploaded once per round and held; the matrix asks for none again (a site would refuse)
+    assert grid.sent.count(M.UPLOAD) == 2 * 2
     assert "warnings" in report["judgement"] and len(report["rounds"][0]["merged_loss"]) == 2
 
 
@@ -232,7 +234,7 @@ def test_a_secure_run_withholds_the_matrix_without_asking_the_sites_anything():
     from feddem.server.workflow import _cross_domain
 
     # no stage, no merger: a secure run must not touch either (it never asks a site for its vector)
-    section = _cross_domain(RunConfig(aggregation="secure"), None, None, [1, 2, 3], {}, {}, None)
+    section = _cross_domain(RunConfig(aggregation="secure"), None, None, [1, 2, 3], None)
     assert section["status"] == "withheld" and section["reason"].startswith("withheld: needs each site's vector")
 
 
