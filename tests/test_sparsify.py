@@ -108,3 +108,28 @@ def test_a_site_stores_its_sparsified_vector(tmp_path, tiny_base, spec, lora):
             assert zeros >= round(amount * t.numel()), name
     if lora:
         assert all(name.endswith(".weight") and t.dim() == 2 for name, t in vector.items())
+
+
+def test_plain_and_secure_runs_merge_the_same_sparsified_vectors(tmp_path, tiny_base):
+    """Top-k is deterministic, so a plain and a secure run of the same sites merge the same sparsified vectors: their
+    merged losses agree within secure aggregation's quantisation, and differ from a dense run's."""
+    import json
+
+    from feddem.server.workflow import run_dem
+    from tests.fakegrid import RUN_ID, FakeGrid, task_identity
+
+    def run(name, **kw):
+        cfg = RunConfig(sites=3, model=str(tiny_base), steps=3, lr=1e-3, train_examples=32, eval_examples=8,
+                        batch_size=4, seq_len=32, base_steps=30, device="cpu", timeout=5.0,
+                        out_dir=str(tmp_path / name / "run"), min_peers=2, **kw)
+        with task_identity():
+            run_dem(FakeGrid(tmp_path / name / "sites", [9_000_000_011, 9_000_000_022, 9_000_000_033]), cfg, RUN_ID)
+        report = json.loads((tmp_path / name / "run" / "report.json").read_text())
+        return {d: v["loss"] for d, v in report["eval"]["merged"].items()}
+
+    plain = run("plain", aggregation="plain", sparsify="topk:0.05")
+    secure = run("secure", sparsify="topk:0.05")
+    dense = run("dense", aggregation="plain")
+    assert plain.keys() == secure.keys() == dense.keys() and len(plain) == 3
+    assert all(abs(plain[d] - secure[d]) < 1e-3 for d in plain)
+    assert any(abs(plain[d] - dense[d]) > 1e-3 for d in plain)
