@@ -14,10 +14,12 @@ from feddem.common.config import RunConfig
 from feddem.common.chat_format import CHAT
 from feddem.common.data import Shard, SyntheticSizes, TokenBatch, encode_examples, encode_train, load_shard, load_site_data
 from feddem.common.errors import FeddemError
+from feddem.common.sparsify import sparsify
 from feddem.common.evaluation import evaluate_loss, generation_metrics
 from feddem.common.progress import ProgressWriter
 from feddem.common.modeling import base_tensors, load_model, load_tokenizer, model_checksum
 from feddem.common.training import TrainSettings, train_causal_lm
+from feddem.client import ledger
 from feddem.client.guard import data_digest, record_trained, training_seed
 from feddem.client.signals import alignment, domain_embedding
 from feddem.client.site_context import SiteContext
@@ -166,6 +168,8 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
         vector = extract_lora_vector(model)
     else:
         vector = extract_vector(model, starting_point(model_ref, [n for n, _ in model.named_parameters()], start_from))
+    # the site's own sparsification (`common.sparsify`), keyed by its secret: what is stored is what any upload sends
+    vector = sparsify(vector, cfg.sparsify, ledger.secret(site) + f"|{run_id}|{seed}".encode())
     save_vector(cast(vector, cfg.torch_vector_dtype), site.vector_path(run_id),
                 metadata={"site": site.name, "domain": shard.name})
     record_trained(site, run_id, cfg, data, seed_base, fresh)  # the guard's record: digest, data, declared mode

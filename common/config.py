@@ -62,7 +62,12 @@ class RunConfig:
     target: str = _opt("", "dga: data spec of the target task the server holds; empty = the run's data")
     target_examples: int = _opt(32, "dga: target examples per target shard for the target gradient")
     search_budget: int = _opt(8, "search: candidate merges to score (each is one more aggregation)")
-    search_step: float = _opt(0.5, "search: relative change of one weight per candidate")
+    search_step: float = _opt(0.5, "search: relative change of one weight (or of all together: the scale) per "
+                              "candidate")
+    sparsify: str = _opt("none", "site-side sparsification of each site's vector before it is stored, with any "
+                         "weighting: none, dare:P (drop a random fraction P of each tensor's entries with the "
+                         "site's own randomness, rescale the rest by 1/(1-P)) or topk:F (keep the fraction F of "
+                         "largest magnitudes per tensor)")
     keep_pool: bool = _opt(False, "plain (trusted) runs: keep each site's vector in the run folder (pool/) for "
                            "`feddem ablate`")
     ablate: str = _opt("", "rank candidate mixtures at the end of the run by merging: K (every subset of up to K "
@@ -125,6 +130,7 @@ class RunConfig:
     def validate(self) -> None:
         from feddem.common.weighting import WEIGHTINGS  # late import: weighting imports nothing from here
         from feddem.common.devices import DEVICES
+        from feddem.common.sparsify import parse_sparsify
 
         self._validate_types()
         for name in ("sites", "steps", "batch_size", "grad_accum", "train_examples", "eval_examples", "lora_r",
@@ -153,6 +159,7 @@ class RunConfig:
             raise FeddemError(f"unknown vector-dtype '{self.vector_dtype}': choose one of {', '.join(VECTOR_DTYPES)}")
         self._validate_aggregation()
         self._validate_weighting()
+        parse_sparsify(self.sparsify)
         if self.gen_examples < 0 or not self.text_column:
             raise FeddemError(f"gen-examples must be 0 or more and text-column non-empty, got {self.gen_examples}, "
                               f"{self.text_column!r}")

@@ -142,6 +142,7 @@ def build_report(config: dict, base: dict, sites: list[dict], weights: dict, mer
             for s in sites
         ],
         "weights": dict(sorted(weights.items())),
+        "weight_scale": sum(weights.values()),  # the weights need not sum to 1 (search finds the scale too)
         "eval": {
             "unit": "nats per token",
             "base": {d: _loss_entry(s["base_loss"]) for d, s in by_domain.items()},

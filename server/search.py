@@ -32,7 +32,8 @@ class SearchResult:
 def search_merge(cfg: RunConfig, nodes: list[int], names: dict[int, str],
                  aggregate_for: Callable[[dict[int, float]], Vector],
                  validation_loss: Callable[[Vector], dict[int, float]]) -> SearchResult:
-    """Coordinate search over the weights of `nodes`; returns the best candidate and its merge."""
+    """Coordinate search over the weights of `nodes` and their scale (their sum need not be 1); returns the best
+    candidate and its merge."""
     best: dict = {"score": math.inf}
     stopped: list[str] = []
 
@@ -58,7 +59,8 @@ def search_merge(cfg: RunConfig, nodes: list[int], names: dict[int, str],
                                       cfg.weight_max)
     if "aggregate" not in best:
         raise FeddemError(f"search: no candidate merge could be scored ({stopped[0] if stopped else 'no candidate'})")
-    log.info("search: best of %d candidate(s), mean validation loss %.4f", len(history), best["score"])
+    log.info("search: best of %d candidate(s), mean validation loss %.4f, weight scale (sum of weights) %.4f",
+             len(history), best["score"], sum(best["weights"].values()))
     return SearchResult(best["weights"], best["aggregate"], best["score"],
                         [{"weights": {names[n]: w for n, w in zip(nodes, c)}, "validation_loss": s}
                          for c, s in history if math.isfinite(s)],

@@ -91,6 +91,25 @@ def test_coordinate_search_finds_the_minimum_within_budget_and_bounds():
     assert len(short) == 3
 
 
+def test_coordinate_search_moves_the_weight_scale_first_and_can_exceed_one():
+    """A scoring function whose best merge has weights summing to 2: the first candidate after the uniform start is
+    every weight scaled up together, and the search ends with a sum above 1 (near 2), inside the bounds."""
+    calls = []
+
+    def score(w):
+        calls.append(list(w))
+        return (sum(w) - 2.0) ** 2 + 0.01 * float(np.var(w))
+
+    best, value, history = coordinate_search(4, score, budget=20, step=0.5, low=0.0, high=1.0)
+    assert calls[0] == [0.25] * 4 and calls[1] == pytest.approx([0.375] * 4)  # uniform, then the scale x1.5
+    assert sum(best) > 1.5 and abs(sum(best) - 2.0) < 0.3 and value < score([0.25] * 4)
+    assert all(0.0 <= x <= 1.0 for c, _ in history for x in c)
+    capped, _, _ = coordinate_search(4, score, budget=20, step=0.5, low=0.0, high=0.3)  # weight-max binds
+    assert max(capped) <= 0.3 and sum(capped) == pytest.approx(1.2)
+    without, _, _ = coordinate_search(4, score, budget=3, step=0.5, low=0.0, high=1.0, scale=False)
+    assert without == pytest.approx([0.375, 0.375, 0.25, 0.25])  # one weight at a time: the old search
+
+
 def test_manual_weights_parse_and_name_their_errors():
     assert parse_weights("site-0=0.5, site-1=0.25") == {"site-0": 0.5, "site-1": 0.25}
     for bad, message in [("site-0", "is not SITE=WEIGHT"), ("site-0=x", "is not a number"),
@@ -149,6 +168,7 @@ def test_plain_search_picks_the_best_candidate_and_reports_it(tiny_base, tmp_pat
     assert search["best_validation_loss"] == min(scores) <= scores[0]  # never worse than the uniform start
     best = search["candidates"][scores.index(min(scores))]["weights"]
     assert report["weights"] == pytest.approx(best) and report["weighting"] == "search"
+    assert report["weight_scale"] == pytest.approx(sum(report["weights"].values()))  # the scale the run used
     assert set(report["eval"]["merged"]) == {"arithmetic", "records", "prose"}
 
 
