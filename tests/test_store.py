@@ -337,6 +337,8 @@ def test_validate_parses_json_within_its_bounds():
     from feddem.server.store.validate import parse_json, quote
 
     assert parse_json('{"a": [1, 2.5, "x"]}', "t", 100) == {"a": [1, 2.5, "x"]}
+    # a report names its Flower run id, an unsigned 64-bit integer
+    assert parse_json(f'{{"flower_run_id": {2**64 - 1}, "low": {-2**63}}}', "t", 100)["flower_run_id"] == 2**64 - 1
     for raw, word in (("[" * 100_000, "deep"), ('{"a": 1}', "bytes"), ("{", "not JSON"), ("NaN", "not JSON"),
                       ("1" * 5000, "not JSON"), (str(2**64), "64 bits")):
         with pytest.raises(InvalidArgument, match=word):

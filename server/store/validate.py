@@ -11,6 +11,7 @@ MAX_CONFIG_BYTES = 64 << 10  # a run config is a few dozen keys
 MAX_REPORT_BYTES = 8 << 20  # a report with thousands of sites and rounds; stays under the API's 16 MiB messages
 MAX_DEPTH = 16  # nesting of objects and arrays in a config or report
 INT64 = 1 << 63
+UINT64_END = 1 << 64  # JSON values may hold unsigned 64-bit ids (Flower's run ids)
 MAX_ROUND = 1_000_000
 MAX_SITES = 10_000
 MAX_WEIGHTS = 200_000  # rows of a report (sites x rounds): a run's GetRun answer stays a few MB
@@ -52,7 +53,8 @@ def integer(value, what: str, low: int = 0, high: int = INT64 - 1) -> int:
 
 
 def check_tree(value, what: str) -> None:
-    """A decoded JSON value: nested at most MAX_DEPTH deep, integers within 64 bits, floats finite, keys strings."""
+    """A decoded JSON value: nested at most MAX_DEPTH deep, integers within 64 bits (signed or unsigned: Flower's
+    run and node ids are unsigned 64-bit), floats finite, keys strings."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -69,7 +71,7 @@ def check_tree(value, what: str) -> None:
         elif isinstance(item, bool) or item is None or isinstance(item, str):
             continue
         elif isinstance(item, int):
-            if not -INT64 <= item < INT64:
+            if not -INT64 <= item < UINT64_END:
                 raise InvalidArgument(f"{what} holds an integer beyond 64 bits: {quote(item)}")
         elif isinstance(item, float):
             if item != item or item in (float("inf"), float("-inf")):
