@@ -74,17 +74,22 @@ def _check_model(ref: str) -> None:
 
 
 def check_shards_fill_a_block(cfg: RunConfig, chunk: int = 256) -> None:
-    """Every site's train split gives at least one block of `seq-len` tokens (else each site's training fails once
-    the run has started). Runs after `check_local_inputs` (the base is built, the shards load); it tokenizes only
-    as many examples as that takes."""
+    """Every site's plain-text train split gives at least one block of `seq-len` tokens (else each site's training
+    fails once the run has started; instruction and chat examples are one per row, padded, and need no block).
+    Runs after `check_local_inputs` (the base is built, the shards load); it tokenizes only as many examples as
+    that takes."""
+    from feddem.common.chat_format import TEXT
     from feddem.common.data import SyntheticSizes, load_shard
     from feddem.common.modeling import load_tokenizer
     from feddem.server.base import resolve_base_ref
 
     tokenizer = load_tokenizer(resolve_base_ref(cfg))
-    sizes = SyntheticSizes(cfg.train_examples, cfg.eval_examples, cfg.seed)
+    sizes = SyntheticSizes(cfg.train_examples, cfg.eval_examples, cfg.seed, cfg.text_column)
     for index, name in enumerate(simulated_site_names(cfg.sites)):
-        train = load_shard(cfg.data, index, sizes).train
+        shard = load_shard(cfg.data, index, sizes)
+        if shard.kind != TEXT:
+            continue
+        train = shard.train
         tokens = 0  # as common.data.pack_blocks counts them: each example's tokens and one EOS
         for start in range(0, len(train), chunk):
             ids = tokenizer(train[start:start + chunk]["text"], add_special_tokens=False)["input_ids"]
