@@ -37,9 +37,29 @@ def tiny_base(feddem_home) -> Path:
 SMALL_RUN = ["--steps", "20", "--train-examples", "200", "--eval-examples", "40", "--base-steps", str(TINY_BASE_STEPS)]
 
 
+def run_home(out: Path) -> Path | None:
+    """A FEDDEM_HOME of one run's own: the session home's caches (the tiny base, converted models, wheels) linked in,
+    and sites of its own. Sites keep a guard record across runs, so in a shared home a later plain run is rightly
+    refused the data of an earlier test's secure sum (as a real site would refuse it)."""
+    shared = os.environ.get("FEDDEM_HOME")
+    if not shared or not Path(shared).is_dir():  # a test that gave the run a fresh home of its own
+        return None
+    home = out.parent / f"{out.name}-home"
+    home.mkdir(parents=True, exist_ok=True)
+    for entry in Path(shared).iterdir():
+        link = home / entry.name
+        if entry.name != "sites" and not link.exists():
+            link.symlink_to(entry, target_is_directory=entry.is_dir())
+    return home
+
+
 def simulate_cli(out: Path, *args: str) -> tuple[dict, subprocess.CompletedProcess]:
-    """Run `feddem simulate` with small settings in a subprocess; return its report and the process result."""
+    """Run `feddem simulate` with small settings in a subprocess, its sites in a home of their own (`run_home`);
+    return its report and the process result."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    home = run_home(out)
+    if home is not None:
+        env["FEDDEM_HOME"] = str(home)
     result = subprocess.run([sys.executable, "-m", "feddem.server.cli", "simulate", "--out", str(out), *SMALL_RUN, *args],
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
