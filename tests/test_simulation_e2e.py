@@ -1,5 +1,7 @@
 """End to end: real `feddem simulate` runs (Flower Simulation Engine, Ray on loopback) on the tiny base."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,7 +23,8 @@ def test_three_site_run_merges_better_than_base_and_exports(tmp_path, tiny_base)
         assert merged < base, (domain, base, merged)
         assert local < base, (domain, base, local)
         assert report["eval"]["merged"][domain]["perplexity"] == pytest.approx(torch.tensor(merged).exp().item())
-    assert report["base_model"]["ref"] == str(tiny_base)
+    # the run's home links the session's base cache in: the same folder
+    assert Path(report["base_model"]["ref"]).resolve() == Path(tiny_base).resolve()
     assert report["timings"]["total"] > 0 and report["failures"] == {}
     assert "step 20/20" in result.stdout + result.stderr  # progress was shown
     assert (out / "run.log").is_file() and not (out / ".progress").exists()  # library logs kept, progress cleaned
