@@ -54,6 +54,8 @@ def _check_data_spec(spec: str, option: str) -> int | None:
             raise FeddemError(f"--{option} '{spec}': unknown synthetic domain(s) {unknown or '(none given)'}; "
                               f"built-in domains: {', '.join(DOMAINS)}")
         return len(names)
+    if spec.startswith("hf:"):  # a hub dataset: its loader (common.data.load_hub) names it when it cannot be read
+        return None
     root = Path(spec).expanduser()
     if not root.exists():
         raise FeddemError(f"{option} path '{spec}' does not exist (expected 'synthetic' or a folder of per-site "

@@ -276,3 +276,11 @@ def test_a_diverged_run_has_its_own_exit_code(tmp_path, feddem_home, tiny_base):
     assert result.returncode == cli.EXIT_DIVERGED, result.stderr[-3000:]
     assert "training diverged" in result.stderr and "Traceback" not in result.stderr
     assert not (out / "pool").exists() and not (out / "report.json").exists()
+
+
+def test_a_hub_dataset_spec_is_not_taken_for_a_missing_folder():
+    from feddem.server.precheck import _check_data_spec
+
+    assert _check_data_spec("hf:org/name", "data") is None
+    with pytest.raises(FeddemError, match="does not exist"):
+        _check_data_spec("no/such/folder", "data")
