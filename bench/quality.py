@@ -88,7 +88,7 @@ def feddem_run(cfg, rounds: int) -> tuple[dict, Path]:
 
 def pool_vectors(home: Path, n_sites: int, since: float):
     """The sites' vectors of the latest run (the pool of a trusted run on this machine), in site order."""
-    from feddem.common.vectors import load_vector
+    from feddem.common.vector_io import load_vector
 
     vectors = []
     for i in range(n_sites):

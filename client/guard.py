@@ -39,7 +39,7 @@ from feddem.client.ledger import RECORD_NAME, SPENT, UNKNOWN_DATA, RecordError, 
 from feddem.client.site_context import SiteContext, vector_file
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
-from feddem.common.stored_tensors import stored_digest
+from feddem.common.digests import stored_digest
 
 log = logging.getLogger("feddem.site")
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from feddem.client.site_context import SiteContext
 from feddem.common.errors import FeddemError
-from feddem.common.stored_tensors import read_header, stored_digest
+from feddem.common.digests import stored_digest
+from feddem.common.stored_tensors import read_header
 
 log = logging.getLogger("feddem.site")
 

@@ -167,7 +167,7 @@ def ablate_pool(run_dir: Path, spec: str, data: str = "", domains: list[str] | N
     from feddem.common.config import RunConfig
     from feddem.common.devices import resolve_device
     from feddem.common.modeling import load_model, load_tokenizer, model_checksum
-    from feddem.common.vectors import load_vector
+    from feddem.common.vector_io import load_vector
     from feddem.server.report import read_report
 
     run_dir = Path(run_dir)

@@ -21,7 +21,8 @@ from feddem.common.errors import FeddemError
 from feddem.common.modeling import load_model, model_checksum
 from feddem.common.secagg import SecAggClient, SecAggParams, SecAggServer
 from feddem.common.secagg.params import round_binding
-from feddem.common.vectors import load_vector, parameters_of
+from feddem.common.vector_io import load_vector
+from feddem.common.vectors import parameters_of
 from feddem.server.secure_aggregation import secure_sum
 from feddem.server.workflow import Stage, run_dem
 from tests.fakegrid import RUN_ID, FakeGrid, task_identity
