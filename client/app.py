@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from feddem.client import guard, retention, secure_upload
-from feddem.client.site_context import SiteContext
+from feddem.common.site_context import SiteContext
 from feddem.common import messages as M
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError

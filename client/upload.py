@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from feddem.client.guard import GuardPolicy, check_plain_upload, vector_digest
-from feddem.client.site_context import SiteContext, stored_vector
+from feddem.common.site_context import SiteContext, stored_vector
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
 from feddem.common.vector_records import vector_to_record

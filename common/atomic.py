@@ -27,10 +27,12 @@ def fsync_dir(folder: str | Path) -> None:
 
 
 @contextmanager
-def atomic_file(path: str | Path, text: bool = False, private: bool = False) -> Iterator[IO]:
+def atomic_file(path: str | Path, text: bool = False, private: bool = True, durable: bool = True) -> Iterator[IO]:
     """An open file (binary, or text with `text`) whose content replaces `path` when the block ends without an
-    error; on an error nothing is left behind and `path` is unchanged. The file is created with mode 0600 with
-    `private`, else 0666 less the umask (as `open` would). The block may raise to refuse what it wrote."""
+    error; on an error (the block may raise to refuse what it wrote) nothing is left behind and `path` is
+    unchanged. The file is readable by its owner alone (0600: vectors, records), or with `private=False` has the
+    mode `open` would give it (0666 less the umask). `durable=False` skips the fsyncs (the rename is still atomic,
+    but a crash may lose the write): for files that only show progress."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -43,17 +45,19 @@ def atomic_file(path: str | Path, text: bool = False, private: bool = False) -> 
     try:
         with os.fdopen(fd, "w" if text else "wb") as fh:
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic(path: str | Path, data: str | bytes, private: bool = False) -> None:
+def write_atomic(path: str | Path, data: str | bytes, private: bool = True, durable: bool = True) -> None:
     """Write `data` (text or bytes) to `path` atomically (`atomic_file`)."""
-    with atomic_file(path, text=isinstance(data, str), private=private) as fh:
+    with atomic_file(path, text=isinstance(data, str), private=private, durable=durable) as fh:
         fh.write(data)
 
 
@@ -69,20 +73,21 @@ def _fsync_tree(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_folder(path: str | Path, complete: str) -> Iterator[Path]:
+def atomic_folder(path: str | Path, complete: str | None = None) -> Iterator[Path]:
     """A temporary folder to fill, renamed to `path` as a whole when the block ends without an error (its files
-    fsynced first); on an error it is removed. Where another process put a complete folder at `path` first (one
-    holding the file `complete`: both are built from the same inputs, so they are the same), theirs is kept."""
+    fsynced first); on an error it is removed. An empty folder at `path` is replaced; a folder with files there is
+    an OSError, unless it holds the file `complete`: another process built it first from the same inputs (a cache),
+    and theirs is kept."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
     try:
         yield tmp
         _fsync_tree(tmp)
         try:
-            tmp.rename(path)
-        except OSError:  # another process got there first
-            if not (path / complete).is_file():
+            os.replace(tmp, path)
+        except OSError:  # not empty: another process got there first?
+            if complete is None or not (path / complete).is_file():
                 raise
         fsync_dir(path.parent)
     finally:

@@ -59,5 +59,6 @@ def save_sharded(folder: str | Path, specs: dict[str, tuple[torch.dtype, tuple[i
     if n > 1:
         index = {"metadata": {"total_size": sum(nbytes_of(*specs[name]) for name in specs)},
                  "weight_map": {name: file for file, names in zip(files, shards) for name in names}}
-        write_atomic(folder / INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_atomic(folder / INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n",
+                     private=False)
     return files

@@ -80,7 +80,7 @@ def rank_candidates(candidates: list[tuple[str, ...]], names: list[str],
 def test_sets(cfg, tokenizer, domains: list[str] | None = None) -> dict:
     """The test half of the held-out split of each shard of `cfg.data` (only `domains` when given), as token blocks
     by domain: what a pool's merges are scored on, here and on the feddem server."""
-    from feddem.client.site_context import SiteContext
+    from feddem.common.site_context import SiteContext
     from feddem.client.site import heldout_blocks, load_site_shard
     from feddem.common.data import list_shards
 

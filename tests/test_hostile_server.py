@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from feddem.client import ledger
 from feddem.client.guard import GuardPolicy
-from feddem.client.site_context import SiteContext
+from feddem.common.site_context import SiteContext
 from feddem.common import messages as M
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError

@@ -13,7 +13,7 @@ from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
 from feddem.client.guard import RECORD_NAME, GuardPolicy
-from feddem.client.site_context import SiteContext
+from feddem.common.site_context import SiteContext
 from feddem.client.upload import upload_weighted_vector
 from feddem.common import messages as M
 from feddem.common.config import RunConfig

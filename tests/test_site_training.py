@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from feddem.client.site import fine_tune, heldout_blocks, load_site_shard, load_verified_base
-from feddem.client.site_context import SiteContext
+from feddem.common.site_context import SiteContext
 from feddem.common.config import RunConfig
 from feddem.common.evaluation import evaluate_loss
 from feddem.common.modeling import load_tokenizer, model_checksum

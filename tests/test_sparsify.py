@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from feddem.client.site import fine_tune
-from feddem.client.site_context import SiteContext
+from feddem.common.site_context import SiteContext
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
 from feddem.common.sparsify import dare, parse_sparsify, sparsify, topk

@@ -300,7 +300,7 @@ def test_secure_sum_of_vectors_split_across_many_chunks(tmp_path, base_and_vecto
     and unmasks in small blocks in place: the sum is the exact weighted sum within the secure bound."""
     import feddem.client.secure_upload as site_side
     import feddem.server.secure_aggregation as server_side
-    from feddem.client.site_context import SiteContext
+    from feddem.common.site_context import SiteContext
     from feddem.common.config import RunConfig
     from flwr.app import ConfigRecord
     from tests.fakegrid import RUN_ID, FakeGrid, task_identity
