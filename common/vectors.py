@@ -16,7 +16,6 @@ their digests: `common.digests`.
 
 import math
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Callable
 
 import torch
