@@ -34,7 +34,7 @@ def _config(text: str) -> dict:
 
 def _write_shards(cfg, root: Path) -> list[tuple[Path, str]]:
     """Each simulated site's shard written as train/test jsonl files (what a deployed site holds)."""
-    from feddem.client.site_context import SiteContext
+    from feddem.common.site_context import SiteContext
     from feddem.client.site import load_site_shard
 
     folders = []

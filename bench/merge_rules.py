@@ -38,8 +38,8 @@ SPARSIFY = ("none", "dare:0.5", "dare:0.9", "topk:0.2")
 def train_sites(cfg, ref: str, work: Path):
     """Each site fine-tuned once: its vector (dense, as stored with sparsify none)."""
     from feddem.client.site import fine_tune
-    from feddem.client.site_context import SiteContext
-    from feddem.common.vectors import load_vector
+    from feddem.common.site_context import SiteContext
+    from feddem.common.vector_io import load_vector
 
     vectors = []
     for i in range(cfg.sites):

@@ -35,7 +35,7 @@ log = logging.getLogger("feddem.bench")
 
 
 def _site_data(cfg, n_sites):
-    from feddem.client.site_context import SiteContext
+    from feddem.common.site_context import SiteContext
     from feddem.client.site import heldout_blocks, load_site_shard
     from feddem.common.data import pack_blocks
     from feddem.common.modeling import load_tokenizer
@@ -88,7 +88,7 @@ def feddem_run(cfg, rounds: int) -> tuple[dict, Path]:
 
 def pool_vectors(home: Path, n_sites: int, since: float):
     """The sites' vectors of the latest run (the pool of a trusted run on this machine), in site order."""
-    from feddem.common.vectors import load_vector
+    from feddem.common.vector_io import load_vector
 
     vectors = []
     for i in range(n_sites):
@@ -146,7 +146,7 @@ def fedavg(cfg, base, data, tokenizer, rounds: int) -> dict[str, float]:
 
     @client_app.train()
     def train(msg: Message, context):  # a FedAvg site: its own data, the global model, steps/R local steps
-        from feddem.client.site_context import SiteContext
+        from feddem.common.site_context import SiteContext
         from feddem.client.site import load_site_shard
         from feddem.common.data import pack_blocks
         from feddem.common.modeling import load_model, load_tokenizer

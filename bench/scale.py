@@ -107,7 +107,8 @@ def role_site(args) -> dict:
 
     from feddem.common.modeling import base_tensors, load_model
     from feddem.common.config import RunConfig
-    from feddem.common.vectors import cast, extract_vector, save_vector
+    from feddem.common.vector_io import save_vector
+    from feddem.common.vectors import cast, extract_vector
     from tests.fakegrid import RUN_ID
 
     ref = str(args.dir / "base")
@@ -233,7 +234,9 @@ def role_server(args) -> dict:
     from feddem.common.config import RunConfig
     from feddem.common.modeling import export_merged
     from feddem.common.memory import release_memory
-    from feddem.common.vectors import merged_tensors, open_tensors, open_vector, shapes_of
+    from feddem.common.hf_weights import open_tensors
+    from feddem.common.vector_io import open_vector
+    from feddem.common.vectors import merged_tensors, shapes_of
     from feddem.server.secure_aggregation import secure_sum
     from tests.fakegrid import RUN_ID, task_identity
 
@@ -333,7 +336,8 @@ def _run_role(args, role: str, **extra) -> dict:
 
 def _check(args, report: dict) -> float:
     """Largest |exported - (base + sum_i w_i d_i)| over a few tensors, read from the files."""
-    from feddem.common.vectors import open_tensors, open_vector
+    from feddem.common.hf_weights import open_tensors
+    from feddem.common.vector_io import open_vector
     from tests.fakegrid import RUN_ID
 
     base, merged = open_tensors(args.dir / "base"), open_tensors(args.dir / "merged")

@@ -122,9 +122,9 @@ def feddem_client_app(seed: int, length: int):
     from feddem.client import app as site_app
     from feddem.client import guard, ledger
     from feddem.common.config import RunConfig
-    from feddem.client.site_context import SiteContext
+    from feddem.common.site_context import SiteContext
     from feddem.common import messages as M
-    from feddem.common.vectors import save_vector
+    from feddem.common.vector_io import save_vector
 
     app = ClientApp()
 

@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from feddem.client import guard, retention, secure_upload
-from feddem.client.site_context import SiteContext
+from feddem.common.site_context import SiteContext
 from feddem.common import messages as M
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
@@ -55,7 +55,7 @@ def _handle(msg: Message, context: Context, work) -> Message:
 
 
 def _optional_vector(content: RecordDict, name: str):
-    from feddem.common.vectors import vector_from_record
+    from feddem.common.vector_records import vector_from_record
 
     return vector_from_record(content.array_records[name]) if name in content.array_records else None
 
@@ -97,7 +97,7 @@ def upload(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     def work(msg, site, cfg, ref, checksum):
         from feddem.client.site import evaluate_merged
-        from feddem.common.vectors import vector_from_record
+        from feddem.common.vector_records import vector_from_record
 
         aggregate = vector_from_record(msg.content.array_records[M.AGGREGATE])
         split = str(msg.content.config_records[M.EVAL]["split"]) if M.EVAL in msg.content.config_records else "test"

@@ -36,10 +36,10 @@ from dataclasses import asdict, dataclass
 
 from feddem.client import ledger
 from feddem.client.ledger import RECORD_NAME, SPENT, UNKNOWN_DATA, RecordError, record_path  # noqa: F401
-from feddem.client.site_context import SiteContext, vector_file
+from feddem.common.site_context import SiteContext, vector_file
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
-from feddem.common.stored_tensors import stored_digest
+from feddem.common.digests import stored_digest
 
 log = logging.getLogger("feddem.site")
 

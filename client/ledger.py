@@ -17,16 +17,16 @@ vectors this site trained (or old per-run records) but no record at all adopts t
 import fcntl
 import json
 import logging
-import os
 import secrets
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from feddem.client.site_context import SiteContext
+from feddem.common.site_context import SiteContext
 from feddem.common.errors import FeddemError
-from feddem.common.stored_tensors import read_header, stored_digest
+from feddem.common.atomic import write_atomic
+from feddem.common.digests import stored_digest
+from feddem.common.stored_tensors import read_header
 
 log = logging.getLogger("feddem.site")
 
@@ -49,21 +49,9 @@ def record_path(site: SiteContext) -> Path:
     return site.work_dir / RECORD_NAME
 
 
-def _write_json(path: Path, value, private: bool = False) -> None:
-    """Atomic write + fsync (0600 when `private`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        if private:
-            os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(value, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _write_json(path: Path, value) -> None:
+    """Atomic, durable write, readable by the site's owner alone (`common.atomic`)."""
+    write_atomic(path, json.dumps(value, indent=1))
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -144,7 +132,7 @@ def _load(site: SiteContext) -> tuple[dict, list[dict]]:
         log.warning("%s: no guard record in %s but %d earlier vector(s)/record(s): adopted as already aggregated",
                     site.name, site.work_dir, len(entries))
     _write_json(record_file, {"entries": entries})
-    _write_json(ident_file, identity, private=True)
+    _write_json(ident_file, identity)
     return identity, entries
 
 
@@ -167,7 +155,7 @@ def update(site: SiteContext, build) -> list[dict]:
         identity, old = _load(site)
         stamped = [{"time": time.time()} | e for e in build(old)]
         _write_json(record_path(site), {"entries": old + stamped})
-        _write_json(identity_path(site), identity | {"entries": len(old) + len(stamped)}, private=True)
+        _write_json(identity_path(site), identity | {"entries": len(old) + len(stamped)})
         return stamped
 
 

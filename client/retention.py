@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from feddem.client import ledger
-from feddem.client.site_context import SiteContext
+from feddem.common.site_context import SiteContext
 from feddem.common.errors import FeddemError
 from feddem.common.paths import feddem_home
-from feddem.common.stored_tensors import stored_digest
+from feddem.common.digests import stored_digest
 
 log = logging.getLogger("feddem.site")
 

@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from feddem.client.guard import (
     GuardPolicy, check_not_aggregated, check_other_weights, check_peers, check_weight, mark_aggregated, vector_digest,
 )
-from feddem.client.site_context import SiteContext, vector_file
+from feddem.common.site_context import SiteContext, vector_file
 from feddem.common import messages as M
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError

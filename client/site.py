@@ -22,10 +22,9 @@ from feddem.common.training import TrainSettings, train_causal_lm
 from feddem.client import ledger
 from feddem.client.guard import data_digest, record_trained, training_seed
 from feddem.client.signals import alignment, domain_embedding
-from feddem.client.site_context import SiteContext
-from feddem.common.vectors import (
-    LazyVector, Vector, apply_vector, cast, extract_lora_vector, extract_vector, merged, save_vector,
-)
+from feddem.common.site_context import SiteContext
+from feddem.common.vector_io import save_vector
+from feddem.common.vectors import LazyVector, Vector, apply_vector, cast, extract_lora_vector, extract_vector, merged
 
 log = logging.getLogger("feddem.site")
 

@@ -14,10 +14,11 @@ import torch
 from flwr.app import ArrayRecord
 
 from feddem.client.guard import GuardPolicy, check_plain_upload, vector_digest
-from feddem.client.site_context import SiteContext, stored_vector
+from feddem.common.site_context import SiteContext, stored_vector
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
-from feddem.common.vectors import Vector, cast, scaled, vector_to_record
+from feddem.common.vector_records import vector_to_record
+from feddem.common.vectors import Vector, cast, scaled
 
 
 def upload_weighted_vector(vector: Vector, weight: float, dtype: torch.dtype = torch.float32) -> ArrayRecord:

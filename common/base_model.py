@@ -7,14 +7,13 @@ written to a temporary folder and renamed into place, so a crash never leaves a 
 
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from feddem.common.atomic import atomic_folder
 from feddem.common.data import general_mixture, pack_blocks
 from feddem.common.modeling import TINY_LLAMA, build_model, tiny_llama_config
 from feddem.common.paths import feddem_home
@@ -58,17 +57,8 @@ def ensure_embedded_base(
     blocks = pack_blocks(general_mixture(settings.examples_per_domain, settings.seed), tokenizer, settings.seq_len)
     train = TrainSettings(steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed)
     stats = train_causal_lm(model, blocks, train, device, on_step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-    try:
+    with atomic_folder(path, complete="config.json") as tmp:  # another process may cache the same key
         model.to("cpu").save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "feddem_base.json").write_text(json.dumps(asdict(settings) | {"pretrain": stats}, indent=2))
-        try:
-            tmp.rename(path)
-        except OSError:  # another process cached the same key first: theirs is identical
-            if not (path / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path

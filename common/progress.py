@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from feddem.common.atomic import write_atomic
+
 PROGRESS_VAR = "FEDDEM_PROGRESS_DIR"
 
 
@@ -53,10 +55,7 @@ class ProgressWriter:
                               step * self.tokens_per_step / elapsed, (self.steps - step) / rate if rate else 0.0,
                               time.time())
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(asdict(record)))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(asdict(record)), private=False, durable=False)
         except OSError:  # progress is a display aid: never fail training over it
             pass
 

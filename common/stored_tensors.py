@@ -1,9 +1,9 @@
-"""Reading safetensors files with numpy alone (no torch): headers, tensors as float32 arrays, flat chunks.
+"""Reading safetensors files with numpy alone (no torch): headers, memory-mapped tensors, float32 arrays, flat chunks.
 
 The secure-aggregation stages of a site only stream its stored vector into the ring; in a deployment each message
-starts a fresh `flwr-clientapp` process, so these stages import this module rather than `common.vectors` (which
-needs torch, about 1.5 s more per message and site). `common.vectors` reads headers and flattens vectors through
-the same functions.
+starts a fresh `flwr-clientapp` process, so these stages import this module rather than `common.vector_io` (which
+needs torch, about 1.5 s more per message and site). `common.vector_io` reads headers and maps tensors through
+the same functions: `read_header` is the one header reader, `map_stored` the one memory-mapped reader.
 """
 
 import json
@@ -16,7 +16,9 @@ import numpy as np
 from feddem.common.errors import FeddemError
 from feddem.common.memory import release_memory
 
-DIGEST_KEY = "feddem-sha256"  # safetensors header metadata: the content digest written by `save_vector`
+# safetensors dtype code -> the torch dtype's name (`torch.<name>`): the codes feddem reads and writes
+DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 # safetensors float dtype code -> the numpy dtype its bytes are read as (bfloat16 as its 16-bit pattern)
 _FLOATS = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
@@ -40,20 +42,14 @@ def read_header(path: str | Path) -> tuple[dict, int, dict]:
     return header, 8 + size, metadata
 
 
-def header_digest(path: str | Path) -> str | None:
-    """The content digest `save_vector` wrote into a stored vector's header (None when it has none)."""
-    return read_header(path)[2].get(DIGEST_KEY)
-
-
-def stored_digest(path: str | Path) -> str:
-    """The content digest of a stored vector: from its header when `save_vector` wrote it (no data read, no torch),
-    else computed from the data (`common.vectors.vector_digest`)."""
-    recorded = header_digest(path)
-    if recorded is not None:
-        return recorded
-    from feddem.common.vectors import load_vector, vector_digest  # torch: only for a vector stored without its digest
-
-    return vector_digest(load_vector(path))
+def map_stored(path: str | Path, offset: int, dtype, count: int, copy_on_write: bool = False) -> np.ndarray:
+    """`count` elements of numpy `dtype` stored at byte `offset` of a file, as a flat memory-mapped array (no copy:
+    its pages are read as they are used, and the mapping goes away with the array). Read-only and shared (the page
+    cache's own pages, the fastest to read), or with `copy_on_write` writable in memory (writes never reach the
+    file). The one way feddem maps a stored tensor."""
+    if count == 0:
+        return np.empty(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="c" if copy_on_write else "r", offset=offset, shape=(count,))
 
 
 def float32_arrays(path: str | Path) -> Mapping[str, np.ndarray]:
@@ -75,8 +71,7 @@ class _Float32Arrays(Mapping):
         count = math.prod(entry["shape"])
         if count == 0:
             return np.empty(0, dtype=np.float32)
-        raw = np.memmap(self.path, dtype=_FLOATS[entry["dtype"]], mode="r",
-                        offset=self.start + entry["data_offsets"][0], shape=(count,))
+        raw = map_stored(self.path, self.start + entry["data_offsets"][0], _FLOATS[entry["dtype"]], count)
         if entry["dtype"] == "BF16":  # the upper half of a float32's bits
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return raw if raw.dtype == np.float32 else raw.astype(np.float32)

@@ -1,4 +1,4 @@
-"""Distribution vectors `d = theta_site - theta_base`: extract (full or LoRA), check, combine, apply, store.
+"""Distribution vectors `d = theta_site - theta_base`: extract (full or LoRA), check, combine, apply, merge.
 
 A vector is a mapping from parameter name to a CPU tensor: float32, or a 16-bit float (`vector-dtype`) where a
 run stores and sends its vectors in half the bytes (`cast`); arithmetic on vectors is always done in float32. A
@@ -6,31 +6,22 @@ full vector covers every trainable parameter; a LoRA vector covers only the adap
 low-rank update `scale * B @ A` that peft would merge, so vectors of different sites add up exactly like full ones.
 
 Streaming (billion-parameter vectors): a vector need not be in memory. A `LazyVector` produces one tensor at a
-time on access (from a safetensors file: `open_vector`, `open_tensors`; or from anything else, e.g. the secure
-sum's accumulator); `write_safetensors` writes tensors as they come (the header is planned from their names,
-dtypes and shapes) and `save_sharded` splits them into HF-style shards with a `model.safetensors.index.json`;
+time on access (from a safetensors file: `common.vector_io.open_vector`, `common.hf_weights.open_tensors`; from a
+Flower record: `common.vector_records`; or from anything else, e.g. the secure sum's accumulator);
 `merged_tensors` yields `base + scale * vector` tensor by tensor with the same arithmetic as `apply_vector`;
 `common.stored_tensors.flat_chunks` reads a vector as consecutive flat float32 chunks in a given name order. A
-stream holds at most one tensor (plus one chunk) of the vector at a time.
+stream holds at most one tensor (plus one chunk) of the vector at a time. Storing vectors: `common.vector_io`;
+their digests: `common.digests`.
 """
 
-import hashlib
-import io
-import json
 import math
-import os
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Callable
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
 
 from feddem.common.errors import FeddemError
 from feddem.common.memory import release_memory
-from feddem.common.stored_tensors import DIGEST_KEY, header_digest, read_header
 
 Vector = Mapping[str, torch.Tensor]  # a dict, or a LazyVector that loads each tensor on access
 
@@ -199,7 +190,7 @@ def merged_tensors(base: Mapping[str, torch.Tensor], vector: Vector, scale: floa
     read_base = getattr(base, "_read_only", base.__getitem__)
     read_delta = getattr(vector, "_read_only", vector.__getitem__)
     base_specs = base.specs if isinstance(base, LazyVector) else specs_of(base) if isinstance(base, dict) else {}
-    need = max((_nbytes(dtype, shape) for name, (dtype, shape) in base_specs.items() if name in shapes), default=0)
+    need = max((nbytes_of(dtype, shape) for name, (dtype, shape) in base_specs.items() if name in shapes), default=0)
     buffer, scratch = torch.empty(need, dtype=torch.uint8), None
     for name in base:
         if name not in shapes:
@@ -218,68 +209,6 @@ def merged_tensors(base: Mapping[str, torch.Tensor], vector: Vector, scale: floa
         _merge_into(p, delta, scale, out, scratch)
         del p, delta  # unmapped before the next tensor is mapped
         yield name, out
-
-
-def vector_norm(vector: Vector) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in vector.values()))
-
-
-RAW = "raw"  # Array serialisation type of a bfloat16 tensor (numpy has no bfloat16): its little-endian bytes
-
-
-def _to_array(t: torch.Tensor) -> Array:
-    if t.dtype == torch.bfloat16:
-        return Array(dtype="bfloat16", shape=tuple(t.shape), stype=RAW, data=bytes(_tensor_bytes(t)))
-    return Array(t.contiguous().numpy())
-
-
-def _from_array(name: str, array: Array) -> torch.Tensor:
-    if array.stype != RAW:
-        return torch.from_numpy(array.numpy())
-    if array.dtype != "bfloat16":
-        raise FeddemError(f"array '{name}': raw serialisation is only used for bfloat16, not {array.dtype!r}")
-    shape = tuple(array.shape)
-    if len(array.data) != 2 * math.prod(shape):
-        raise FeddemError(f"array '{name}': {len(array.data)} bytes do not hold a bfloat16 tensor of shape {shape} "
-                          f"(truncated or malformed)")
-    return torch.frombuffer(bytearray(array.data), dtype=torch.bfloat16).reshape(shape)
-
-
-def vector_to_record(vector: Vector) -> ArrayRecord:
-    """A vector as a Flower ArrayRecord of numpy arrays in the vector's dtype (bfloat16 as raw bytes: `RAW`);
-    Flower chunks it on the wire. A lazy vector is serialised one tensor at a time."""
-    arrays = {}
-    for name, t in vector.items():
-        arrays[name] = _to_array(t)
-        del t
-        release_memory()
-    return ArrayRecord(arrays)
-
-
-def vector_from_record(record: ArrayRecord) -> Vector:
-    """The vector carried by an ArrayRecord (inverse of `vector_to_record`), read lazily: each tensor is decoded
-    when it is used, so applying or summing it never holds a second copy of the whole vector."""
-    specs = {name: (_TORCH_DTYPES.get(str(array.dtype), torch.float32), tuple(array.shape))
-             for name, array in record.items()}
-    return LazyVector(specs, lambda name: _from_array(name, record[name]))
-
-
-def array_view(array: Array) -> np.ndarray:
-    """A read-only numpy view of a Flower `Array`'s bytes (no copy, unlike `Array.numpy()`): for reading a large
-    record, e.g. a masked upload, without a second copy of it."""
-    if array.stype != "numpy.ndarray":
-        raise FeddemError(f"an array of serialisation type {array.stype!r} cannot be read (expected numpy.ndarray)")
-    stream = io.BytesIO(array.data)  # shares the bytes until written to
-    try:
-        version = np.lib.format.read_magic(stream)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(stream)
-    except ValueError as exc:
-        raise FeddemError(f"malformed array: {exc}") from None
-    if dtype.hasobject:
-        raise FeddemError("an array of Python objects cannot be read")
-    flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=stream.tell())
-    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 class LazyVector(Mapping):
@@ -326,227 +255,11 @@ def shapes_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]
     return {name: shape for name, (_, shape) in specs_of(tensors).items()}
 
 
-def numel_of(tensors: Mapping[str, torch.Tensor]) -> int:
-    return sum(math.prod(shape) for shape in shapes_of(tensors).values())
-
-
-# --- safetensors, streamed -------------------------------------------------------------------------------------
-
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-_FROM_ST = {code: dtype for dtype, code in _ST_DTYPES.items()}
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}
-
-
-def _nbytes(dtype: torch.dtype, shape) -> int:
+def nbytes_of(dtype: torch.dtype, shape) -> int:
+    """How many bytes a tensor of `dtype` and `shape` holds."""
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def _tensor_bytes(t: torch.Tensor):
+def tensor_bytes(t: torch.Tensor):
+    """A tensor's bytes (C order, native little-endian) as a buffer: a view where the tensor is contiguous on the CPU."""
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
-
-
-def _hash_tensor(hasher, name: str, t: torch.Tensor, data) -> None:
-    """One tensor's part of a vector's content digest (`vector_digest`, and the one `save_vector` writes)."""
-    hasher.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    hasher.update(data)
-
-
-def write_safetensors(path: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                      tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None,
-                      digest: bool = False) -> None:
-    """Write a safetensors file from a stream of (name, tensor) in the order of `specs` (name -> dtype, shape),
-    holding one tensor at a time; atomically (temporary file, fsync, rename). With `digest`, the header's
-    metadata gets `DIGEST_KEY`: the `vector_digest` of the content (the stream must then be in sorted-name order)."""
-    path = Path(path)
-    names = list(specs)
-    if digest and names != sorted(names):
-        raise FeddemError("a digest needs the tensors in sorted-name order")
-    header, offset = {}, 0
-    for name, (dtype, shape) in specs.items():
-        size = _nbytes(dtype, shape)
-        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    meta = dict(metadata or {})
-    placeholder = "0" * 64
-    if digest:
-        meta[DIGEST_KEY] = placeholder
-    if meta:
-        header = {"__metadata__": meta} | header
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    hasher = hashlib.sha256() if digest else None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(len(raw).to_bytes(8, "little"))
-            fh.write(raw)
-            stream = iter(tensors)
-            for expected in names:
-                name, t = next(stream, (None, None))
-                dtype, shape = specs[expected]
-                if name != expected or t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                    got = "nothing" if name is None else f"'{name}' {t.dtype} {tuple(t.shape)}"
-                    raise FeddemError(f"writing '{path.name}': expected '{expected}' {dtype} {tuple(shape)}, "
-                                      f"got {got}")
-                data = _tensor_bytes(t)
-                fh.write(data)
-                if hasher is not None:
-                    _hash_tensor(hasher, name, t, data)
-                del t, data
-                release_memory()
-            if digest:
-                at = 8 + raw.index(f'"{DIGEST_KEY}":"{placeholder}"'.encode()) + len(DIGEST_KEY) + 4
-                fh.seek(at)
-                fh.write(hasher.hexdigest().encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def open_vector(path: str | Path) -> LazyVector:
-    """A stored safetensors file as a lazy vector: the header is read now, each tensor when it is used."""
-    path = Path(path)
-    if not path.is_file():
-        raise FeddemError(f"vector file '{path}' does not exist")
-    return _open_files({path: None})
-
-
-def _header(file: Path) -> tuple[dict, int]:
-    """A safetensors file's header (without metadata) and where its data starts."""
-    header, start, _ = read_header(file)
-    return header, start
-
-
-_NP_VIEW = {torch.bfloat16: np.uint16}  # dtypes numpy lacks: mapped as same-size integers, viewed back in torch
-
-
-def _open_files(files: dict[Path, list[str] | None]) -> LazyVector:
-    specs, where = {}, {}
-    for file, wanted in files.items():
-        header, start = _header(file)
-        for name in (wanted if wanted is not None else header):
-            entry = header[name]
-            if entry["dtype"] not in _FROM_ST:
-                raise FeddemError(f"'{file.name}': tensor '{name}' has dtype {entry['dtype']}, which feddem does not read")
-            specs[name] = (_FROM_ST[entry["dtype"]], tuple(entry["shape"]))
-            where[name] = (file, start + entry["data_offsets"][0])
-
-    def load(name: str) -> torch.Tensor:
-        """The tensor mapped from its file (copy-on-write, no copy made now): its pages are read as it is used and
-        the mapping goes away with the tensor."""
-        dtype, shape = specs[name]
-        file, offset = where[name]
-        if math.prod(shape) == 0:
-            return torch.empty(shape, dtype=dtype)
-        np_dtype = _NP_VIEW.get(dtype) or torch.empty((), dtype=dtype).numpy().dtype
-        mapped = np.memmap(file, dtype=np_dtype, mode="c", offset=offset, shape=shape or (1,))
-        t = torch.from_numpy(mapped)
-        t = t.view(dtype) if dtype in _NP_VIEW else t
-        return t.reshape(shape)
-
-    lazy = LazyVector(specs, load)
-    lazy._read_only = lambda name: _map_read_only(*where[name], *specs[name])  # for merged_tensors only
-    return lazy
-
-
-def _map_read_only(file: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """A stored tensor mapped read-only and shared (the page cache's own pages, no copy-on-write): it reads faster
-    than the copy-on-write map `load` gives, but writing to it would crash, so it is only read inside this module
-    (by `merged_tensors`). The mapping goes away with the tensor."""
-    import mmap
-    import warnings
-
-    count = math.prod(shape)
-    if count == 0:
-        return torch.empty(shape, dtype=dtype)
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    with open(file, "rb") as fh:
-        region = mmap.mmap(fh.fileno(), offset - start + _nbytes(dtype, shape), access=mmap.ACCESS_READ,
-                           offset=start)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable": it is only read
-        return torch.frombuffer(region, dtype=dtype, count=count, offset=offset - start).view(shape)
-
-
-INDEX = "model.safetensors.index.json"
-WEIGHTS = "model.safetensors"
-
-
-def open_tensors(folder: str | Path) -> LazyVector | None:
-    """The weights of a Hugging Face model folder (`model.safetensors`, or shards listed in
-    `model.safetensors.index.json`) as a lazy vector in the files' own dtypes; None when it has no safetensors."""
-    folder = Path(folder)
-    if (folder / INDEX).is_file():
-        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-        files: dict[Path, list[str]] = {}
-        for name, file in weight_map.items():
-            files.setdefault(folder / file, []).append(name)
-        return _open_files(files)
-    if (folder / WEIGHTS).is_file():
-        return _open_files({folder / WEIGHTS: None})
-    return None
-
-
-def save_sharded(folder: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                 tensors: Iterable[tuple[str, torch.Tensor]], max_shard_size: int) -> list[str]:
-    """Write a stream of tensors as Hugging Face weights: one `model.safetensors`, or, past `max_shard_size`
-    bytes, `model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json` (what `save_pretrained`
-    writes). A tensor larger than a shard gets a shard of its own. Returns the files written."""
-    folder = Path(folder)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, (dtype, shape) in specs.items():
-        nbytes = _nbytes(dtype, shape)
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    n = len(shards)
-    files = [WEIGHTS] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for stale in [folder / INDEX, folder / WEIGHTS, *folder.glob("model-*-of-*.safetensors")]:
-        if stale.name not in files and stale.exists():
-            stale.unlink()
-    stream = iter(tensors)
-    for file, names in zip(files, shards):
-        write_safetensors(folder / file, {name: specs[name] for name in names}, stream, metadata={"format": "pt"})
-    if n > 1:
-        index = {"metadata": {"total_size": sum(_nbytes(*specs[name]) for name in specs)},
-                 "weight_map": {name: file for file, names in zip(files, shards) for name in names}}
-        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return files
-
-
-def vector_digest(vector: Vector) -> str:
-    """SHA-256 of a vector's content (names, dtypes, shapes and bytes, in sorted-name order)."""
-    digest = hashlib.sha256()
-    for name in sorted(vector):
-        t = vector[name]
-        _hash_tensor(digest, name, t, _tensor_bytes(t))
-    return digest.hexdigest()
-
-
-def save_vector(vector: Vector, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a vector (in memory or lazy) as safetensors atomically, one tensor at a time in sorted-name order,
-    with its content digest in the header (`common.stored_tensors.stored_digest` reads it back without reading the data)."""
-    specs = specs_of(vector)
-    names = sorted(specs)
-    write_safetensors(path, {n: specs[n] for n in names}, ((n, vector[n]) for n in names), metadata, digest=True)
-
-
-def load_vector(path: str | Path, verify: bool = False) -> LazyVector:
-    """A vector written by `save_vector`, read lazily (one tensor at a time, when used); with `verify`, its content
-    is checked against the digest in its header first (streamed)."""
-    vector = open_vector(path)
-    if verify:
-        recorded = header_digest(path)
-        if recorded is not None and vector_digest(vector) != recorded:
-            raise FeddemError(f"vector file '{path}' is corrupt: its content does not match the digest in its header")
-    return vector

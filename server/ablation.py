@@ -80,7 +80,7 @@ def rank_candidates(candidates: list[tuple[str, ...]], names: list[str],
 def test_sets(cfg, tokenizer, domains: list[str] | None = None) -> dict:
     """The test half of the held-out split of each shard of `cfg.data` (only `domains` when given), as token blocks
     by domain: what a pool's merges are scored on, here and on the feddem server."""
-    from feddem.client.site_context import SiteContext
+    from feddem.common.site_context import SiteContext
     from feddem.client.site import heldout_blocks, load_site_shard
     from feddem.common.data import list_shards
 
@@ -167,7 +167,7 @@ def ablate_pool(run_dir: Path, spec: str, data: str = "", domains: list[str] | N
     from feddem.common.config import RunConfig
     from feddem.common.devices import resolve_device
     from feddem.common.modeling import load_model, load_tokenizer, model_checksum
-    from feddem.common.vectors import load_vector
+    from feddem.common.vector_io import load_vector
     from feddem.server.report import read_report
 
     run_dir = Path(run_dir)

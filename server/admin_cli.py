@@ -18,14 +18,13 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import grpc
 
+from feddem.common.atomic import atomic_folder
 from feddem.common.errors import FeddemError
 from feddem.server.admin.client import (
     ADDRESS_ENV, CA_ENV, CERT_ENV, DEFAULT_ADDRESS, KEY_ENV, TOKEN_ENV, open_channel, to_dict,
@@ -293,23 +292,17 @@ def parse_weights(spec: str) -> dict[str, float]:
 
 def export_model(chunks, out: Path) -> list[dict]:
     """Write the streamed files into `out` (created; it must not hold anything yet). Each file is checked against
-    its size and sha256; the folder appears only once every file is complete."""
+    its size and sha256; the folder appears only once every file is complete (`common.atomic.atomic_folder`)."""
     try:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UsageError(f"--out '{out}' exists and is not an empty folder")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+        with atomic_folder(out) as tmp:
+            return _receive(chunks, tmp)
     except OSError as exc:
         raise UsageError(f"cannot write --out '{out}': {exc.strerror or exc}") from None
-    try:
-        return _receive(chunks, out, tmp)
-    except OSError as exc:
-        raise UsageError(f"cannot write --out '{out}': {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _receive(chunks, out: Path, tmp: Path) -> list[dict]:
+def _receive(chunks, tmp: Path) -> list[dict]:
     files, fh, digest, current = [], None, None, None
     try:
         for c in chunks:
@@ -333,9 +326,6 @@ def _receive(chunks, out: Path, tmp: Path) -> list[dict]:
             raise FeddemError(f"the stream ended inside '{current}'")
         if not files:
             raise FeddemError("the server sent no files")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
     finally:
         if fh is not None:
             fh.close()

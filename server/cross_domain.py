@@ -97,10 +97,10 @@ def simulation_matrix(cfg, report: dict, out_dir, work_dirs: dict | None = None)
     quantization error and noise)."""
     import torch
 
-    from feddem.client.site_context import SiteContext, vector_file
+    from feddem.common.site_context import SiteContext, vector_file
     from feddem.common.devices import resolve_device
     from feddem.common.modeling import load_model, load_tokenizer, model_checksum
-    from feddem.common.vectors import load_vector
+    from feddem.common.vector_io import load_vector
     from feddem.server.ablation import test_sets
 
     if "flower_run_id" not in report:

@@ -15,7 +15,7 @@ SYNTHETIC = "synthetic"
 
 
 def simulated_site_names(sites: int) -> list[str]:
-    """The names the simulation gives its virtual sites (`client.site_context`: site-<partition id>)."""
+    """The names the simulation gives its virtual sites (`common.site_context`: site-<partition id>)."""
     return [f"site-{i}" for i in range(sites)]
 
 

@@ -29,7 +29,8 @@ from feddem.common.errors import FeddemError
 from feddem.common.secagg import SecAggError, SecAggParams, SecAggServer, choose_bits, error_bound
 from feddem.common.secagg.params import round_binding
 from feddem.common.secagg.protocol import _CIPHERTEXT_BYTES, KEY_BYTES
-from feddem.common.vectors import Vector, array_view
+from feddem.common.vector_records import array_view
+from feddem.common.vectors import Vector
 from feddem.server.messaging import failure_reason, pull_one_at_a_time, push_each
 
 log = logging.getLogger("feddem.server")

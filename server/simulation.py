@@ -27,6 +27,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
+from feddem.common.atomic import write_atomic
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
 from feddem.common.data import SyntheticSizes, load_shard
@@ -268,9 +269,7 @@ def _mark_interrupted(out: Path, signum: int) -> None:
     (the report is written last), so a folder without report.json is an unfinished run."""
     text = (f"interrupted by {signal.Signals(signum).name} at {datetime.now().isoformat(timespec='seconds')}; "
             f"the outputs here are incomplete (see {RUN_LOG})\n")
-    tmp = out / f".{INTERRUPTED}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / INTERRUPTED)
+    write_atomic(out / INTERRUPTED, text, private=False)
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -21,10 +21,9 @@ from feddem.common.data import list_shards
 from feddem.common.errors import FeddemError
 from feddem.common.modeling import load_model, load_tokenizer, model_checksum
 from feddem.common.paths import feddem_home
-from feddem.common.vectors import (
-    Vector, add_into, apply_vector, check_vector, save_vector, vector_from_record, vector_to_record,
-    weighted_sum,
-)
+from feddem.common.vector_io import save_vector
+from feddem.common.vector_records import vector_from_record, vector_to_record
+from feddem.common.vectors import Vector, add_into, apply_vector, check_vector, weighted_sum
 from feddem.common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights, strategy
 from feddem.server.base import resolve_base_ref
 from feddem.server.messaging import failure_reason, pull_one_at_a_time, push_each

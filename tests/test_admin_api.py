@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from feddem.common.vectors import save_vector
+from feddem.common.vector_io import save_vector
 from feddem.admin.v1 import admin_pb2 as pb
 from feddem.admin.v1 import admin_pb2_grpc
 from feddem.server import admin_cli

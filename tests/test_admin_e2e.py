@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from feddem.common.vectors import load_vector
+from feddem.common.vector_io import load_vector
 from feddem.server.store import Store
 from tests.admin_server import AdminServer, make_tls
 from tests.conftest import simulate_cli

@@ -7,11 +7,11 @@ import json
 import torch
 
 from feddem.client.site import evaluate_merged, fine_tune, heldout_blocks, load_site_shard
-from feddem.client.site_context import SiteContext
+from feddem.common.site_context import SiteContext
 from feddem.common.config import RunConfig
 from feddem.common.evaluation import evaluate_loss
 from feddem.common.modeling import load_model, load_tokenizer, model_checksum
-from feddem.common.vectors import load_vector
+from feddem.common.vector_io import load_vector
 
 
 def _write(path, rows):

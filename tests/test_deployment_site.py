@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from feddem.client.site_context import SiteContext
+from feddem.common.site_context import SiteContext
 from feddem.client.site import load_site_shard
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError

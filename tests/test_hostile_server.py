@@ -16,13 +16,14 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from feddem.client import ledger
 from feddem.client.guard import GuardPolicy
-from feddem.client.site_context import SiteContext
+from feddem.common.site_context import SiteContext
 from feddem.common import messages as M
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
 from feddem.common.modeling import load_model, model_checksum
 from feddem.common.synthetic import make_domain
-from feddem.common.vectors import load_vector, parameters_of
+from feddem.common.vector_io import load_vector
+from feddem.common.vectors import parameters_of
 from feddem.server import cli
 from feddem.server.secure_aggregation import secure_sum
 from feddem.server.workflow import Stage

@@ -13,7 +13,7 @@ from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
 from feddem.client.guard import RECORD_NAME, GuardPolicy
-from feddem.client.site_context import SiteContext
+from feddem.common.site_context import SiteContext
 from feddem.client.upload import upload_weighted_vector
 from feddem.common import messages as M
 from feddem.common.config import RunConfig
@@ -21,7 +21,8 @@ from feddem.common.errors import FeddemError
 from feddem.common.modeling import load_model, model_checksum
 from feddem.common.secagg import SecAggClient, SecAggParams, SecAggServer
 from feddem.common.secagg.params import round_binding
-from feddem.common.vectors import load_vector, parameters_of
+from feddem.common.vector_io import load_vector
+from feddem.common.vectors import parameters_of
 from feddem.server.secure_aggregation import secure_sum
 from feddem.server.workflow import Stage, run_dem
 from tests.fakegrid import RUN_ID, FakeGrid, task_identity

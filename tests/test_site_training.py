@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from feddem.client.site import fine_tune, heldout_blocks, load_site_shard, load_verified_base
-from feddem.client.site_context import SiteContext
+from feddem.common.site_context import SiteContext
 from feddem.common.config import RunConfig
 from feddem.common.evaluation import evaluate_loss
 from feddem.common.modeling import load_tokenizer, model_checksum
-from feddem.common.vectors import apply_vector, load_vector, parameters_of
+from feddem.common.vector_io import load_vector
+from feddem.common.vectors import apply_vector, parameters_of
 
 CFG = RunConfig(train_examples=40, eval_examples=8, data="synthetic:arithmetic", steps=3, seq_len=64, batch_size=4)
 

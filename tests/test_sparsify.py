@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from feddem.client.site import fine_tune
-from feddem.client.site_context import SiteContext
+from feddem.common.site_context import SiteContext
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
 from feddem.common.sparsify import dare, parse_sparsify, sparsify, topk
-from feddem.common.vectors import load_vector, scaled
+from feddem.common.vector_io import load_vector
+from feddem.common.vectors import scaled
 from feddem.server.precheck import check_simulation_inputs
 
 

@@ -5,12 +5,13 @@ import copy
 import pytest
 import torch
 
+from feddem.common.digests import header_digest, stored_digest, vector_digest
 from feddem.common.errors import FeddemError
 from feddem.common.modeling import build_model, tiny_llama_config
-from feddem.common.stored_tensors import stored_digest
+from feddem.common.vector_io import load_vector, save_vector, write_safetensors
+from feddem.common.vector_records import vector_from_record, vector_to_record
 from feddem.common.vectors import (
-    apply_vector, check_vector, extract_lora_vector, extract_vector, load_vector, parameters_of, save_vector,
-    vector_digest, vector_from_record, vector_to_record, weighted_sum,
+    apply_vector, check_vector, extract_lora_vector, extract_vector, parameters_of, specs_of, weighted_sum,
 )
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
@@ -96,6 +97,21 @@ def test_stored_digest_is_in_the_header_and_catches_corruption(base, tmp_path):
     with pytest.raises(FeddemError, match="is corrupt"):
         load_vector(path, verify=True)  # ...and a verified read notices the data no longer matches
 
+
+
+def test_stored_digest_without_header_is_computed_from_the_file(tmp_path):
+    """A file written without a digest (an HF weights file, say) is hashed from its bytes, without torch, to the
+    digest of the loaded vector; every dtype feddem reads, scalars and empty tensors too."""
+    vector = {"b.bf16": torch.randn(3, 5).to(torch.bfloat16), "a.f32": torch.randn(7), "c.f16": torch.randn(2, 2).half(),
+              "d.i64": torch.arange(4), "e.bool": torch.tensor([True, False]), "f.scalar": torch.tensor(2.5),
+              "g.empty": torch.zeros(0, 3)}
+    path = tmp_path / "plain.safetensors"
+    write_safetensors(path, specs_of(vector), vector.items())  # no digest in the header
+    assert header_digest(path) is None
+    assert stored_digest(path) == vector_digest(load_vector(path)) == vector_digest(vector)
+    vector["a.f32"][0] += 1
+    write_safetensors(path, specs_of(vector), vector.items())
+    assert stored_digest(path) == vector_digest(vector)
 
 def test_bad_vectors_are_named(base):
     ref = parameters_of(base)

@@ -10,7 +10,7 @@ import torch
 
 from feddem.client.guard import read_record
 from feddem.client.signals import alignment
-from feddem.client.site_context import SiteContext
+from feddem.common.site_context import SiteContext
 from feddem.common import messages as M
 from feddem.common.config import RunConfig, count_candidates
 from feddem.common.errors import FeddemError

@@ -45,7 +45,7 @@ def pool_artefacts(store: Store, run: dict) -> dict[str, dict]:
 
 def load_site_vectors(store: Store, run_id: str, stored: dict[str, dict]) -> dict:
     """The vectors of `pool_artefacts`, each file verified against its record and its own digest."""
-    from feddem.common.vectors import load_vector
+    from feddem.common.vector_io import load_vector
 
     vectors = {}
     for site, a in stored.items():
@@ -108,7 +108,8 @@ def remerge(store: Store, run_id: str, weights: dict[str, float]) -> str:
     stored = pool_artefacts(store, run)
     cfg = run_config(run)
     full = check_weights(dict(weights), sorted(stored), cfg)
-    from feddem.common.vectors import save_vector, weighted_sum  # after the checks: a refusal is quick
+    from feddem.common.vector_io import save_vector  # after the checks: a refusal is quick
+    from feddem.common.vectors import weighted_sum
     from feddem.server.export import export_model
     from feddem.server.model_card import write_model_card
 

@@ -15,11 +15,11 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from feddem.common.atomic import TMP_SUFFIX, atomic_file, fsync_dir
 from feddem.server.store.errors import DataLoss, InvalidArgument
 from feddem.server.store.validate import quote
 
 CHUNK = 1 << 20  # bytes per read and per streamed message
-TMP_SUFFIX = ".tmp"
 DELETED = ".deleted-"  # prefix of a deleted run's folder until it is gone
 DIR_MODE, FILE_MODE = 0o700, 0o600  # the store's permission policy: owner only
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -62,19 +62,6 @@ def make_private(root: Path) -> None:
                 os.chmod(path, FILE_MODE)
 
 
-def private_file(path: Path):
-    """A new file (exclusive create) readable and writable by its owner alone, opened for binary writing."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ArtefactFiles:
     """The files under `<store>/artefacts/<run>/<name>`."""
 
@@ -94,18 +81,14 @@ class ArtefactFiles:
                 private_dir(self.root / folder)
         except (FileExistsError, NotADirectoryError):
             raise InvalidArgument(f"artefact {quote(name)} of run {run_id}: a part of its path is a file") from None
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
         digest, written = hashlib.sha256(), 0
-        try:
-            with private_file(tmp) as fh:
-                for chunk in chunks:
-                    written += len(chunk)
-                    if size is not None and written > size:
-                        raise InvalidArgument(f"artefact '{name}': more bytes than the announced {size}")
-                    digest.update(chunk)
-                    fh.write(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
+        with atomic_file(path) as fh:  # 0600, the store's FILE_MODE
+            for chunk in chunks:
+                written += len(chunk)
+                if size is not None and written > size:
+                    raise InvalidArgument(f"artefact '{name}': more bytes than the announced {size}")
+                digest.update(chunk)
+                fh.write(chunk)
             if size is not None and written != size:
                 raise InvalidArgument(f"artefact '{name}': got {written} bytes, announced {size}")
             if sha256 is not None and digest.hexdigest() != sha256.lower():
@@ -114,10 +97,6 @@ class ArtefactFiles:
             if path.is_dir():
                 raise InvalidArgument(f"artefact {quote(name)} of run {run_id}: a folder of that name holds other "
                                       f"artefacts")
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        finally:
-            tmp.unlink(missing_ok=True)
         return written, digest.hexdigest()
 
     def read(self, run_id: str, name: str, size: int, sha256: str) -> Iterator[bytes]:
@@ -151,7 +130,7 @@ class ArtefactFiles:
             return
         gone = self.root / f"{DELETED}{run_id}-{uuid.uuid4().hex[:8]}"
         os.replace(folder, gone)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         shutil.rmtree(gone, ignore_errors=True)
 
     def remove_temporaries(self, keep_runs: set[str] = frozenset()) -> int:

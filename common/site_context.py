@@ -64,7 +64,7 @@ def vector_file(site: SiteContext, run_id: int) -> Path:
 
 
 def stored_vector(site: SiteContext, run_id: int):
-    """The site's stored vector of this run as a lazy torch vector (`common.vectors.load_vector`)."""
-    from feddem.common.vectors import load_vector  # torch: not for the secure stages, which read it with numpy
+    """The site's stored vector of this run as a lazy torch vector (`common.vector_io.load_vector`)."""
+    from feddem.common.vector_io import load_vector  # torch: not for the secure stages, which read it with numpy
 
     return load_vector(vector_file(site, run_id))
