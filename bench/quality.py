@@ -39,7 +39,7 @@ def _site_data(cfg, n_sites):
     from feddem.client.site import heldout_blocks, load_site_shard
     from feddem.common.data import pack_blocks
     from feddem.common.modeling import load_tokenizer
-    from feddem.server.base import resolve_base_ref
+    from feddem.server.base_ref import resolve_base_ref
 
     tokenizer = load_tokenizer(resolve_base_ref(cfg))
     data = []
@@ -137,7 +137,7 @@ def fedavg(cfg, base, data, tokenizer, rounds: int) -> dict[str, float]:
     from flwr.simulation import run_simulation
 
     from feddem.common.training import TrainSettings, train_causal_lm
-    from feddem.server.base import resolve_base_ref
+    from feddem.server.base_ref import resolve_base_ref
     from feddem.server.simulation import backend_config, loopback_environment
 
     steps = max(1, cfg.steps // rounds)
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     from feddem.common.config import RunConfig
     from feddem.common.data import list_shards
     from feddem.common.modeling import load_model
-    from feddem.server.base import resolve_base_ref
+    from feddem.server.base_ref import resolve_base_ref
     from feddem.server.simulation import check_local_inputs
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from feddem.common.vectors import (
     weighted_sum,
 )
 from feddem.common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights, strategy
-from feddem.server.base import resolve_base_ref
+from feddem.server.base_ref import resolve_base_ref
 from feddem.server.messaging import failure_reason, pull_one_at_a_time, push_each
 from feddem.server.cross_domain import NOT_HELD_REASON, federated_matrix, withheld
 from feddem.server.export import export_model
