@@ -36,7 +36,8 @@ log = logging.getLogger("feddem.bench")
 
 def _site_data(cfg, n_sites):
     from feddem.client.site_context import SiteContext
-    from feddem.client.site import heldout_blocks, load_site_shard
+    from feddem.client.site import load_site_shard
+    from feddem.common.data import heldout_blocks
     from feddem.common.data import pack_blocks
     from feddem.common.modeling import load_tokenizer
     from feddem.server.base_ref import resolve_base_ref
