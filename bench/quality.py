@@ -9,7 +9,7 @@ Everything is measured in this one script, on the test half of each site's held-
 - `merge/<strategy>`: feddem at R = 1 under every strategy (uniform, size, chameleon, dga, search). The sites are
   fine-tuned once by a real `feddem simulate` run (plain aggregation, a trusted run, so the bench may read the
   sites' vectors from their folders on this machine: the pool); each strategy's weights come from its own module
-  with the same site-side signals the ClientApp computes (`client.signals`);
+  with the same site-side signals the ClientApp computes (`client.signals`, `common.weighting.dga.alignment`);
 - `feddem/R`: `feddem simulate --rounds R` (uniform weights), steps/R local steps per round.
 
 Writes quality.json ({"mean_loss": {...}, "loss": {model: {domain: loss}}, ...}) and quality.png to --out.
@@ -103,10 +103,10 @@ def pool_vectors(home: Path, n_sites: int, since: float):
 
 def strategy_merges(cfg, base, data, tokenizer, vectors, report) -> tuple[dict, dict]:
     """feddem at R = 1 under every strategy, on the same site vectors: (loss by strategy, weights by strategy)."""
-    from feddem.client.signals import alignment, domain_embedding
+    from feddem.client.signals import domain_embedding
     from feddem.common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights
     from feddem.common.weighting.search import coordinate_search
-    from feddem.server.target import target_direction
+    from feddem.common.weighting.dga import alignment, target_direction
 
     sites = {s["domain"]: s for s in report["sites"]}
     direction = target_direction(copy.deepcopy(base), tokenizer, cfg)

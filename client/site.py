@@ -24,7 +24,8 @@ from feddem.common.modeling import base_tensors, load_model, load_tokenizer, mod
 from feddem.common.training import TrainSettings, train_causal_lm
 from feddem.client import ledger
 from feddem.client.guard import data_digest, record_trained, training_seed
-from feddem.client.signals import alignment, domain_embedding
+from feddem.client.signals import domain_embedding
+from feddem.common.weighting.dga import alignment
 from feddem.client.site_context import SiteContext
 from feddem.common.vectors import (
     LazyVector, Vector, apply_vector, cast, extract_lora_vector, extract_vector, merged, save_vector,

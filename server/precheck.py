@@ -31,7 +31,7 @@ def check_simulation_inputs(cfg: RunConfig) -> None:
     _check_model(cfg.model)
     names = simulated_site_names(cfg.sites)
     if cfg.weights:
-        from feddem.common.weighting.manual import parse_weights
+        from feddem.common.weighting.weights import parse_weights
 
         given = parse_weights(cfg.weights)
         unknown, missing = sorted(set(given) - set(names)), [n for n in names if n not in given]

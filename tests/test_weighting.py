@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from feddem.client.guard import read_record
-from feddem.client.signals import alignment
+from feddem.common.weighting.dga import alignment
 from feddem.client.site_context import SiteContext
 from feddem.common import messages as M
 from feddem.common.config import RunConfig, count_candidates
