@@ -317,6 +317,20 @@ def test_multi_round_dga_starts_each_round_from_the_merge(tiny_base, tmp_path):
     assert report["eval"]["merged"]["prose"]["loss"] < report["eval"]["base"]["prose"]["loss"]
 
 
+@pytest.mark.slow
+def test_simulate_with_dga_weights_the_sites_by_their_alignment(tmp_path, tiny_base):
+    """`feddem simulate --weighting dga` end to end (Flower's Simulation Engine, secure aggregation): the server's
+    target direction reaches the sites, their alignments come back, and the weights lean to the target's site."""
+    from tests.conftest import simulate_cli
+
+    report, _ = simulate_cli(tmp_path / "run", "--sites", "3", "--weighting", "dga", "--target", "synthetic:prose",
+                             "--target-examples", "8")
+    weights = report["weights"]
+    assert report["failures"] == {} and sum(weights.values()) == pytest.approx(1.0)
+    assert max(weights, key=weights.get) == "site-2" and weights["site-2"] > 1 / 3  # the prose site
+    assert report["eval"]["merged"]["prose"]["loss"] < report["eval"]["base"]["prose"]["loss"]
+
+
 # --- ablations: candidate mixtures ranked by merging ---
 
 def test_candidates_parse_and_count():
