@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     from feddem.common.modeling import load_model
     from feddem.common.sparsify import sparsify
     from feddem.common.weighting.search import coordinate_search
-    from feddem.server.base import resolve_base_ref
+    from feddem.server.base_ref import resolve_base_ref
     from feddem.server.report import kept_share
 
     args.out.mkdir(parents=True, exist_ok=True)

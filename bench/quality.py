@@ -9,7 +9,7 @@ Everything is measured in this one script, on the test half of each site's held-
 - `merge/<strategy>`: feddem at R = 1 under every strategy (uniform, size, chameleon, dga, search). The sites are
   fine-tuned once by a real `feddem simulate` run (plain aggregation, a trusted run, so the bench may read the
   sites' vectors from their folders on this machine: the pool); each strategy's weights come from its own module
-  with the same site-side signals the ClientApp computes (`client.signals`);
+  with the same site-side signals the ClientApp computes (`client.signals`, `common.weighting.dga.alignment`);
 - `feddem/R`: `feddem simulate --rounds R` (uniform weights), steps/R local steps per round.
 
 Writes quality.json ({"mean_loss": {...}, "loss": {model: {domain: loss}}, ...}) and quality.png to --out.
@@ -36,10 +36,11 @@ log = logging.getLogger("feddem.bench")
 
 def _site_data(cfg, n_sites):
     from feddem.common.site_context import SiteContext
-    from feddem.client.site import heldout_blocks, load_site_shard
+    from feddem.client.site import load_site_shard
+    from feddem.common.data import heldout_blocks
     from feddem.common.data import pack_blocks
     from feddem.common.modeling import load_tokenizer
-    from feddem.server.base import resolve_base_ref
+    from feddem.server.base_ref import resolve_base_ref
 
     tokenizer = load_tokenizer(resolve_base_ref(cfg))
     data = []
@@ -102,10 +103,10 @@ def pool_vectors(home: Path, n_sites: int, since: float):
 
 def strategy_merges(cfg, base, data, tokenizer, vectors, report) -> tuple[dict, dict]:
     """feddem at R = 1 under every strategy, on the same site vectors: (loss by strategy, weights by strategy)."""
-    from feddem.client.signals import alignment, domain_embedding
+    from feddem.client.signals import domain_embedding
     from feddem.common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights
     from feddem.common.weighting.search import coordinate_search
-    from feddem.server.target import target_direction
+    from feddem.common.weighting.dga import alignment, target_direction
 
     sites = {s["domain"]: s for s in report["sites"]}
     direction = target_direction(copy.deepcopy(base), tokenizer, cfg)
@@ -137,7 +138,7 @@ def fedavg(cfg, base, data, tokenizer, rounds: int) -> dict[str, float]:
     from flwr.simulation import run_simulation
 
     from feddem.common.training import TrainSettings, train_causal_lm
-    from feddem.server.base import resolve_base_ref
+    from feddem.server.base_ref import resolve_base_ref
     from feddem.server.simulation import backend_config, loopback_environment
 
     steps = max(1, cfg.steps // rounds)
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
     from feddem.common.config import RunConfig
     from feddem.common.data import list_shards
     from feddem.common.modeling import load_model
-    from feddem.server.base import resolve_base_ref
+    from feddem.server.base_ref import resolve_base_ref
     from feddem.server.simulation import check_local_inputs
 
     args.out.mkdir(parents=True, exist_ok=True)

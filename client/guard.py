@@ -40,6 +40,7 @@ from feddem.common.site_context import SiteContext, vector_file
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
 from feddem.common.digests import stored_digest
+from feddem.common.weighting.weights import in_range
 
 log = logging.getLogger("feddem.site")
 
@@ -191,7 +192,7 @@ def check_other_weights(policy: GuardPolicy, site: SiteContext, others: list[flo
 
 
 def check_weight(policy: GuardPolicy, site: SiteContext, weight: float) -> None:
-    if not policy.weight_min <= weight <= policy.weight_max:  # also false for NaN
+    if not in_range(weight, policy.weight_min, policy.weight_max):  # also false for nan and inf
         raise GuardRefusal(site.name, f"weight {weight!r} is outside the allowed range "
                                       f"[{policy.weight_min}, {policy.weight_max}]")
 

@@ -1,13 +1,11 @@
-"""What a site computes for the weighting strategies besides its vector: a domain embedding (Chameleon) and the
-alignment of its vector with the server's target direction (DGA). Only these summaries leave the site."""
-
-import math
+"""What a site computes for Chameleon besides its vector: the domain embedding of its data under the base model.
+Only this summary leaves the site. (DGA's site-side signal, the alignment of the vector with the server's target
+direction, lives with the rest of DGA in `common.weighting.dga`.)"""
 
 import numpy as np
 import torch
 
 from feddem.common.errors import FeddemError
-from feddem.common.vectors import Vector
 
 EMBED_BLOCKS = 32  # blocks of the site's train split averaged into its domain embedding
 
@@ -29,21 +27,3 @@ def domain_embedding(model, blocks: torch.Tensor, pad_id: int, device: torch.dev
     if not count:
         raise FeddemError("domain embedding: the site's sample has no tokens")
     return (total / count).cpu().numpy().astype(np.float32)
-
-
-def alignment(vector: Vector, direction: Vector) -> float:
-    """Cosine of the site's vector with the target direction, over the parameters both cover."""
-    shared = [name for name in vector if name in direction]
-    if not shared:
-        raise FeddemError("alignment: the target direction covers none of this site's vector parameters")
-    dot = vn = dn = 0.0
-    for name in shared:
-        v, d = vector[name].double().reshape(-1), direction[name].double().reshape(-1)
-        if v.shape != d.shape:
-            raise FeddemError(f"alignment: target direction '{name}' has {d.numel()} values, the vector {v.numel()}")
-        dot += float(v @ d)
-        vn += float(v @ v)
-        dn += float(d @ d)
-    if not (math.isfinite(dot) and vn > 0 and dn > 0):
-        return 0.0
-    return dot / math.sqrt(vn * dn)

@@ -12,7 +12,10 @@ import torch
 
 from feddem.common.config import RunConfig
 from feddem.common.chat_format import CHAT
-from feddem.common.data import Shard, SyntheticSizes, TokenBatch, encode_examples, encode_train, load_shard, load_site_data
+from feddem.common.data import (
+    Shard, SyntheticSizes, check_not_empty, encode_train, heldout_blocks, heldout_indices, heldout_texts, load_shard,
+    load_site_data,
+)
 from feddem.common.errors import FeddemError
 from feddem.common.sparsify import sparsify
 from feddem.common.evaluation import evaluate_loss, generation_metrics
@@ -21,7 +24,8 @@ from feddem.common.modeling import base_tensors, load_model, load_tokenizer, mod
 from feddem.common.training import TrainSettings, train_causal_lm
 from feddem.client import ledger
 from feddem.client.guard import data_digest, record_trained, training_seed
-from feddem.client.signals import alignment, domain_embedding
+from feddem.client.signals import domain_embedding
+from feddem.common.weighting.dga import alignment
 from feddem.common.site_context import SiteContext
 from feddem.common.vector_io import save_vector
 from feddem.common.vectors import LazyVector, Vector, apply_vector, cast, extract_lora_vector, extract_vector, merged
@@ -40,45 +44,20 @@ def load_verified_base(ref: str, checksum: str):
 
 def load_site_shard(cfg: RunConfig, site: SiteContext) -> Shard:
     """The site's data: its own `data-path` when deployed, else its shard of the run's `data` spec."""
-    sizes = SyntheticSizes(cfg.train_examples, cfg.eval_examples, cfg.seed, cfg.text_column)
     if site.data_path is None:
-        shard = load_shard(cfg.data, site.index, sizes)
+        shard = load_shard(cfg.data, site.index, SyntheticSizes.of(cfg))
     else:
         try:
-            shard = load_site_data(site.data_path, site.index, sizes)
+            shard = load_site_data(site.data_path, site.index, SyntheticSizes.of(cfg))
         except FeddemError as exc:
             raise FeddemError(f"{site.name}: node config data-path: {exc}") from None
     if site.domain:
         shard.name = site.domain
-    if len(shard.train) == 0 or len(shard.heldout) == 0:
-        raise FeddemError(f"{site.name}: shard '{shard.name}' has {len(shard.train)} train and {len(shard.heldout)} held-out examples")
+    check_not_empty(shard, site.name)
     return shard
 
 
-SPLITS = ("validation", "test")
 GEN_MAX_NEW_TOKENS = 32  # tokens generated per held-out prompt for the generation metric
-
-
-def heldout_indices(shard: Shard, split: str) -> list[int]:
-    """The held-out split in two: its first half validates (the weight search), its second half tests (the report).
-    A one-example held-out split serves as both."""
-    if split not in SPLITS:
-        raise FeddemError(f"unknown evaluation split '{split}': choose one of {', '.join(SPLITS)}")
-    n = len(shard.heldout)
-    if n < 2:
-        return list(range(n))
-    half = n // 2
-    return list(range(half)) if split == "validation" else list(range(half, n))
-
-
-def heldout_texts(shard: Shard, split: str) -> list:
-    """The examples of a held-out split (texts, or `messages` lists for chat data)."""
-    return list(shard.heldout.select(heldout_indices(shard, split))[shard.column])
-
-
-def heldout_blocks(shard: Shard, tokenizer, cfg: RunConfig, split: str = "test") -> TokenBatch:
-    """The model inputs of a held-out split (`common.data.encode_examples`)."""
-    return encode_examples(shard, "heldout", tokenizer, cfg.seq_len, heldout_indices(shard, split))
 
 
 def generation_sample(shard: Shard, cfg: RunConfig, split: str = "test") -> list:

@@ -8,12 +8,19 @@ import math
 from dataclasses import dataclass, field, fields
 
 from feddem.common.errors import FeddemError
+from feddem.common.weighting import WEIGHTINGS, parameter
 
 AGGREGATIONS = ("secure", "plain")  # how the weighted vectors reach the server
 
 
 def _opt(default, help_text: str, **extra):
     return field(default=default, metadata={"help": help_text, **extra})
+
+
+def _strategy_opt(name: str):
+    """A field a weighting strategy owns: its default, help and range are the strategy's (`Parameter`)."""
+    p = parameter(name)
+    return field(default=p.default, metadata={"help": p.help, "strategy_parameter": p})
 
 
 MAX_TIMEOUT = 30 * 24 * 3600.0  # seconds: beyond this, a wait is a mistake (and overflows some timers)
@@ -50,20 +57,18 @@ class RunConfig:
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: int = _opt(16, "LoRA alpha")
     weighting: str = _opt("uniform", "how the server weights the sites' vectors")
-    weights: str = _opt("", "weights by hand, SITE=W,... for every site (implies --weighting manual)")
+    weights: str = _strategy_opt("weights")
     rounds: int = _opt(1, "rounds of local fine-tuning from the current merged model followed by a weighted merge "
                        "(1 = DEM)")
-    chameleon_lambda: float = _opt(0.1, "chameleon: ridge of the leverage scores (times the number of domains)")
-    chameleon_tau: float = _opt(0.1, "chameleon: softmax temperature of the normalised leverage scores")
-    chameleon_inverse: bool = _opt(False, "chameleon: weight by inverse scores (the pre-training variant)")
-    dga_eta: float = _opt(2.0, "dga: step size of the exponentiated-gradient update")
-    dga_ema: float = _opt(0.5, "dga: share of the previous round's weights kept (moving average); round 1 starts "
-                          "from uniform")
-    target: str = _opt("", "dga: data spec of the target task the server holds; empty = the run's data")
-    target_examples: int = _opt(32, "dga: target examples per target shard for the target gradient")
-    search_budget: int = _opt(8, "search: candidate merges to score (each is one more aggregation)")
-    search_step: float = _opt(0.5, "search: relative change of one weight (or of all together: the scale) per "
-                              "candidate")
+    chameleon_lambda: float = _strategy_opt("chameleon-lambda")
+    chameleon_tau: float = _strategy_opt("chameleon-tau")
+    chameleon_inverse: bool = _strategy_opt("chameleon-inverse")
+    dga_eta: float = _strategy_opt("dga-eta")
+    dga_ema: float = _strategy_opt("dga-ema")
+    target: str = _strategy_opt("target")
+    target_examples: int = _strategy_opt("target-examples")
+    search_budget: int = _strategy_opt("search-budget")
+    search_step: float = _strategy_opt("search-step")
     sparsify: str = _opt("none", "site-side sparsification of each site's vector before it is stored, with any "
                          "weighting: none, dare:P (drop a random fraction P of each tensor's entries with the "
                          "site's own randomness, rescale the rest by 1/(1-P)) or topk:F (keep the fraction F of "
@@ -128,7 +133,6 @@ class RunConfig:
         return config
 
     def validate(self) -> None:
-        from feddem.common.weighting import WEIGHTINGS  # late import: weighting imports nothing from here
         from feddem.common.devices import DEVICES
         from feddem.common.sparsify import parse_sparsify
 
@@ -177,42 +181,19 @@ class RunConfig:
                 raise FeddemError(f"{key} must be a finite number, got {value}")
 
     def _validate_weighting(self) -> None:
-        from feddem.common.weighting.manual import parse_weights
-
+        """The weighting's options: each strategy's parameters in their declared ranges (checked for every strategy,
+        so a bad value is named even for a strategy not chosen), then the chosen strategy's own rules."""
         if self.rounds < 1:
             raise FeddemError(f"rounds must be at least 1, got {self.rounds}")
-        if self.weights:
-            given = parse_weights(self.weights)
-            outside = {site: w for site, w in given.items() if not self.weight_min <= w <= self.weight_max}
-            if self.aggregation == "secure" and outside:
-                raise FeddemError(f"weights {outside} are outside [weight-min, weight-max] = [{self.weight_min}, "
-                                  f"{self.weight_max}]: the sites would refuse them in secure aggregation")
-            if self.weighting not in ("uniform", "manual"):
-                raise FeddemError(f"--weights gives the weights by hand; it cannot be combined with --weighting "
-                                  f"{self.weighting}")
-        elif self.weighting == "manual":
-            raise FeddemError("--weighting manual needs --weights SITE=W,...")
-        for name in ("chameleon_lambda", "chameleon_tau", "dga_eta", "search_step"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise FeddemError(f"{name.replace('_', '-')} must be a positive number, got {value}")
-        if not 0 <= self.dga_ema < 1:
-            raise FeddemError(f"dga-ema must be in [0, 1), got {self.dga_ema}")
-        if self.target_examples < 1 or self.search_budget < 1:
-            raise FeddemError("target-examples and search-budget must be at least 1")
+        for each in WEIGHTINGS.values():
+            each.check_parameters(self)
+        chosen = WEIGHTINGS[self.strategy_name]
+        chosen.validate(self)
         if self.eval_examples < 2:
             raise FeddemError(f"eval-examples must be at least 2 (half validation, half test), got "
                               f"{self.eval_examples}")
-        if self.weighting == "search" and self.aggregation == "secure" and self.aggregation_budget < 2:
-            raise FeddemError("--weighting search scores several merges of the same vectors: with secure "
-                              "aggregation the sites' guards allow that only with --noise > 0 and "
-                              "--aggregation-budget > 1 (or use --aggregation plain, a trusted run)")
-        if self.weighting == "search" and self.aggregation == "secure" and self.search_budget > self.aggregation_budget:
-            raise FeddemError(f"search-budget {self.search_budget} is more than aggregation-budget "
-                              f"{self.aggregation_budget}: every candidate is one secure aggregation")
-
         if self.aggregation == "secure":
-            needed = (self.search_budget if self.weighting == "search" else 1) + (
+            needed = chosen.aggregations(self) + (
                 count_candidates(self.ablate, self.sites, self.min_peers + 1) if self.ablate else 0)
             if needed > self.aggregation_budget:
                 raise FeddemError(f"this secure run needs {needed} aggregations of the same vectors (weighting and "

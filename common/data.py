@@ -55,6 +55,11 @@ class SyntheticSizes:
     seed: int = 0
     text_column: str = "text"
 
+    @classmethod
+    def of(cls, cfg) -> "SyntheticSizes":
+        """The sizes a run config (`common.config.RunConfig`) gives its shards."""
+        return cls(cfg.train_examples, cfg.eval_examples, cfg.seed, cfg.text_column)
+
 
 def _synthetic_domains(spec: str) -> list[str]:
     if spec == SYNTHETIC:
@@ -259,6 +264,21 @@ def load_shard(spec: str, index: int, sizes: SyntheticSizes) -> Shard:
     return _finish(_load_folder_shard(_folder_entries(spec)[index], sizes), sizes)
 
 
+def load_run_shard(cfg, index: int) -> Shard:
+    """Shard `index` of the run's `data` spec, sized by the run config; refused when its train or held-out part is
+    empty (nothing to train or to score)."""
+    shard = load_shard(cfg.data, index, SyntheticSizes.of(cfg))
+    check_not_empty(shard)
+    return shard
+
+
+def check_not_empty(shard: Shard, owner: str = "") -> None:
+    """A shard with no train or no held-out example is refused, naming its owner (a site) when given."""
+    if len(shard.train) == 0 or len(shard.heldout) == 0:
+        raise FeddemError(f"{owner + ': ' if owner else ''}shard '{shard.name}' has {len(shard.train)} train and "
+                          f"{len(shard.heldout)} held-out examples")
+
+
 def load_site_data(path: str, index: int, sizes: SyntheticSizes) -> Shard:
     """A deployed site's own data (its node config `data-path`), in the same formats as one entry of a data folder:
     a folder with `train.*` and a held-out file, a saved dataset, a folder holding exactly one such entry (a data
@@ -408,3 +428,30 @@ def encode_train(shard: Shard, tokenizer, seq_len: int, needed_sequences: int, s
         raise FeddemError(f"{shard.name}: {n} train example(s) give {len(stream)} tokens: fewer than one block of "
                           f"{seq_len}")
     return TokenBatch.from_blocks(torch.tensor(stream[: n_full * seq_len], dtype=torch.long).view(n_full, seq_len))
+
+
+# The held-out split policy: one held-out part per shard, split in two halves used by the site (its report) and the
+# server (the weight search, `feddem ablate` and the admin server's evaluations) alike.
+SPLITS = ("validation", "test")
+
+
+def heldout_indices(shard: Shard, split: str) -> list[int]:
+    """The held-out split in two: its first half validates (the weight search), its second half tests (the report).
+    A one-example held-out split serves as both."""
+    if split not in SPLITS:
+        raise FeddemError(f"unknown evaluation split '{split}': choose one of {', '.join(SPLITS)}")
+    n = len(shard.heldout)
+    if n < 2:
+        return list(range(n))
+    half = n // 2
+    return list(range(half)) if split == "validation" else list(range(half, n))
+
+
+def heldout_texts(shard: Shard, split: str) -> list:
+    """The examples of a held-out split (texts, or `messages` lists for chat data)."""
+    return list(shard.heldout.select(heldout_indices(shard, split))[shard.column])
+
+
+def heldout_blocks(shard: Shard, tokenizer, cfg, split: str = "test") -> TokenBatch:
+    """The model inputs of a held-out split at the run config's `seq-len` (`encode_examples`)."""
+    return encode_examples(shard, "heldout", tokenizer, cfg.seq_len, heldout_indices(shard, split))

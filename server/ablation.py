@@ -80,9 +80,7 @@ def rank_candidates(candidates: list[tuple[str, ...]], names: list[str],
 def test_sets(cfg, tokenizer, domains: list[str] | None = None) -> dict:
     """The test half of the held-out split of each shard of `cfg.data` (only `domains` when given), as token blocks
     by domain: what a pool's merges are scored on, here and on the feddem server."""
-    from feddem.common.site_context import SiteContext
-    from feddem.client.site import heldout_blocks, load_site_shard
-    from feddem.common.data import list_shards
+    from feddem.common.data import heldout_blocks, list_shards, load_run_shard
 
     shards = list_shards(cfg.data)
     wanted = domains or shards
@@ -92,7 +90,7 @@ def test_sets(cfg, tokenizer, domains: list[str] | None = None) -> dict:
     sets = {}
     for index, name in enumerate(shards):
         if name in wanted:
-            shard = load_site_shard(cfg, SiteContext(index, name, Path(".")))
+            shard = load_run_shard(cfg, index)
             sets[shard.name] = heldout_blocks(shard, tokenizer, cfg, "test")
     return sets
 

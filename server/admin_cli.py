@@ -274,20 +274,13 @@ def cmd_pool(args):
 
 
 def parse_weights(spec: str) -> dict[str, float]:
-    weights = {}
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        site, sep, value = part.partition("=")
-        try:
-            weights[site.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not site.strip():
-            raise UsageError(f"--weights: '{part}' is not SITE=WEIGHT (e.g. --weights site-0=0.7,site-1=0.3)")
-    if not weights:
-        raise UsageError("--weights: give SITE=WEIGHT,...")
-    return weights
+    """`--weights SITE=W,...` as `feddem simulate` reads it (`common.weighting.weights`): a bad part is bad usage."""
+    from feddem.common.weighting.weights import parse_weights as parse
+
+    try:
+        return parse(spec)
+    except FeddemError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def export_model(chunks, out: Path) -> list[dict]:

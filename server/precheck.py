@@ -31,7 +31,7 @@ def check_simulation_inputs(cfg: RunConfig) -> None:
     _check_model(cfg.model)
     names = simulated_site_names(cfg.sites)
     if cfg.weights:
-        from feddem.common.weighting.manual import parse_weights
+        from feddem.common.weighting.weights import parse_weights
 
         given = parse_weights(cfg.weights)
         unknown, missing = sorted(set(given) - set(names)), [n for n in names if n not in given]
@@ -83,7 +83,7 @@ def check_shards_fill_a_block(cfg: RunConfig, chunk: int = 256) -> None:
     from feddem.common.chat_format import TEXT
     from feddem.common.data import SyntheticSizes, load_shard
     from feddem.common.modeling import load_tokenizer
-    from feddem.server.base import resolve_base_ref
+    from feddem.server.base_ref import resolve_base_ref
 
     tokenizer = load_tokenizer(resolve_base_ref(cfg))
     sizes = SyntheticSizes(cfg.train_examples, cfg.eval_examples, cfg.seed, cfg.text_column)

@@ -34,7 +34,7 @@ from feddem.common.data import SyntheticSizes, load_shard
 from feddem.common.modeling import check_model_ref
 from feddem.common.paths import feddem_home
 from feddem.common.progress import PROGRESS_VAR, read_progress
-from feddem.server.base import resolve_base_ref
+from feddem.server.base_ref import resolve_base_ref
 from feddem.server.workflow import RunResult, preflight
 
 RUN_LOG = "run.log"

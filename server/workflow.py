@@ -25,16 +25,17 @@ from feddem.common.vector_io import save_vector
 from feddem.common.vector_records import vector_from_record, vector_to_record
 from feddem.common.vectors import Vector, add_into, apply_vector, check_vector, weighted_sum
 from feddem.common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights, strategy
-from feddem.server.base import resolve_base_ref
+from feddem.common.weighting.weights import clamp, outside_range
+from feddem.server.base_ref import resolve_base_ref
 from feddem.server.messaging import failure_reason, pull_one_at_a_time, push_each
 from feddem.server.cross_domain import NOT_HELD_REASON, federated_matrix, withheld
 from feddem.server.export import export_model
 from feddem.server.model_card import write_model_card
 from feddem.server.report import build_report, write_report
 from feddem.server.ablation import POOL, parse_candidates, rank_candidates, write_ablation
-from feddem.server.search import search_merge
+from feddem.common.weighting.search import search_merge
 from feddem.server.secure_aggregation import secure_sum
-from feddem.server.target import target_direction
+from feddem.common.weighting.dga import target_direction
 
 log = logging.getLogger("feddem.server")
 
@@ -270,13 +271,13 @@ def _merge_round(merger: RoundMerger, cfg: RunConfig, state: dict):
     if not chosen.search:
         weights = dict(zip(order, compute_weights(chosen.name, _reports(merger.sites, merger.trained, order), cfg,
                                                   state)))
-        outside = {names[n]: w for n, w in weights.items() if not cfg.weight_min <= w <= cfg.weight_max}
+        outside = {names[n]: w for n, w in outside_range(weights, cfg.weight_min, cfg.weight_max).items()}
         if outside and chosen.name == "manual":
             raise FeddemError(f"--weights {outside} are outside [weight-min, weight-max] = [{cfg.weight_min}, "
                               f"{cfg.weight_max}]")
         if outside:  # a strategy's weights are clamped to the configured range (the sites' guards check it)
             log.warning("weights %s clamped to [%g, %g]", outside, cfg.weight_min, cfg.weight_max)
-            weights = {n: min(max(w, cfg.weight_min), cfg.weight_max) for n, w in weights.items()}
+            weights = clamp(weights, cfg.weight_min, cfg.weight_max)
         log.info("weights (%s): %s", chosen.name, {names[n]: round(w, 4) for n, w in weights.items()})
         return (*merger.merge(weights), None)
 

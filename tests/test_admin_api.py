@@ -485,7 +485,7 @@ def test_a_key_that_is_not_the_certificates_is_named_and_expiry_warned(tmp_path,
 
 
 def test_server_side_data_comes_only_from_the_data_roots(tmp_path):
-    from feddem.server.admin.models import check_data
+    from feddem.server.admin.model_ops import check_data
     from feddem.server.store.errors import InvalidArgument
 
     root = tmp_path / "data"

@@ -93,3 +93,33 @@ def test_pack_blocks_joins_examples_with_eos():
     assert padded.tolist() == [[97, 98, 99, 100], [tok.eos_token_id] + [tok.pad_token_id] * 3]
     with pytest.raises(FeddemError, match="fewer than one block"):
         pack_blocks(["a"], tok, seq_len=16)
+
+
+def test_heldout_split_policy_lives_in_common_data():
+    """The held-out part splits in two halves, validation first, test second; one example serves as both; the
+    server reaches this policy without importing the client."""
+    import datasets
+
+    from feddem.common.data import Shard, heldout_indices, heldout_texts
+
+    shard = Shard("d", datasets.Dataset.from_dict({"text": ["t"]}),
+                  datasets.Dataset.from_dict({"text": [f"h{i}" for i in range(5)]}))
+    assert heldout_indices(shard, "validation") == [0, 1]
+    assert heldout_indices(shard, "test") == [2, 3, 4]
+    assert heldout_texts(shard, "test") == ["h2", "h3", "h4"]
+    shard.heldout = shard.heldout.select([0])
+    assert heldout_indices(shard, "validation") == heldout_indices(shard, "test") == [0]
+    with pytest.raises(FeddemError, match="unknown evaluation split 'train'"):
+        heldout_indices(shard, "train")
+
+
+def test_server_modules_do_not_import_the_client_for_data():
+    """`server.ablation` scores pools on the held-out test halves through `common.data` alone."""
+    import ast
+    from pathlib import Path
+
+    import feddem.server.ablation as ablation
+
+    tree = ast.parse(Path(ablation.__file__).read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    assert imported and not [m for m in imported if m.startswith("feddem.client")]

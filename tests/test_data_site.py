@@ -6,7 +6,8 @@ import json
 
 import torch
 
-from feddem.client.site import evaluate_merged, fine_tune, heldout_blocks, load_site_shard
+from feddem.common.data import heldout_blocks
+from feddem.client.site import evaluate_merged, fine_tune, load_site_shard
 from feddem.common.site_context import SiteContext
 from feddem.common.config import RunConfig
 from feddem.common.evaluation import evaluate_loss

@@ -5,7 +5,8 @@ the model it trained, whose held-out loss it reports."""
 import pytest
 import torch
 
-from feddem.client.site import fine_tune, heldout_blocks, load_site_shard, load_verified_base
+from feddem.common.data import heldout_blocks
+from feddem.client.site import fine_tune, load_site_shard, load_verified_base
 from feddem.common.site_context import SiteContext
 from feddem.common.config import RunConfig
 from feddem.common.evaluation import evaluate_loss

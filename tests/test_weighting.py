@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from feddem.client.guard import read_record
-from feddem.client.signals import alignment
+from feddem.common.weighting.dga import alignment
 from feddem.common.site_context import SiteContext
 from feddem.common import messages as M
 from feddem.common.config import RunConfig, count_candidates
 from feddem.common.errors import FeddemError
 from feddem.common.weighting import ALIGNMENT, EMBEDDING, WEIGHTINGS, SiteReport, compute_weights
 from feddem.common.weighting.chameleon import leverage_scores
-from feddem.common.weighting.manual import parse_weights
+from feddem.common.weighting.weights import parse_weights
 from feddem.common.weighting.search import coordinate_search
 from feddem.server.ablation import POOL, ablate_pool, candidate_weights, parse_candidates
 from feddem.server.workflow import run_dem
@@ -138,6 +138,104 @@ def test_weighting_settings_are_validated(record, message):
     RunConfig.from_record({"weighting": "search", "aggregation": "plain"})  # a trusted run may search
 
 
+def test_one_weights_parser_for_simulate_config_and_admin_cli():
+    """`feddem simulate --weights`, the run config and `feddem-admin models remerge --weights` read weights alike:
+    duplicates, inf and nan are refused everywhere (the admin CLI as bad usage)."""
+    from feddem.server.admin_cli import UsageError
+    from feddem.server.admin_cli import parse_weights as admin_parse
+
+    assert admin_parse("site-0=0.7, site-1=0.3") == parse_weights("site-0=0.7,site-1=0.3") == {"site-0": 0.7,
+                                                                                               "site-1": 0.3}
+    for bad, message in [("site-0=1,site-0=1", "site-0 is given twice"), ("site-0=inf", "not finite"),
+                         ("site-0=nan", "not finite"), ("site-0=-inf", "not finite"), ("x", "is not SITE=WEIGHT"),
+                         ("", "none given")]:
+        with pytest.raises(UsageError, match=message):
+            admin_parse(bad)
+        with pytest.raises(FeddemError, match=message):
+            parse_weights(bad)
+        with pytest.raises(FeddemError, match=message):
+            RunConfig(aggregation="plain", weights=bad or ",").validate()
+
+
+def test_one_weight_range_check_for_config_admin_and_guard(tmp_path):
+    """The run config, the admin re-merge and a site's guard refuse the same weights: outside [weight-min,
+    weight-max], nan or inf; the bounds themselves are in range."""
+    from feddem.client.guard import GuardPolicy, GuardRefusal, check_weight
+    from feddem.common.weighting.weights import check_range, clamp, in_range, outside_range
+    from feddem.server.admin.model_ops import check_weights
+    from feddem.server.store.errors import InvalidArgument
+
+    cfg = RunConfig(weight_min=0.1, weight_max=0.6)
+    policy, site = GuardPolicy(2, 0.1, 0.6), SiteContext(0, "site-0", tmp_path)
+    for w in (0.1, 0.35, 0.6):
+        assert in_range(w, 0.1, 0.6)
+        check_weight(policy, site, w)
+        assert check_weights({"site-0": w}, ["site-0", "site-1"], cfg) == {"site-0": w, "site-1": 0.0}
+    for w in (0.0, 0.7, math.nan, math.inf, -math.inf):
+        assert not in_range(w, 0.1, 0.6)
+        with pytest.raises(GuardRefusal, match="outside the allowed range"):
+            check_weight(policy, site, w)
+        with pytest.raises(InvalidArgument, match=r"outside \[weight-min, weight-max\] = \[0.1, 0.6\]"):
+            check_weights({"site-0": w}, ["site-0", "site-1"], cfg)
+    assert outside_range({"a": 0.05, "b": 0.2, "c": math.nan}, 0.1, 0.6).keys() == {"a", "c"}
+    assert clamp({"a": 0.05, "b": 0.2, "c": 0.9}, 0.1, 0.6) == {"a": 0.1, "b": 0.2, "c": 0.6}
+    with pytest.raises(FeddemError, match=r"weights \{'b': 2.0\} are outside .*: the guards would refuse"):
+        check_range({"a": 0.5, "b": 2.0}, 0.0, 1.0, "the guards would refuse")
+    with pytest.raises(FeddemError, match=r"weights \{'site-1': 0.7\} are outside \[weight-min, weight-max\]"):
+        RunConfig(sites=2, min_peers=1, weight_min=0.1, weight_max=0.6, weights="site-0=0.5,site-1=0.7").validate()
+
+
+def test_strategies_own_their_parameters_and_the_config_asks_the_chosen_one(monkeypatch):
+    """Every option a strategy declares is a run-config field with the declared default and help; a value outside
+    the declared range is named; `RunConfig.validate` runs the chosen strategy's own check."""
+    from dataclasses import fields, replace
+
+    from feddem.common.weighting import parameter
+    from feddem.common.weighting.base import Parameter
+
+    by_key = {f.name.replace("_", "-"): f for f in fields(RunConfig)}
+    declared = [p for s in WEIGHTINGS.values() for p in s.parameters()]
+    assert {p.name for p in declared} >= {"chameleon-lambda", "chameleon-tau", "chameleon-inverse", "dga-eta",
+                                          "dga-ema", "target", "target-examples", "search-budget", "search-step",
+                                          "weights"}
+    for p in declared:
+        assert p.name in by_key and by_key[p.name].default == p.default and by_key[p.name].metadata["help"] == p.help
+        assert parameter(p.name) is p
+    for key, value, message in [("target-examples", 0, "target-examples must be at least 1, got 0"),
+                                ("search-step", -0.5, "search-step must be a positive number, got -0.5"),
+                                ("dga-ema", 1.0, r"dga-ema must be in \[0, 1\), got 1.0"),
+                                ("chameleon-lambda", 0.0, "chameleon-lambda must be a positive number")]:
+        with pytest.raises(FeddemError, match=message):
+            RunConfig.from_record({key: value})  # named whichever strategy is chosen
+    with pytest.raises(FeddemError, match=r"x must be in \[0, 2\], got 3"):
+        Parameter("x", float, 1.0, "", low=0.0, high=2.0).check(3.0)
+
+    def refuse(cfg):
+        raise FeddemError(f"size refuses seed {cfg.seed}")
+
+    monkeypatch.setitem(WEIGHTINGS, "size", replace(WEIGHTINGS["size"], check=refuse))
+    RunConfig(weighting="uniform", seed=7).validate()  # another strategy's check does not run
+    with pytest.raises(FeddemError, match="size refuses seed 7"):
+        RunConfig(weighting="size", seed=7).validate()
+    assert WEIGHTINGS["search"].aggregations(RunConfig(search_budget=5)) == 5
+    assert WEIGHTINGS["dga"].aggregations(RunConfig()) == 1
+
+
+def test_dga_and_search_have_one_home_each():
+    """DGA's server part (target direction), site part (alignment) and weights are one module; the search's
+    candidates and scoring loop another; the old server/client modules are gone."""
+    import importlib.util
+
+    from feddem.common.weighting import dga, search
+
+    assert {"target_direction", "alignment", "dga_weights", "eg_update"} <= set(vars(dga))
+    assert {"coordinate_search", "search_merge"} <= set(vars(search))
+    for gone in ("feddem.server.target", "feddem.server.search"):
+        assert importlib.util.find_spec(gone) is None
+    direction = {"w": torch.tensor([1.0, 0.0])}
+    assert dga.alignment({"w": torch.tensor([2.0, 0.0])}, direction) == pytest.approx(1.0)
+
+
 # --- in real runs (the real ClientApp through a serialising in-process grid) ---
 
 @pytest.fixture(autouse=True)
@@ -216,6 +314,20 @@ def test_multi_round_dga_starts_each_round_from_the_merge(tiny_base, tmp_path):
     assert len(trains) == 6 and all(M.TARGET in r for r in trains)
     assert [M.START in r for r in trains] == [False] * 3 + [True] * 3
     # the merge serves the target task (it may cost the other domains: that is what DGA trades)
+    assert report["eval"]["merged"]["prose"]["loss"] < report["eval"]["base"]["prose"]["loss"]
+
+
+@pytest.mark.slow
+def test_simulate_with_dga_weights_the_sites_by_their_alignment(tmp_path, tiny_base):
+    """`feddem simulate --weighting dga` end to end (Flower's Simulation Engine, secure aggregation): the server's
+    target direction reaches the sites, their alignments come back, and the weights lean to the target's site."""
+    from tests.conftest import simulate_cli
+
+    report, _ = simulate_cli(tmp_path / "run", "--sites", "3", "--weighting", "dga", "--target", "synthetic:prose",
+                             "--target-examples", "8")
+    weights = report["weights"]
+    assert report["failures"] == {} and sum(weights.values()) == pytest.approx(1.0)
+    assert max(weights, key=weights.get) == "site-2" and weights["site-2"] > 1 / 3  # the prose site
     assert report["eval"]["merged"]["prose"]["loss"] < report["eval"]["base"]["prose"]["loss"]
 
 

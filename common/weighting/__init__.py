@@ -1,22 +1,34 @@
 """Weighting strategies: turn what the sites report into the weights `w_i` of the merge.
 
-One module per strategy, each exporting a `STRATEGY` (`common.weighting.base.Strategy`); this registry maps names
-to them, so adding a strategy is adding a module and a line here, and `--weighting` choices come from it.
+One module per strategy, each exporting a `STRATEGY` (`common.weighting.base.WeightingStrategy`) that owns its
+parameters (`parameters()`) and checks (`validate`); this registry maps names to them, so adding a strategy is adding
+a module and a line here, and `--weighting` choices come from it (docs/architecture.md, "Adding a weighting
+strategy"). `common.weighting.weights` is the one home of `--weights` parsing and the weight-range check.
 """
 
 from feddem.common.errors import FeddemError
 from feddem.common.weighting import chameleon, dga, manual, search, size, uniform
-from feddem.common.weighting.base import ALIGNMENT, EMBEDDING, SiteReport, Strategy
+from feddem.common.weighting.base import ALIGNMENT, EMBEDDING, Parameter, SiteReport, WeightingStrategy
 
-WEIGHTINGS: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in (uniform, size, chameleon, dga, search, manual)}
+WEIGHTINGS: dict[str, WeightingStrategy] = {m.STRATEGY.name: m.STRATEGY
+                                            for m in (uniform, size, chameleon, dga, search, manual)}
 
-__all__ = ["ALIGNMENT", "EMBEDDING", "WEIGHTINGS", "SiteReport", "Strategy", "compute_weights", "strategy"]
+__all__ = ["ALIGNMENT", "EMBEDDING", "WEIGHTINGS", "Parameter", "SiteReport", "WeightingStrategy", "compute_weights",
+           "parameter", "strategy"]
 
 
-def strategy(name: str) -> Strategy:
+def strategy(name: str) -> WeightingStrategy:
     if name not in WEIGHTINGS:
         raise FeddemError(f"unknown weighting '{name}': choose one of {', '.join(WEIGHTINGS)}")
     return WEIGHTINGS[name]
+
+
+def parameter(name: str) -> Parameter:
+    """The strategy parameter whose run-config key is `name` (e.g. `dga-eta`)."""
+    found = [p for s in WEIGHTINGS.values() for p in s.parameters() if p.name == name]
+    if len(found) != 1:
+        raise FeddemError(f"{len(found)} weighting strategies declare parameter '{name}' (expected exactly one)")
+    return found[0]
 
 
 def compute_weights(name: str, sites: list[SiteReport], cfg=None, state: dict | None = None) -> list[float]:

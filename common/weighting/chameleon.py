@@ -10,7 +10,13 @@ pre-training variant, which favours the common domains).
 import numpy as np
 
 from feddem.common.errors import FeddemError
-from feddem.common.weighting.base import EMBEDDING, SiteReport, Strategy, normalised, softmax
+from feddem.common.weighting.base import EMBEDDING, Parameter, SiteReport, WeightingStrategy, normalised, softmax
+
+LAMBDA = Parameter("chameleon-lambda", float, 0.1, "chameleon: ridge of the leverage scores (times the number of domains)",
+                   low=0.0, open_low=True)
+TAU = Parameter("chameleon-tau", float, 0.1, "chameleon: softmax temperature of the normalised leverage scores", low=0.0,
+                open_low=True)
+INVERSE = Parameter("chameleon-inverse", bool, False, "chameleon: weight by inverse scores (the pre-training variant)")
 
 
 def leverage_scores(embeddings: np.ndarray, lam: float) -> np.ndarray:
@@ -39,5 +45,5 @@ def chameleon_weights(sites: list[SiteReport], cfg, state=None) -> list[float]:
     return softmax(scores, cfg.chameleon_tau)
 
 
-STRATEGY = Strategy("chameleon", "softmax of kernel ridge leverage scores of the sites' domain embeddings",
-                    chameleon_weights, frozenset({EMBEDDING}))
+STRATEGY = WeightingStrategy("chameleon", "softmax of kernel ridge leverage scores of the sites' domain embeddings",
+                             chameleon_weights, frozenset({EMBEDDING}), params=(LAMBDA, TAU, INVERSE))

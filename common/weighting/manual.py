@@ -1,32 +1,10 @@
 """Weights given by hand: `--weights site-0=0.5,site-1=0.25,...` (every site that trained, by its name)."""
 
-import math
-
 from feddem.common.errors import FeddemError
-from feddem.common.weighting.base import SiteReport, Strategy
+from feddem.common.weighting.base import Parameter, SiteReport, WeightingStrategy
+from feddem.common.weighting.weights import check_range, parse_weights
 
-
-def parse_weights(text: str) -> dict[str, float]:
-    """'a=0.5,b=0.25' -> {'a': 0.5, 'b': 0.25}, with errors that name the bad part."""
-    weights: dict[str, float] = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        name, sep, value = part.partition("=")
-        if not sep or not name.strip():
-            raise FeddemError(f"weights: '{part}' is not SITE=WEIGHT (e.g. --weights site-0=0.5,site-1=0.5)")
-        try:
-            w = float(value)
-        except ValueError:
-            raise FeddemError(f"weights: '{value}' (for {name.strip()}) is not a number") from None
-        if not math.isfinite(w):
-            raise FeddemError(f"weights: the weight of {name.strip()} is not finite ({value})")
-        if name.strip() in weights:
-            raise FeddemError(f"weights: {name.strip()} is given twice")
-        weights[name.strip()] = w
-    if not weights:
-        raise FeddemError("weights: none given (expected SITE=WEIGHT,...)")
-    return weights
+WEIGHTS = Parameter("weights", str, "", "weights by hand, SITE=W,... for every site (implies --weighting manual)")
 
 
 def manual_weights(sites: list[SiteReport], cfg, state=None) -> list[float]:
@@ -40,4 +18,17 @@ def manual_weights(sites: list[SiteReport], cfg, state=None) -> list[float]:
     return [given[n] for n in names]
 
 
-STRATEGY = Strategy("manual", "the weights given with --weights SITE=W,...", manual_weights)
+def check_manual(cfg) -> None:
+    """Weights given by hand parse, stand alone (no other strategy) and, in a secure run, lie in the sites' range."""
+    if not cfg.weights:
+        raise FeddemError("--weighting manual needs --weights SITE=W,...")
+    given = parse_weights(cfg.weights)
+    if cfg.aggregation == "secure":
+        check_range(given, cfg.weight_min, cfg.weight_max, "the sites would refuse them in secure aggregation")
+    if cfg.weighting not in ("uniform", "manual"):
+        raise FeddemError(f"--weights gives the weights by hand; it cannot be combined with --weighting "
+                          f"{cfg.weighting}")
+
+
+STRATEGY = WeightingStrategy("manual", "the weights given with --weights SITE=W,...", manual_weights, params=(WEIGHTS,),
+                             check=check_manual)

@@ -1,7 +1,7 @@
 """Size weights: each site in proportion to its number of training tokens (FedAvg's rule)."""
 
 from feddem.common.errors import FeddemError
-from feddem.common.weighting.base import SiteReport, Strategy
+from feddem.common.weighting.base import SiteReport, WeightingStrategy
 
 
 def size_weights(sites: list[SiteReport], cfg=None, state=None) -> list[float]:
@@ -11,4 +11,4 @@ def size_weights(sites: list[SiteReport], cfg=None, state=None) -> list[float]:
     return [s.tokens / total for s in sites]
 
 
-STRATEGY = Strategy("size", "in proportion to each site's training tokens", size_weights)
+STRATEGY = WeightingStrategy("size", "in proportion to each site's training tokens", size_weights)

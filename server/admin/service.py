@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 
 from feddem.common.errors import FeddemError
 from feddem.admin.v1 import admin_pb2 as pb
-from feddem.server.admin import models
+from feddem.server.admin import model_ops
 from feddem.server.admin.limits import CallGuard, Limits, Watchdog
 from feddem.server.store import Store
 from feddem.server.store.artefacts import check_run_id
@@ -167,12 +167,12 @@ class AdminService:
                                last=True)
 
     def RemergeModel(self, request, context):
-        new = models.remerge(self.store, self._run_id(request.run_id), dict(request.weights))
+        new = model_ops.remerge(self.store, self._run_id(request.run_id), dict(request.weights))
         return _message(pb.Run, self.store.get_run(new))
 
     def EvaluateModel(self, request, context):
         run_id = self._run_id(request.run_id)
-        results = models.evaluate(self.store, run_id, request.data, self.data_roots)
+        results = model_ops.evaluate(self.store, run_id, request.data, self.data_roots)
         return pb.EvaluateModelResponse(run_id=run_id, data=request.data, results=[
             pb.DomainLoss(domain=d, loss=r["loss"], perplexity=r["perplexity"], tokens=r["tokens"])
             for d, r in results.items()])
@@ -180,7 +180,7 @@ class AdminService:
     def RankPool(self, request, context):
         run_id = self._run_id(request.run_id)
         text(request.candidates, "candidates", 4096)
-        rows = models.rank_pool(self.store, run_id, request.candidates, request.data, self.data_roots)
+        rows = model_ops.rank_pool(self.store, run_id, request.candidates, request.data, self.data_roots)
         return pb.RankPoolResponse(run_id=run_id, data=request.data, ranking=[
             pb.PoolCandidate(sites=r["candidate"], mean_loss=r.get("mean_loss", 0.0), loss=r.get("loss", {}),
                              error=r.get("error", "")) for r in rows])

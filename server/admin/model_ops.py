@@ -6,7 +6,6 @@ Everything read from the store is verified against its recorded sha256 first. Pr
 FAILED_PRECONDITION, bad weights or data INVALID_ARGUMENT.
 """
 
-import math
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from feddem.server.admin.recorder import LocalRecorder, record_outputs
 from feddem.server.store import Store
 from feddem.server.store.errors import FailedPrecondition, InvalidArgument, StoreError
 from feddem.server.store.validate import quote
+from feddem.common.weighting.weights import check_range
 
 TRUSTED = "plain"  # the aggregation of a run whose site vectors the server may hold
 
@@ -92,10 +92,7 @@ def check_weights(weights: dict[str, float], sites: list[str], cfg: RunConfig) -
     if unknown:
         raise InvalidArgument(f"unknown site(s) {', '.join(map(repr, unknown))}: the run's sites are "
                               f"{', '.join(sites)}")
-    for site, w in weights.items():
-        if not math.isfinite(w) or not cfg.weight_min <= w <= cfg.weight_max:
-            raise InvalidArgument(f"weight {w!r} of {site} is outside the run's range [weight-min, weight-max] = "
-                                  f"[{cfg.weight_min}, {cfg.weight_max}]")
+    check_range(weights, cfg.weight_min, cfg.weight_max, "the run's range", error=InvalidArgument)
     if not any(weights.values()):
         raise InvalidArgument("every weight is 0: the merge would be the base model")
     return {s: float(weights.get(s, 0.0)) for s in sites}
