@@ -510,6 +510,10 @@ def test_secure_run_folder_and_messages_hold_no_site_vector_in_the_clear(tiny_ba
     details = report["secure_aggregation"]
     assert details["threshold"] == 2 and details["dropped"] == {} and 0 < details["error_bound"] < 1e-5
     assert (out / "model" / "config.json").is_file()
+    # the run's manifest names every file it wrote, and no site vector (a secure run has no pool)
+    assert sorted(o.path for o in result.manifest.outputs) == sorted(
+        p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert not result.manifest.recorded("site-vector")
     windows = _plain_windows(tmp_path / "sites", {i: 1 / 3 for i in range(3)}, 3)
     files = [p for p in out.rglob("*") if p.is_file()]
     assert files
