@@ -13,9 +13,22 @@ from feddem.server.aggregation import HeldAggregator, PlainAggregator, SecureAgg
 from feddem.server.manifest import Manifest
 from feddem.server.workflow import Stage, run_dem
 from tests.fakegrid import RUN_ID, FakeGrid, task_identity
-from tests.test_secure_round import (  # noqa: F401 (the fixtures)
-    NODES, WEIGHTS, _base_record, _cfg, _expected, _flat, _shapes, _task_identity, trained,
+from tests.test_secure_round import (  # noqa: F401 (the autouse fixture)
+    NODES, WEIGHTS, _base_record, _cfg, _expected, _flat, _shapes, _task_identity,
 )
+
+
+@pytest.fixture(scope="module")
+def trained_plain(tmp_path_factory, tiny_base):
+    """Four sites fine-tuned for real (2 steps) in a run that declares plain aggregation (a vector trained under
+    secure aggregation is never sent in the clear); their folders and layouts."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, 1
+    root = tmp_path_factory.mktemp("trained-plain-sites")
+    replies = Stage(FakeGrid(root, NODES), _cfg(tiny_base, aggregation="plain"), _base_record(tiny_base)).run(
+        "train", M.TRAIN, {n: RecordDict() for n in NODES})
+    return root, {n: list(c.config_records[M.LAYOUT]["names"]) for n, c in replies.items()}
 
 
 def _aggregate(root, tiny_base, layout, **cfg_kw):
@@ -29,8 +42,8 @@ def _aggregate(root, tiny_base, layout, **cfg_kw):
     return aggregator, aggregator.aggregate(WEIGHTS)
 
 
-def test_plain_trusted_and_secure_aggregators_give_the_same_sum(trained, tiny_base, tmp_path):
-    root, layouts = trained
+def test_plain_trusted_and_secure_aggregators_give_the_same_sum(trained_plain, tiny_base, tmp_path):
+    root, layouts = trained_plain
     layout = layouts[NODES[0]]
     got = {}
     for mode, kw in (("plain", {"aggregation": "plain"}), ("held", {"aggregation": "plain", "keep_pool": True}),
