@@ -1,7 +1,7 @@
 """Secure aggregation over Flower's Grid: the server learns sum_i w_i d_i of the surviving sites and nothing else.
 
-Drives the `SecAggServer` of `common.secagg` through four message stages (`common.messages`: sa_keys, sa_share,
-sa_masked, sa_unmask; the site's side is `client.secure_upload`). Flower node ids map to small client ids (0..n-1
+`SecureRound` drives the `SecAggServer` of `common.secagg` through four message stages, one method each
+(`common.messages`: sa_keys, sa_share, sa_masked, sa_unmask; the site's side is `client.secure_upload`). Flower node ids map to small client ids (0..n-1
 in sorted node order). Masked vectors are pulled one reply at a time and added to the server's one ring
 accumulator as they are read, so the server's memory is O(vector), not O(sites x vector): the accumulator plus
 one reply. `upload-parts` K > 1 asks each site for its masked vector in K messages (K rounds of the masked stage,
