@@ -13,7 +13,7 @@ import torch
 from feddem.common.config import RunConfig
 from feddem.common.chat_format import CHAT
 from feddem.common.data import (
-    Shard, SyntheticSizes, check_not_empty, encode_train, heldout_blocks, heldout_indices, heldout_texts, load_shard,
+    Shard, SyntheticSizes, TokenBatch, check_not_empty, encode_train, heldout_blocks, heldout_indices, heldout_texts, load_shard,
     load_site_data,
 )
 from feddem.common.errors import FeddemError
@@ -87,6 +87,62 @@ def starting_point(model_ref: str, names: list[str], start_from: Vector | None) 
     return LazyVector({name: (torch.float32, shape) for name, (_, shape) in base.specs.items()}, load)
 
 
+def _training_start(model, start_from: Vector | None, cfg: RunConfig):
+    """The model training starts from: the base moved to `start_from` (rounds > 1), wrapped for LoRA training when
+    the run asks for it (`--lora`)."""
+    if start_from is not None:
+        apply_vector(model, start_from)
+    if not cfg.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def _train_blocks(cfg: RunConfig, shard: Shard, tokenizer, settings: TrainSettings, seed: int) -> TokenBatch:
+    """The training sequences the run draws (steps x accumulation x batch size)."""
+    needed = cfg.steps * settings.accumulation(cfg.seq_len) * cfg.batch_size  # sequences the run draws
+    return encode_train(shard, tokenizer, cfg.seq_len, needed, seed)
+
+
+def _step_logger(cfg: RunConfig, site: SiteContext, shard: Shard, settings: TrainSettings):
+    """The training's per-step callback: progress to `feddem simulate`'s console (when it asks) and a log line at
+    every quarter of the steps."""
+    every = max(1, cfg.steps // 4)
+    progress = ProgressWriter(site.name, shard.name, cfg.steps,  # to `feddem simulate`'s console, when it asks
+                              settings.accumulation(cfg.seq_len) * cfg.batch_size * cfg.seq_len)
+
+    def on_step(step: int, loss: float) -> None:
+        progress.step(step, loss)
+        if step % every == 0 or step == cfg.steps:
+            log.info("%s (%s): step %d/%d, loss %.4f", site.name, shard.name, step, cfg.steps, loss)
+
+    return on_step
+
+
+def _save_site_vector(cfg: RunConfig, site: SiteContext, model, model_ref: str, start_from: Vector | None,
+                      run_id: int, seed: int, shard: Shard) -> Vector:
+    """The trained model's vector (relative to where it started), sparsified as the site does, saved locally."""
+    if cfg.lora:
+        vector = extract_lora_vector(model)
+    else:
+        vector = extract_vector(model, starting_point(model_ref, [n for n, _ in model.named_parameters()], start_from))
+    # the site's own sparsification (`common.sparsify`), keyed by its secret: what is stored is what any upload sends
+    vector = sparsify(vector, cfg.sparsify, ledger.secret(site) + f"|{run_id}|{seed}".encode())
+    save_vector(cast(vector, cfg.torch_vector_dtype), site.vector_path(run_id),
+                metadata={"site": site.name, "domain": shard.name})
+    return vector
+
+
+def _warnings(shard: Shard, truncated: int, cfg: RunConfig) -> str:
+    warnings = list(shard.warnings)
+    if truncated:
+        warnings.append(f"{shard.name}: {truncated} example(s) longer than seq-len {cfg.seq_len} were truncated")
+    return "\n".join(warnings)
+
+
 def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, run_id: int,
               start_from: Vector | None = None, target: Vector | None = None, embed: bool = False) -> dict:
     """Fine-tune on the site's train split, save the vector locally, return the metadata the server may see.
@@ -110,8 +166,7 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     seed, seed_base, fresh = training_seed(site, cfg, run_id, data)
     settings = TrainSettings.from_run_config(cfg, seed=seed)
     settings.validate()
-    needed = cfg.steps * settings.accumulation(cfg.seq_len) * cfg.batch_size  # sequences the run draws
-    train_data = encode_train(shard, tokenizer, cfg.seq_len, needed, seed)
+    train_data = _train_blocks(cfg, shard, tokenizer, settings, seed)
     heldout = heldout_blocks(shard, tokenizer, cfg)
     prompts = generation_sample(shard, cfg)
     setup_seconds = time.perf_counter() - start
@@ -119,44 +174,18 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     extra = _generation(model, tokenizer, prompts, cfg, device, "base_")
     if embed:
         extra["embedding"] = domain_embedding(model, train_data.input_ids, tokenizer.pad_token_id, device)
-    if start_from is not None:
-        apply_vector(model, start_from)
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
-                          task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
-
-    every = max(1, cfg.steps // 4)
-    progress = ProgressWriter(site.name, shard.name, cfg.steps,  # to `feddem simulate`'s console, when it asks
-                              settings.accumulation(cfg.seq_len) * cfg.batch_size * cfg.seq_len)
-
-    def on_step(step: int, loss: float) -> None:
-        progress.step(step, loss)
-        if step % every == 0 or step == cfg.steps:
-            log.info("%s (%s): step %d/%d, loss %.4f", site.name, shard.name, step, cfg.steps, loss)
-
-    stats = train_causal_lm(model, train_data, settings, device, on_step)  # in place: no copy of the base is kept
+    model = _training_start(model, start_from, cfg)
+    # in place: no copy of the base is kept
+    stats = train_causal_lm(model, train_data, settings, device, _step_logger(cfg, site, shard, settings))
     eval_start = time.perf_counter()
     local_eval = evaluate_loss(model, heldout, None, device)
     extra |= _generation(model, tokenizer, prompts, cfg, device, "local_")
     eval_seconds = time.perf_counter() - eval_start
-    if cfg.lora:
-        vector = extract_lora_vector(model)
-    else:
-        vector = extract_vector(model, starting_point(model_ref, [n for n, _ in model.named_parameters()], start_from))
-    # the site's own sparsification (`common.sparsify`), keyed by its secret: what is stored is what any upload sends
-    vector = sparsify(vector, cfg.sparsify, ledger.secret(site) + f"|{run_id}|{seed}".encode())
-    save_vector(cast(vector, cfg.torch_vector_dtype), site.vector_path(run_id),
-                metadata={"site": site.name, "domain": shard.name})
+    vector = _save_site_vector(cfg, site, model, model_ref, start_from, run_id, seed, shard)
     record_trained(site, run_id, cfg, data, seed_base, fresh)  # the guard's record: digest, data, declared mode
     if target is not None:
         extra["alignment"] = alignment(vector, target)
     truncated = train_data.truncated + heldout.truncated
-    warnings = list(shard.warnings)
-    if truncated:
-        warnings.append(f"{shard.name}: {truncated} example(s) longer than seq-len {cfg.seq_len} were truncated")
     return extra | {
         "site": site.name,
         "domain": shard.name,
@@ -165,7 +194,7 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
         "tokens": int(train_data.attention_mask.sum()),
         "heldout_examples": len(heldout_indices(shard, "test")),
         "truncated_examples": truncated,
-        "warnings": "\n".join(warnings),
+        "warnings": _warnings(shard, truncated, cfg),
         "train_loss": stats["train_loss"],
         "tokens_per_second": stats["tokens_per_second"],
         "base_loss": base_eval["loss"],

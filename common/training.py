@@ -80,6 +80,24 @@ def _batches(num_blocks: int, batch_size: int, seed: int):
         pos += batch_size
 
 
+def _accumulate(forward, data: TokenBatch, batches, accum: int, device: torch.device,
+                use_bf16: bool) -> tuple[float, int]:
+    """One optimizer step's gradients: `accum` micro-batches, forward and backward; returns the step's loss and the
+    tokens it trained on."""
+    step_loss = torch.zeros((), device=device)
+    tokens = 0
+    for _ in range(accum):
+        batch = data.rows(next(batches))
+        tokens += int(batch.attention_mask.sum())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = forward(input_ids=batch.input_ids.to(device, non_blocking=True),
+                           attention_mask=batch.model_mask(device),
+                           labels=batch.labels.to(device, non_blocking=True)).loss / accum
+        loss.backward()
+        step_loss += loss.detach()  # no host sync per micro-batch
+    return float(step_loss), tokens
+
+
 def train_causal_lm(
     model: torch.nn.Module,
     blocks: torch.Tensor | TokenBatch,
@@ -108,17 +126,8 @@ def train_causal_lm(
     start = time.perf_counter()
     try:
         for step in range(1, settings.steps + 1):
-            step_loss = torch.zeros((), device=device)
-            for _ in range(accum):
-                batch = data.rows(next(batches))
-                tokens += int(batch.attention_mask.sum())
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = forward(input_ids=batch.input_ids.to(device, non_blocking=True),
-                                   attention_mask=batch.model_mask(device),
-                                   labels=batch.labels.to(device, non_blocking=True)).loss / accum
-                loss.backward()
-                step_loss += loss.detach()  # no host sync per micro-batch
-            step_loss = float(step_loss)
+            step_loss, step_tokens = _accumulate(forward, data, batches, accum, device, use_bf16)
+            tokens += step_tokens
             if not math.isfinite(step_loss):
                 raise FeddemError(f"training diverged at step {step} (loss {step_loss}); lower the learning rate")
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)

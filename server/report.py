@@ -163,12 +163,17 @@ def build_report(config: dict, base: dict, sites: list[dict], weights: dict, mer
 
 
 def write_report(report: dict, out_dir: Path) -> None:
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    plot_report(report, out_dir / "report.png")
+    """report.json and report.png in the run folder (names from `server.manifest`)."""
+    from feddem.server.manifest import REPORT_JSON, REPORT_PNG
+
+    (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2))
+    plot_report(report, out_dir / REPORT_PNG)
 
 
 def read_report(out_dir: Path) -> dict:
-    return json.loads((Path(out_dir) / "report.json").read_text())
+    from feddem.server.manifest import REPORT_JSON
+
+    return json.loads((Path(out_dir) / REPORT_JSON).read_text())
 
 
 def _fmt(value, spec: str = ".4f") -> str:

@@ -1,7 +1,7 @@
 """Secure aggregation over Flower's Grid: the server learns sum_i w_i d_i of the surviving sites and nothing else.
 
-Drives the `SecAggServer` of `common.secagg` through four message stages (`common.messages`: sa_keys, sa_share,
-sa_masked, sa_unmask; the site's side is `client.secure_upload`). Flower node ids map to small client ids (0..n-1
+`SecureRound` drives the `SecAggServer` of `common.secagg` through four message stages, one method each
+(`common.messages`: sa_keys, sa_share, sa_masked, sa_unmask; the site's side is `client.secure_upload`). Flower node ids map to small client ids (0..n-1
 in sorted node order). Masked vectors are pulled one reply at a time and added to the server's one ring
 accumulator as they are read, so the server's memory is O(vector), not O(sites x vector): the accumulator plus
 one reply. `upload-parts` K > 1 asks each site for its masked vector in K messages (K rounds of the masked stage,
@@ -28,9 +28,10 @@ from feddem.common import messages as M
 from feddem.common.errors import FeddemError
 from feddem.common.secagg import SecAggError, SecAggParams, SecAggServer, choose_bits, error_bound
 from feddem.common.secagg.params import round_binding
-from feddem.common.secagg.protocol import _CIPHERTEXT_BYTES, KEY_BYTES
+from feddem.common.secagg import CIPHERTEXT_BYTES, KEY_BYTES
 from feddem.common.vector_records import array_view
 from feddem.common.vectors import Vector
+from feddem.common.weighting.weights import check_range
 from feddem.server.messaging import failure_reason, pull_one_at_a_time, push_each
 
 log = logging.getLogger("feddem.server")
@@ -132,61 +133,81 @@ def _check_masked(record, tags: ConfigRecord, params: SecAggParams, server: SecA
     return chunks
 
 
-def _unflatten(server: SecAggServer, layout: list[str], shapes: dict[str, torch.Size]) -> Vector:
-    """The unmasked sum as float32 tensors, written block by block over the ring accumulator itself (each block
-    is read before it is overwritten; a float32 element is no larger than a 32- or 64-bit ring element), so the
-    sum takes no memory beyond the accumulator's: the tensors are views of it. A 16-bit ring's accumulator is half
-    a float32 vector: the sum gets its own array (1.5 vectors at the peak, still below a 32-bit round's 2)."""
-    acc = server._acc  # the accumulator; the server is done with it after this
-    length = server.params.vector_length
-    values = acc.view(np.float32) if acc.itemsize >= 4 else np.empty(length, dtype=np.float32)
-    for start in range(0, length, _BLOCK):
-        block = min(_BLOCK, length - start)
-        values[start:start + block] = server.unmask_chunk(start, block)
-    server._acc = None
-    flat = torch.from_numpy(values[:length])
+def _unflatten(flat: np.ndarray, layout: list[str], shapes: dict[str, torch.Size]) -> Vector:
+    """The flat float32 sum as tensors by parameter name (views of `flat`: no copy)."""
+    values = torch.from_numpy(flat)
     vector: Vector = {}
     offset = 0
     for name in layout:
         count = int(torch.Size(shapes[name]).numel())
-        vector[name] = flat[offset:offset + count].view(shapes[name])
+        vector[name] = values[offset:offset + count].view(shapes[name])
         offset += count
     return vector
 
 
-def secure_sum(grid: Grid, cfg, base: ConfigRecord, weights: dict[int, float], layout: list[str],
-               shapes: dict[str, torch.Size]) -> SecureSum:
-    """sum_i w_i d_i over the nodes in `weights` by secure aggregation; `layout` is the sorted parameter names of
-    the sites' vectors and `shapes` their shapes (from the base model)."""
-    nodes = sorted(weights)
-    n = len(nodes)
+def _check_round(cfg, weights: dict[int, float], layout: list[str], shapes: dict[str, torch.Size]) -> int:
+    """The round's threshold, after the checks that need no site (enough sites, weights the guards accept, a layout
+    the base has)."""
+    n = len(weights)
     threshold = cfg.threshold_for(n)
     if n - 1 < cfg.min_peers or n < threshold:
         raise FeddemError(f"secure aggregation needs at least {max(threshold, cfg.min_peers + 1)} sites "
                           f"(threshold {threshold}, min-peers {cfg.min_peers}); only {n} finished training. "
                           f"Nothing was merged.")
-    outside = {node: w for node, w in weights.items() if not cfg.weight_min <= w <= cfg.weight_max}
-    if outside:
-        raise FeddemError(f"weights {outside} are outside [weight-min, weight-max] = [{cfg.weight_min}, "
-                          f"{cfg.weight_max}]: the sites' privacy guards would refuse them")
+    check_range(weights, cfg.weight_min, cfg.weight_max, "the sites' privacy guards would refuse them")
     unknown = [name for name in layout if name not in shapes]
     if unknown or not layout:
         raise FeddemError(f"the sites' vector layout names parameters the base model lacks: {unknown[:5]}")
-    cid = {node: i for i, node in enumerate(nodes)}
-    node_of = {i: node for node, i in cid.items()}
-    # the ring's rounding error of the sum may be what the run's vector dtype would round a value at the clip to
-    # (float32: a finer 2^-20, so 32 or 64 bits; a 16-bit float: 16 bits where n allows)
-    bits = choose_bits(n, cfg.clip, cfg.clip * max(torch.finfo(cfg.torch_vector_dtype).eps / 2, 2.0**-20))
-    length = sum(int(torch.Size(shapes[name]).numel()) for name in layout)
-    params = SecAggParams.create(cid.values(), length, cfg.clip, threshold=threshold, bits=bits)
-    all_weights = [float(weights[node_of[i]]) for i in params.client_ids]
-    params, server_key = SecAggServer.with_server_key(params)  # the sites tag their uploads for this key
-    params = replace(params, session=round_binding(params, all_weights))  # the sites check it (client.secure_upload)
-    server = SecAggServer(params, server_key)
-    rnd = _Round(grid, cfg, base, params.session)
-    session = {"session": params.session}
-    stage = "keys"
-    try:
+    return threshold
+
+
+class SecureRound:
+    """One secure sum over the Grid, one method per stage (keys, share, masked, unmask) and `run()` that calls them
+    in turn. The `SecAggServer` holds the protocol's state and its accumulator; this object holds the transport's:
+    node <-> client ids, the masked stage's spans, the elements clipped at each site and the dropouts."""
+
+    def __init__(self, grid: Grid, cfg, base: ConfigRecord, weights: dict[int, float], layout: list[str],
+                 shapes: dict[str, torch.Size]):
+        self.cfg, self.weights, self.layout, self.shapes = cfg, weights, layout, shapes
+        self.nodes = sorted(weights)
+        self.threshold = _check_round(cfg, weights, layout, shapes)
+        self.cid = {node: i for i, node in enumerate(self.nodes)}
+        self.node_of = {i: node for node, i in self.cid.items()}
+        n = len(self.nodes)
+        # the ring's rounding error of the sum may be what the run's vector dtype would round a value at the clip to
+        # (float32: a finer 2^-20, so 32 or 64 bits; a 16-bit float: 16 bits where n allows)
+        self.bits = choose_bits(n, cfg.clip, cfg.clip * max(torch.finfo(cfg.torch_vector_dtype).eps / 2, 2.0**-20))
+        self.length = sum(int(torch.Size(shapes[name]).numel()) for name in layout)
+        params = SecAggParams.create(self.cid.values(), self.length, cfg.clip, threshold=self.threshold,
+                                     bits=self.bits)
+        self.all_weights = [float(weights[self.node_of[i]]) for i in params.client_ids]
+        params, server_key = SecAggServer.with_server_key(params)  # the sites tag their uploads for this key
+        # the sites check the binding (client.secure_upload)
+        self.params = replace(params, session=round_binding(params, self.all_weights))
+        self.server = SecAggServer(self.params, server_key)
+        self.exchange = _Round(grid, cfg, base, self.params.session)
+        self.session = {"session": self.params.session}
+        self.clipped: dict[int, int] = {}
+        self.stage = "keys"
+
+    def run(self) -> SecureSum:
+        """All four stages, then the unmasked sum; a protocol failure raises a FeddemError naming the stage."""
+        try:
+            broadcast = self.keys()
+            routed = self.share(broadcast)
+            self.masked(routed)
+            request = self.unmask()
+        except SecAggError as exc:
+            n = len(self.nodes)
+            raise _fail(self.stage, exc, n, n - len(self.exchange.dropped), self.threshold,
+                        self.exchange.dropped) from None
+        return self.result(request)
+
+    def keys(self) -> dict[int, tuple[bytes, bytes]]:
+        """Stage 1: each site's two public keys; returns the broadcast of the sites that advertised."""
+        self.stage = "keys"
+        params, cid, weights, layout, all_weights = (self.params, self.cid, self.weights, self.layout,
+                                                     self.all_weights)
         keys: dict[int, tuple[bytes, bytes]] = {}
 
         def on_keys(node, content):
@@ -195,77 +216,99 @@ def secure_sum(grid: Grid, cfg, base: ConfigRecord, weights: dict[int, float], l
                 raise FeddemError(f"public keys must be {KEY_BYTES} bytes")
             keys[cid[node]] = (pk_c, pk_s)
 
-        rnd.exchange(stage, M.SA_KEYS, {node: RecordDict({
+        self.exchange.exchange(self.stage, M.SA_KEYS, {node: RecordDict({
             M.SA_PARAMS: ConfigRecord(params.to_dict()),
             M.SA_ROUND: ConfigRecord({"client-id": cid[node], "weight": float(weights[node]), "names": list(layout),
                                       "weights": all_weights}),
-        }) for node in nodes}, on_keys)
-        broadcast = server.collect_public_keys(keys)
+        }) for node in self.nodes}, on_keys)
+        return self.server.collect_public_keys(keys)
 
-        stage = "share"
+    def share(self, broadcast: dict[int, tuple[bytes, bytes]]) -> dict[int, dict[int, bytes]]:
+        """Stage 2: each site's encrypted shares for its neighbours; returns them routed by receiver."""
+        self.stage = "share"
+        params, cid, node_of, session = self.params, self.cid, self.node_of, self.session
         shares: dict[int, dict[int, bytes]] = {}
 
         def on_share(node, content):
             sa = content.config_records[M.SA]
             out = {int(r): bytes(ct) for r, ct in zip(sa["to"], sa["ct"], strict=True)}
             expected = {v for v in params.neighbours[cid[node]] if v in broadcast}
-            if set(out) != expected or any(len(ct) != _CIPHERTEXT_BYTES for ct in out.values()):
+            if set(out) != expected or any(len(ct) != CIPHERTEXT_BYTES for ct in out.values()):
                 raise FeddemError(f"shares addressed to {sorted(out)}, expected {sorted(expected)}")
             shares[cid[node]] = out
 
         ids = sorted(broadcast)
-        rnd.exchange(stage, M.SA_SHARE, {node_of[i]: RecordDict({M.SA: ConfigRecord(session | {
+        self.exchange.exchange(self.stage, M.SA_SHARE, {node_of[i]: RecordDict({M.SA: ConfigRecord(session | {
             "ids": ids, "pk-c": [broadcast[i][0] for i in ids], "pk-s": [broadcast[i][1] for i in ids]})})
             for i in ids}, on_share)
-        routed = server.route_shares(shares)
-        del shares
+        return self.server.route_shares(shares)
 
-        clipped: dict[int, int] = {}
-        spans = upload_spans(length, cfg.upload_parts)
+    def masked(self, routed: dict[int, dict[int, bytes]]) -> None:
+        """Stage 3: each site's masked vector, in `upload-parts` messages, each checked whole and added to the
+        server's accumulator as it is read. A site lost after its first part fails the round."""
+        spans = upload_spans(self.length, self.cfg.upload_parts)
         senders = set(routed)
         for part, span in enumerate(spans):
-            stage = "masked" if len(spans) == 1 else f"masked, part {part + 1} of {len(spans)}"
+            self.stage = "masked" if len(spans) == 1 else f"masked, part {part + 1} of {len(spans)}"
+            senders = self._masked_part(routed, part, span, senders)
 
-            def on_masked(node, content, span=span):
-                chunks = _check_masked(content.array_records[M.MASKED], content.config_records[M.SA], params,
-                                       server, cid[node], span)
-                for offset, data in chunks:
-                    server.add_masked_chunk(cid[node], data, offset)
-                clipped[node] = clipped.get(node, 0) + int(content.metric_records[M.METRICS]["clipped"])
+    def _masked_part(self, routed: dict[int, dict[int, bytes]], part: int, span: tuple[int, int],
+                     senders: set[int]) -> set[int]:
+        """One part of the masked stage; returns the client ids whose part arrived."""
+        params, server, cid, node_of, session = self.params, self.server, self.cid, self.node_of, self.session
+        clipped = self.clipped
 
-            shares = {i: {"from": list(routed[i]), "ct": list(routed[i].values())} if part == 0 else {}
-                      for i in senders}
-            done = rnd.exchange(stage, M.SA_MASKED, {node_of[i]: RecordDict({M.SA: ConfigRecord(
-                session | shares[i] | {"span": list(span)})}) for i in sorted(senders)}, on_masked)
-            lost = sorted(node_of[i] for i in senders if node_of[i] not in done)
-            if part > 0 and lost:
-                raise SecAggError(
-                    f"{', '.join(f'node-{node}' for node in lost)} dropped after uploading part of its masked "
-                    f"vector: a partial masked input cannot be removed from the sum (--upload-parts 1 tolerates a "
-                    f"dropout at any stage)")
-            senders = {cid[node] for node in done}
-        request = server.unmask_request()
+        def on_masked(node, content, span=span):
+            chunks = _check_masked(content.array_records[M.MASKED], content.config_records[M.SA], params,
+                                   server, cid[node], span)
+            for offset, data in chunks:
+                server.add_masked_chunk(cid[node], data, offset)
+            clipped[node] = clipped.get(node, 0) + int(content.metric_records[M.METRICS]["clipped"])
 
-        stage = "unmask"
+        shares = {i: {"from": list(routed[i]), "ct": list(routed[i].values())} if part == 0 else {}
+                  for i in senders}
+        done = self.exchange.exchange(self.stage, M.SA_MASKED, {node_of[i]: RecordDict({M.SA: ConfigRecord(
+            session | shares[i] | {"span": list(span)})}) for i in sorted(senders)}, on_masked)
+        lost = sorted(node_of[i] for i in senders if node_of[i] not in done)
+        if part > 0 and lost:
+            raise SecAggError(
+                f"{', '.join(f'node-{node}' for node in lost)} dropped after uploading part of its masked "
+                f"vector: a partial masked input cannot be removed from the sum (--upload-parts 1 tolerates a "
+                f"dropout at any stage)")
+        return {cid[node] for node in done}
+
+    def unmask(self):
+        """Stage 4: the survivors' shares of the self-masks and of the dropped sites' keys; the server removes the
+        masks (and checks the sum's check block)."""
+        request = self.server.unmask_request()
+        self.stage = "unmask"
+        cid, node_of, session = self.cid, self.node_of, self.session
         unmask_shares: dict[int, dict[int, bytes]] = {}
 
         def on_unmask(node, content):
             sa = content.config_records[M.SA]
             unmask_shares[cid[node]] = {int(p): bytes(s) for p, s in zip(sa["peers"], sa["shares"], strict=True)}
 
-        rnd.exchange(stage, M.SA_UNMASK, {node_of[i]: RecordDict({M.SA: ConfigRecord(session | {
+        self.exchange.exchange(self.stage, M.SA_UNMASK, {node_of[i]: RecordDict({M.SA: ConfigRecord(session | {
             "survivors": list(request.survivors), "dropped": list(request.dropped)})})
             for i in request.survivors}, on_unmask)
-        server.recover_masks(unmask_shares)
-    except SecAggError as exc:
-        alive = n - len(rnd.dropped)
-        raise _fail(stage, exc, n, alive, threshold, rnd.dropped) from None
+        self.server.recover_masks(unmask_shares)
+        return request
 
-    survivors = [node_of[i] for i in request.survivors]
-    aggregate = _unflatten(server, layout, shapes)
-    bound = error_bound(params.ring, len(survivors), np.float32)
-    dropped = {node: why for node, why in rnd.dropped.items() if node not in survivors}
-    log.info("secure aggregation: %d of %d sites in the sum, error bound %.3g per element, threshold %d",
-             len(survivors), n, bound, threshold)
-    return SecureSum(aggregate, survivors, dropped, bound, threshold, bits, float(params.clip),
-                     {node: clipped.get(node, 0) for node in survivors})
+    def result(self, request) -> SecureSum:
+        """The unmasked sum as tensors (views of the server's accumulator) and what the report says of it."""
+        survivors = [self.node_of[i] for i in request.survivors]
+        aggregate = _unflatten(self.server.unmasked_sum(_BLOCK), self.layout, self.shapes)
+        bound = error_bound(self.params.ring, len(survivors), np.float32)
+        dropped = {node: why for node, why in self.exchange.dropped.items() if node not in survivors}
+        log.info("secure aggregation: %d of %d sites in the sum, error bound %.3g per element, threshold %d",
+                 len(survivors), len(self.nodes), bound, self.threshold)
+        return SecureSum(aggregate, survivors, dropped, bound, self.threshold, self.bits, float(self.params.clip),
+                         {node: self.clipped.get(node, 0) for node in survivors})
+
+
+def secure_sum(grid: Grid, cfg, base: ConfigRecord, weights: dict[int, float], layout: list[str],
+               shapes: dict[str, torch.Size]) -> SecureSum:
+    """sum_i w_i d_i over the nodes in `weights` by secure aggregation (`SecureRound`); `layout` is the sorted
+    parameter names of the sites' vectors and `shapes` their shapes (from the base model)."""
+    return SecureRound(grid, cfg, base, weights, layout, shapes).run()

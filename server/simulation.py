@@ -172,6 +172,86 @@ def run_folder(cfg: RunConfig) -> Path:
     return (feddem_home() / "runs" / f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}").resolve()
 
 
+class _Launch:
+    """The processes and descriptors of one simulation, for `simulate` to start, watch and clean up."""
+
+    def __init__(self):
+        self.tag = uuid.uuid4().hex  # a fresh tag per run: only this run's processes carry it
+        self.out = self.child = self.progress_dir = None
+        self.read_end = self.write_end = -1
+
+    def prepare(self, cfg: RunConfig, display) -> RunConfig:
+        """Checks, then the run folder (with a fresh progress folder); returns `cfg` with its `out_dir`."""
+        preflight(cfg)
+        check_local_inputs(cfg)
+        self.out = out = run_folder(cfg)
+        cfg = replace(cfg, out_dir=str(out))
+        out.mkdir(parents=True, exist_ok=True)
+        self.progress_dir = out / PROGRESS_DIR
+        shutil.rmtree(self.progress_dir, ignore_errors=True)
+        self.progress_dir.mkdir()
+        (out / INTERRUPTED).unlink(missing_ok=True)
+        display.stage(f"library logs: {out / RUN_LOG}")
+        return cfg
+
+    def run(self, cfg: RunConfig, display):
+        """Start the run's process, send it the configuration, and watch it to its outcome."""
+        out, progress_dir = self.out, self.progress_dir
+        self.read_end, self.write_end = os.pipe()
+        env = dict(os.environ, **{TAG_VAR: self.tag, PROGRESS_VAR: str(progress_dir),
+                                  EVENTS_FD_VAR: str(self.write_end), "PYTHONUNBUFFERED": "1"})
+        events: queue.Queue = queue.Queue()
+        with open(out / RUN_LOG, "ab") as log_file:
+            self.child = child = subprocess.Popen(
+                [sys.executable, "-m", "feddem.server.simulation"], stdin=subprocess.PIPE, stdout=log_file,
+                stderr=subprocess.STDOUT, env=env, pass_fds=(self.write_end,), start_new_session=True,
+            )
+        os.close(self.write_end)
+        self.write_end = -1
+        reader = threading.Thread(target=_read_events, args=(self.read_end, events), daemon=True)
+        self.read_end = -1  # the reader owns it now
+        reader.start()
+        child.stdin.write(json.dumps(cfg.to_record()).encode())
+        child.stdin.close()
+        outcome = _watch(child, events, progress_dir, out / RUN_LOG, display)
+        reader.join(timeout=5)
+        return _drain(events, display) or outcome
+
+    def stop(self, stop: "_Stop", previous: dict, display) -> "Interrupted":
+        """SIGINT/SIGTERM: stop every process of the run, mark its folder interrupted."""
+        for s in previous:  # a second signal while stopping changes nothing
+            signal.signal(s, signal.SIG_IGN)
+        display.stage(f"{signal.Signals(stop.signum).name}: stopping the run", logging.WARNING)
+        if self.child is not None:
+            _kill_group(self.child)
+        terminate_tagged(self.tag)
+        out = self.out
+        if out is not None and out.is_dir():
+            _mark_interrupted(out, stop.signum)
+        return Interrupted(stop.signum, out if out is not None and out.is_dir() else None)
+
+    def close(self, stopped: bool) -> None:
+        """Descriptors closed, the progress folder removed, no process of the run left."""
+        for fd in (self.read_end, self.write_end):
+            if fd >= 0:
+                os.close(fd)
+        if self.progress_dir is not None:
+            shutil.rmtree(self.progress_dir, ignore_errors=True)
+        child = self.child
+        if child is not None and child.poll() is None:
+            _kill_group(child)
+        if child is not None:
+            stop_leftovers(self.tag, grace=0.0 if stopped else 10.0)
+
+    def result(self, outcome) -> RunResult:
+        if outcome and outcome.get("kind") == "result":
+            return RunResult(Path(outcome["out_dir"]), outcome["report"])
+        if outcome and outcome.get("kind") == "error":
+            raise FeddemError(outcome["message"])
+        raise FeddemError(f"the simulation ended without a result (exit code {self.child.returncode}); its log: "
+                          f"{self.out / RUN_LOG}\n{_tail(self.out / RUN_LOG)}")
+
+
 def simulate(cfg: RunConfig, display=None) -> RunResult:
     """Run one DEM run with `cfg.sites` virtual sites; raises FeddemError with the reason if it fails, and
     Interrupted when SIGINT or SIGTERM stopped it. `display` (server.console.RunConsole) shows the stages and the
@@ -186,68 +266,16 @@ def simulate(cfg: RunConfig, display=None) -> RunResult:
 
     previous = ({s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
                 if threading.current_thread() is threading.main_thread() else {})
-    tag = uuid.uuid4().hex  # a fresh tag per run: only this run's processes carry it
-    out = child = progress_dir = None
-    read_end = write_end = -1
+    launch = _Launch()
     try:
-        preflight(cfg)
-        check_local_inputs(cfg)
-        out = run_folder(cfg)
-        cfg = replace(cfg, out_dir=str(out))
-        out.mkdir(parents=True, exist_ok=True)
-        progress_dir = out / PROGRESS_DIR
-        shutil.rmtree(progress_dir, ignore_errors=True)
-        progress_dir.mkdir()
-        (out / INTERRUPTED).unlink(missing_ok=True)
-        display.stage(f"library logs: {out / RUN_LOG}")
-
-        read_end, write_end = os.pipe()
-        env = dict(os.environ, **{TAG_VAR: tag, PROGRESS_VAR: str(progress_dir), EVENTS_FD_VAR: str(write_end),
-                                  "PYTHONUNBUFFERED": "1"})
-        events: queue.Queue = queue.Queue()
-        with open(out / RUN_LOG, "ab") as log_file:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "feddem.server.simulation"], stdin=subprocess.PIPE, stdout=log_file,
-                stderr=subprocess.STDOUT, env=env, pass_fds=(write_end,), start_new_session=True,
-            )
-        os.close(write_end)
-        write_end = -1
-        reader = threading.Thread(target=_read_events, args=(read_end, events), daemon=True)
-        read_end = -1  # the reader owns it now
-        reader.start()
-        child.stdin.write(json.dumps(cfg.to_record()).encode())
-        child.stdin.close()
-        outcome = _watch(child, events, progress_dir, out / RUN_LOG, display)
-        reader.join(timeout=5)
-        outcome = _drain(events, display) or outcome
+        outcome = launch.run(launch.prepare(cfg, display), display)
     except _Stop as stop:
-        for s in previous:  # a second signal while stopping changes nothing
-            signal.signal(s, signal.SIG_IGN)
-        display.stage(f"{signal.Signals(stop.signum).name}: stopping the run", logging.WARNING)
-        if child is not None:
-            _kill_group(child)
-        terminate_tagged(tag)
-        if out is not None and out.is_dir():
-            _mark_interrupted(out, stop.signum)
-        raise Interrupted(stop.signum, out if out is not None and out.is_dir() else None) from None
+        raise launch.stop(stop, previous, display) from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        for fd in (read_end, write_end):
-            if fd >= 0:
-                os.close(fd)
-        if progress_dir is not None:
-            shutil.rmtree(progress_dir, ignore_errors=True)
-        if child is not None and child.poll() is None:
-            _kill_group(child)
-        if child is not None:
-            stop_leftovers(tag, grace=0.0 if stopped else 10.0)
-    if outcome and outcome.get("kind") == "result":
-        return RunResult(Path(outcome["out_dir"]), outcome["report"])
-    if outcome and outcome.get("kind") == "error":
-        raise FeddemError(outcome["message"])
-    raise FeddemError(f"the simulation ended without a result (exit code {child.returncode}); its log: "
-                      f"{out / RUN_LOG}\n{_tail(out / RUN_LOG)}")
+        launch.close(bool(stopped))
+    return launch.result(outcome)
 
 
 def _kill_group(child: subprocess.Popen) -> None:

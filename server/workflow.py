@@ -2,8 +2,9 @@
 
 Each stage sends one message per site and waits for the replies. A site that fails or refuses is recorded with
 its reason and the run goes on with the others; the run fails loudly when no site is left. The weighted vectors
-reach the server by secure aggregation (`server.secure_aggregation`, default) or, with `aggregation = plain`, in
-the clear (`plain_aggregate`).
+reach the server through an `Aggregator` (`server.aggregation`): by secure aggregation (`server.secure_aggregation`,
+default) or, with `aggregation = plain`, in the clear. `DemRun.start()` is the run loop; it returns a `RunResult`
+whose `Manifest` (`server.manifest`) names every file the run wrote, which the recorder reads.
 """
 
 import logging
@@ -22,8 +23,8 @@ from feddem.common.errors import FeddemError
 from feddem.common.modeling import load_model, load_tokenizer, model_checksum
 from feddem.common.paths import feddem_home
 from feddem.common.vector_io import save_vector
-from feddem.common.vector_records import vector_from_record, vector_to_record
-from feddem.common.vectors import Vector, add_into, apply_vector, check_vector, weighted_sum
+from feddem.common.vector_records import vector_to_record
+from feddem.common.vectors import Vector, add_into, apply_vector
 from feddem.common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights, strategy
 from feddem.common.weighting.weights import clamp, outside_range
 from feddem.server.base_ref import resolve_base_ref
@@ -32,9 +33,15 @@ from feddem.server.cross_domain import NOT_HELD_REASON, federated_matrix, withhe
 from feddem.server.export import export_model
 from feddem.server.model_card import write_model_card
 from feddem.server.report import build_report, write_report
-from feddem.server.ablation import POOL, parse_candidates, rank_candidates, write_ablation
+from feddem.server.ablation import parse_candidates, rank_candidates, write_ablation
+from feddem.server.aggregation import (  # noqa: F401 (fetch_uploads, plain_aggregate: bench/secagg.py's entry)
+    AggregationOutcome, Aggregator, configure_aggregator, fetch_uploads, plain_aggregate,
+)
+from feddem.server.manifest import (
+    ABLATION_JSON, ABLATION_PNG, AGGREGATE, KIND_AGGREGATE, KIND_MODEL, KIND_REPORT, KIND_SITE_VECTOR, MODEL, POOL_DIR,
+    REPORT_JSON, REPORT_PNG, Manifest,
+)
 from feddem.common.weighting.search import search_merge
-from feddem.server.secure_aggregation import secure_sum
 from feddem.common.weighting.dga import target_direction
 
 log = logging.getLogger("feddem.server")
@@ -42,8 +49,12 @@ log = logging.getLogger("feddem.server")
 
 @dataclass
 class RunResult:
+    """A finished run: its folder, its report, and the manifest of the files it wrote there (None when the run
+    happened elsewhere, e.g. in a simulation's own process: the folder is then read as `Manifest.of_folder`)."""
+
     out_dir: Path
     report: dict = field(default_factory=dict)
+    manifest: Manifest | None = None
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -134,74 +145,6 @@ def _site_record(content: RecordDict) -> dict:
     return dict(content.config_records[M.SITE]) | dict(content.metric_records[M.METRICS])
 
 
-def fetch_uploads(stage: Stage, sites: dict, weights: dict[int, float], base_params: dict):
-    """Ask each site for `w_i * d_i` in the clear (plain aggregation); yields (node, checked vector) as they come,
-    one reply at a time (the vector is read lazily from its message)."""
-    for node, content in stage.stream("upload", M.UPLOAD, {n: RecordDict({M.WEIGHT: ConfigRecord({"weight": w})})
-                                                           for n, w in weights.items()}):
-        vector = vector_from_record(content.array_records[M.VECTOR])
-        check_vector(vector, base_params, f"upload of {sites[node]['site']}", stage.cfg.torch_vector_dtype)
-        yield node, vector
-
-
-def plain_aggregate(stage: Stage, sites: dict, weights: dict[int, float], base_params: dict):
-    """Plain aggregation (`--aggregation plain`): each site sends `w_i * d_i` in the clear; the server sums them and
-    renormalises over the uploads that arrived. Returns (aggregate, contributing nodes, weights used by site)."""
-    aggregate: Vector = {}
-    arrived = []
-    for node, vector in fetch_uploads(stage, sites, weights, base_params):
-        add_into(aggregate, vector)
-        arrived.append(node)
-    used = {sites[n]["site"]: weights[n] for n in arrived}
-    if len(arrived) < len(weights):  # renormalise what arrived so the weights keep their sum
-        scale = sum(weights.values()) / sum(used.values())
-        for t in aggregate.values():
-            t.mul_(scale)
-        used = {k: w * scale for k, w in used.items()}
-        log.warning("%d upload(s) missing: weights renormalised over the others", len(weights) - len(arrived))
-    return aggregate, arrived, used
-
-
-def _secure_aggregate(grid: Grid, cfg: RunConfig, stage: Stage, trained: dict, sites: dict,
-                      weights: dict[int, float], base_params: dict):
-    """Secure aggregation (default): the server gets only the sum. Dropped sites' weights are absent from it:
-    the weights reported are the effective ones, not renormalised. Returns what `plain_aggregate` does, plus the
-    report's `secure_aggregation` section."""
-    layouts = {n: list(trained[n].config_records[M.LAYOUT]["names"]) for n in weights}
-    layout = layouts[min(layouts)]
-    if any(names != layout for names in layouts.values()):
-        raise FeddemError("the sites' vectors cover different parameters (vector layouts differ): check that all "
-                          "sites run the same configuration (full vs LoRA)")
-    result = secure_sum(grid, cfg, stage.base, weights, layout, base_params)
-    for node, why in result.dropped.items():
-        stage.fail(node, f"secure aggregation, {why}")
-    name = {n: sites[n]["site"] for n in weights}
-    used = {name[n]: weights[n] for n in result.survivors}
-    clipped = {name[n]: c for n, c in result.clipped.items()}
-    if any(clipped.values()):
-        log.warning("elements clipped at the sites (|w*d| > clip %g): %s", cfg.clip, clipped)
-    details = {
-        "error_bound": result.error_bound,
-        "threshold": result.threshold,
-        "ring_bits": result.bits,
-        "clip": result.clip,
-        "clipped_elements": clipped,
-        "noise": cfg.noise,  # std of the distributed Gaussian noise in the sum (with every site in it)
-        "aggregation_budget": cfg.aggregation_budget,
-        "survivors": sorted(used),
-        "dropped": {name[n]: why for n, why in result.dropped.items()},
-        "requested_weights": {name[n]: w for n, w in weights.items()},
-        "effective_weight_sum": sum(used.values()),
-        "note": ("the sum holds exactly the survivors' w_i * d_i; a dropped site's weight is missing from it and "
-                 "was not renormalised (that would need a second aggregation, which the sites' guards refuse)"
-                 if result.dropped else "every site is in the sum"),
-    }
-    if result.dropped:
-        log.warning("secure aggregation: %d site(s) dropped, effective weights %s (sum %.4f, not renormalised)",
-                    len(result.dropped), used, sum(used.values()))
-    return result.aggregate, result.survivors, used, details
-
-
 def evaluate_records(stage: Stage, nodes, aggregate: Vector, split: str, name: str) -> dict[int, dict]:
     """Each site's evaluation of base + aggregate on its validation or test split: its whole reply (merged_loss,
     domain, and the generation metrics and samples of instruction data)."""
@@ -229,86 +172,90 @@ def _reports(sites: dict, trained: dict, order: list[int]) -> list[SiteReport]:
     return reports
 
 
-class RoundMerger:
-    """Forms the merge of one round's vectors for given weights: by secure aggregation (one aggregation per call,
-    within the sites' budget), by weighted plain uploads, or, in a trusted run (plain, and the server needs the
-    vectors for a search, the pool or ablations), from each site's d_i fetched once and held by the server."""
+@dataclass
+class TrainedRound:
+    """One round's local training: the replies by node, the sites' records, and their order (by site name)."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig, stage: Stage, trained: dict, sites: dict, order: list[int],
-                 base_params: dict):
-        self.grid, self.cfg, self.stage, self.trained, self.sites = grid, cfg, stage, trained, sites
-        self.order, self.base_params = order, base_params
-        self.names = {n: sites[n]["site"] for n in order}
-        self.aggregations = 0
-        self.vectors: dict[int, Vector] | None = None
-        if cfg.aggregation == "plain" and (strategy(cfg.strategy_name).search or cfg.keep_pool or cfg.ablate):
-            self.vectors = dict(fetch_uploads(stage, sites, dict.fromkeys(order, 1.0), base_params))
+    trained: dict[int, RecordDict]
+    sites: dict[int, dict]
+    order: list[int]
 
-    def merge(self, weights: dict[int, float]):
-        """(aggregate, contributing nodes, weights used by site name, secure details or None)"""
-        self.aggregations += 1
-        if self.cfg.aggregation == "secure":
-            return _secure_aggregate(self.grid, self.cfg, self.stage, self.trained, self.sites, weights,
-                                     self.base_params)
-        if self.vectors is None:
-            return (*plain_aggregate(self.stage, self.sites, weights, self.base_params), None)
-        held = {n: w for n, w in weights.items() if n in self.vectors}
-        if not held:
-            raise FeddemError("no site's vector reached the server")
-        aggregate = weighted_sum([self.vectors[n] for n in held], list(held.values()))
-        return aggregate, list(held), {self.names[n]: w for n, w in held.items()}, None
-
-    def by_name(self, weights: dict[str, float]) -> dict[int, float]:
-        node = {name: n for n, name in self.names.items()}
-        return {node[name]: w for name, w in weights.items()}
+    @property
+    def names(self) -> dict[int, str]:
+        return {n: self.sites[n]["site"] for n in self.order}
 
 
-def _merge_round(merger: RoundMerger, cfg: RunConfig, state: dict):
-    """Weighting and aggregation of one round: (aggregate, contributors, weights used by site, secure details,
-    search summary or None)."""
+@dataclass
+class MergedRound:
+    """What one round's merge gave: the aggregation's outcome, the search summary (or None), the aggregator (a
+    trusted run's holds the sites' vectors for the cross-domain matrix, the pool and ablations)."""
+
+    outcome: AggregationOutcome
+    search: dict | None
+    aggregator: Aggregator
+
+
+def strategy_weights(cfg: RunConfig, round_: TrainedRound, state: dict) -> dict[int, float]:
+    """The weighting strategy's weights by node, within [weight-min, weight-max] (clamped, or refused when given
+    by hand)."""
     chosen = strategy(cfg.strategy_name)
-    order, names = merger.order, merger.names
-    if not chosen.search:
-        weights = dict(zip(order, compute_weights(chosen.name, _reports(merger.sites, merger.trained, order), cfg,
-                                                  state)))
-        outside = {names[n]: w for n, w in outside_range(weights, cfg.weight_min, cfg.weight_max).items()}
-        if outside and chosen.name == "manual":
-            raise FeddemError(f"--weights {outside} are outside [weight-min, weight-max] = [{cfg.weight_min}, "
-                              f"{cfg.weight_max}]")
-        if outside:  # a strategy's weights are clamped to the configured range (the sites' guards check it)
-            log.warning("weights %s clamped to [%g, %g]", outside, cfg.weight_min, cfg.weight_max)
-            weights = clamp(weights, cfg.weight_min, cfg.weight_max)
-        log.info("weights (%s): %s", chosen.name, {names[n]: round(w, 4) for n, w in weights.items()})
-        return (*merger.merge(weights), None)
+    order, names = round_.order, round_.names
+    weights = dict(zip(order, compute_weights(chosen.name, _reports(round_.sites, round_.trained, order), cfg,
+                                              state)))
+    outside = {names[n]: w for n, w in outside_range(weights, cfg.weight_min, cfg.weight_max).items()}
+    if outside and chosen.name == "manual":
+        raise FeddemError(f"--weights {outside} are outside [weight-min, weight-max] = [{cfg.weight_min}, "
+                          f"{cfg.weight_max}]")
+    if outside:  # a strategy's weights are clamped to the configured range (the sites' guards check it)
+        log.warning("weights %s clamped to [%g, %g]", outside, cfg.weight_min, cfg.weight_max)
+        weights = clamp(weights, cfg.weight_min, cfg.weight_max)
+    log.info("weights (%s): %s", chosen.name, {names[n]: round(w, 4) for n, w in weights.items()})
+    return weights
 
+
+def searched_merge(cfg: RunConfig, round_: TrainedRound, aggregator: Aggregator) -> MergedRound:
+    """A search strategy's merge: candidates aggregated and scored on the sites' validation splits."""
     outcomes: dict = {}
 
     def candidate(weights):
-        aggregate, *rest = merger.merge(weights)
-        outcomes[tuple(weights.values())] = rest  # who contributed, weights used, details: not the vector
+        outcome = aggregator.aggregate(weights)
+        aggregate, outcome.aggregate = outcome.aggregate, {}
+        outcomes[tuple(weights.values())] = outcome  # who contributed, weights used, details: not the vector
         return aggregate
 
-    result = search_merge(cfg, order, names, candidate,
-                          lambda aggregate: evaluate_merge(merger.stage, order, aggregate, "validation", "search"))
+    order = round_.order
+    result = search_merge(cfg, order, round_.names, candidate,
+                          lambda aggregate: evaluate_merge(aggregator.stage, order, aggregate, "validation", "search"))
     summary = {"candidates": result.history, "best_validation_loss": result.score, "stopped": result.stopped,
                "aggregations": len(result.history) if cfg.aggregation == "secure" else 1}
-    return (result.aggregate, *outcomes[tuple(result.weights.values())], summary)
+    best = outcomes[tuple(result.weights.values())]
+    best.aggregate = result.aggregate
+    return MergedRound(best, summary, aggregator)
 
 
-def _ablation(merger: RoundMerger, cfg: RunConfig, out: Path) -> list[dict]:
+def merge_round(cfg: RunConfig, round_: TrainedRound, aggregator: Aggregator, state: dict) -> MergedRound:
+    """Weighting and aggregation of one round."""
+    if strategy(cfg.strategy_name).search:
+        return searched_merge(cfg, round_, aggregator)
+    return MergedRound(aggregator.aggregate(strategy_weights(cfg, round_, state)), None, aggregator)
+
+
+def _ablation(aggregator: Aggregator, cfg: RunConfig, order: list[int], manifest: Manifest) -> list[dict]:
     """Rank the candidate mixtures of `cfg.ablate` by the test loss of their merges; writes ablation.json/png."""
-    names = [merger.names[n] for n in merger.order]
+    names = [aggregator.names[n] for n in order]
     min_size = cfg.min_peers + 1 if cfg.aggregation == "secure" else 1
     candidates = parse_candidates(cfg.ablate, names, min_size)
-    domain = {merger.sites[n]["site"]: merger.sites[n]["domain"] for n in merger.order}
+    domain = {aggregator.sites[n]["site"]: aggregator.sites[n]["domain"] for n in order}
 
     def merge_loss(weights: dict[str, float]) -> dict[str, float]:
-        aggregate = merger.merge(merger.by_name(weights))[0]
-        losses = evaluate_merge(merger.stage, merger.order, aggregate, "test", "ablation")
-        return {domain[merger.names[n]]: loss for n, loss in losses.items()}
+        aggregate = aggregator.aggregate(aggregator.by_name(weights)).aggregate
+        losses = evaluate_merge(aggregator.stage, order, aggregate, "test", "ablation")
+        return {domain[aggregator.names[n]]: loss for n, loss in losses.items()}
 
     rows = rank_candidates(candidates, names, merge_loss)
-    write_ablation(rows, out)
+    write_ablation(rows, manifest.out_dir)
+    manifest.add(ABLATION_JSON, KIND_REPORT)
+    manifest.add(ABLATION_PNG)
     return rows
 
 
@@ -318,7 +265,7 @@ def _record_round_merge(entry: dict, losses: dict[int, float], sites: dict) -> N
     entry["mean_merged_loss"] = sum(losses.values()) / len(losses) if losses else None
 
 
-def _cross_domain(cfg: RunConfig, stage: Stage, merger: RoundMerger, nodes: list[int],
+def _cross_domain(cfg: RunConfig, stage: Stage, aggregator: Aggregator, nodes: list[int],
                   start: Vector | None) -> dict:
     """The report's cross-domain matrix (`server.cross_domain`). A secure run withholds it: the server never asks
     for a site's vector. A plain run that holds the sites' vectors (search, pool, ablation) forms each site's local
@@ -326,131 +273,215 @@ def _cross_domain(cfg: RunConfig, stage: Stage, merger: RoundMerger, nodes: list
     (asking a second time would be refused: a site sends a vector in the clear once)."""
     if cfg.aggregation == "secure":
         return withheld()
-    if merger.vectors is None:
+    if aggregator.vectors is None:
         return withheld(NOT_HELD_REASON)
 
     def vector_of(node: int) -> Vector:
-        if node not in merger.vectors:
-            raise FeddemError(f"{merger.names[node]}'s vector did not reach the server")
-        return merger.vectors[node]
+        if node not in aggregator.vectors:
+            raise FeddemError(f"{aggregator.names[node]}'s vector did not reach the server")
+        return aggregator.vectors[node]
 
     def evaluate(vector: Vector) -> dict[int, tuple[str, float]]:
         records = evaluate_records(stage, nodes, vector, "test", "cross-domain evaluation")
         return {n: (str(r["domain"]), float(r["merged_loss"])) for n, r in records.items()}
 
     try:
-        return federated_matrix({n: merger.names[n] for n in nodes}, vector_of, evaluate, start)
+        return federated_matrix({n: aggregator.names[n] for n in nodes}, vector_of, evaluate, start)
     except FeddemError as exc:
         log.warning("cross-domain matrix not formed: %s", exc)
         return {"status": "failed", "reason": str(exc)}
 
 
-def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
-    """A DEM run of `cfg.rounds` rounds; writes the merged model, report.json and report.png to the run folder."""
-    timings: dict[str, float] = {}
-    started = tick = time.perf_counter()
+class Timings:
+    """Seconds spent per part of the run (`lap(name)` adds the time since the previous lap)."""
 
-    def lap(name: str) -> None:
-        nonlocal tick
+    def __init__(self):
+        self.started = self.tick = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
         now = time.perf_counter()
-        timings[name] = round(timings.get(name, 0.0) + now - tick, 3)
-        tick = now
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self.tick, 3)
+        self.tick = now
 
-    preflight(cfg)
-    out = _out_dir(cfg, run_id)
-    out.mkdir(parents=True, exist_ok=True)
-    log.info("run folder: %s", out)
+    def total(self) -> float:
+        self.seconds["total"] = round(time.perf_counter() - self.started, 3)
+        return self.seconds["total"]
 
-    model_ref = resolve_base_ref(cfg)
-    base_model = load_model(model_ref)
-    checksum = model_checksum(base_model)
-    # the server keeps the parameters' shapes, not a copy of them nor the model: the merge and the export stream
-    # the base from its files (common.modeling.export_merged)
-    base_params = {name: p.shape for name, p in base_model.named_parameters()}
-    base_info = {"ref": model_ref, "checksum": checksum, "parameters": sum(p.numel() for p in base_model.parameters())}
-    del base_model
-    lap("setup")
 
-    nodes = _wait_for_nodes(grid, cfg.sites, cfg.timeout)
-    stage = Stage(grid, cfg, ConfigRecord({"model-ref": model_ref, "model-checksum": checksum}))
-    chosen = strategy(cfg.strategy_name)
-    merged_so_far: Vector | None = None  # sum of the rounds' aggregates: the merged model is base + this
-    state: dict = {}  # the weighting strategy's memory across rounds (DGA's moving average)
-    rounds, first_sites, details, search = [], {}, None, None
-    for r in range(1, cfg.rounds + 1):
-        label = f"round {r}/{cfg.rounds}: " if cfg.rounds > 1 else ""
+@dataclass
+class Base:
+    """The base model as the server keeps it: its reference, checksum and parameter shapes (not the weights: the
+    merge and the export stream them from the base's files, `common.modeling.export_merged`)."""
+
+    ref: str
+    checksum: str
+    shapes: dict
+    info: dict
+
+    @classmethod
+    def load(cls, cfg: RunConfig) -> "Base":
+        ref = resolve_base_ref(cfg)
+        model = load_model(ref)
+        checksum = model_checksum(model)
+        shapes = {name: p.shape for name, p in model.named_parameters()}
+        return cls(ref, checksum, shapes,
+                   {"ref": ref, "checksum": checksum, "parameters": sum(p.numel() for p in model.parameters())})
+
+
+class DemRun:
+    """A DEM run over Flower's Grid, in the shape of Flower's strategies: `start()` sets up, then per round
+    configures the training request, trains, aggregates (an `Aggregator`) and evaluates, then finishes (the trusted
+    run's extras, the export, the report). Every output file goes through the run's `Manifest`."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, run_id: int):
+        self.grid, self.cfg, self.run_id = grid, cfg, run_id
+        self.chosen = strategy(cfg.strategy_name)
+        self.timings = Timings()
+        self.merged: Vector | None = None  # sum of the rounds' aggregates: the merged model is base + this
+        self.state: dict = {}  # the weighting strategy's memory across rounds (DGA's moving average)
+        self.rounds: list[dict] = []  # the report's entry of each round
+        self.first_sites: dict = {}  # round 1's site records (their base loss is the base's)
+
+    def start(self) -> RunResult:
+        """The whole run; returns its folder, report and manifest."""
+        self.setup()
+        for r in range(1, self.cfg.rounds + 1):
+            self.run_round(r)
+        return self.finish()
+
+    def setup(self) -> None:
+        preflight(self.cfg)
+        self.manifest = Manifest(_out_dir(self.cfg, self.run_id))
+        self.manifest.out_dir.mkdir(parents=True, exist_ok=True)
+        log.info("run folder: %s", self.manifest.out_dir)
+        self.base = Base.load(self.cfg)
+        self.timings.lap("setup")
+        self.nodes = _wait_for_nodes(self.grid, self.cfg.sites, self.cfg.timeout)
+        self.stage = Stage(self.grid, self.cfg, ConfigRecord({"model-ref": self.base.ref,
+                                                              "model-checksum": self.base.checksum}))
+
+    def configure_train(self) -> RecordDict:
+        """The training request of a round: where to start (the merge so far) and, for DGA, the target."""
+        model_ref, cfg, merged_so_far = self.base.ref, self.cfg, self.merged
         request = RecordDict()
         if merged_so_far is not None:
             request[M.START] = vector_to_record(merged_so_far)
-        if ALIGNMENT in chosen.needs:
+        if ALIGNMENT in self.chosen.needs:
             current = load_model(model_ref)
             if merged_so_far is not None:
                 apply_vector(current, merged_so_far)
             request[M.TARGET] = vector_to_record(target_direction(current, load_tokenizer(model_ref), cfg))
             del current
-        trained = stage.run(f"{label}local fine-tuning", M.TRAIN, {n: RecordDict(dict(request)) for n in nodes})
+        return request
+
+    def train(self, label: str) -> TrainedRound:
+        request, nodes = self.configure_train(), self.nodes
+        trained = self.stage.run(f"{label}local fine-tuning", M.TRAIN, {n: RecordDict(dict(request)) for n in nodes})
         sites = {node: _site_record(content) for node, content in trained.items()}
-        first_sites = first_sites or sites
+        self.first_sites = self.first_sites or sites
         for s in sites.values():
             log.info("%s%s (%s): base loss %.4f -> local %.4f", label, s["site"], s["domain"], s["base_loss"],
                      s["local_loss"])
-        lap("train")
-        order = sorted(sites, key=lambda n: sites[n]["site"])
-        merger = RoundMerger(grid, cfg, stage, trained, sites, order, base_params)
-        aggregate, contributors, used, details, search = _merge_round(merger, cfg, state)
-        lap("aggregate")
-        if merged_so_far is None:
-            merged_so_far = aggregate
+        self.timings.lap("train")
+        return TrainedRound(trained, sites, sorted(sites, key=lambda n: sites[n]["site"]))
+
+    def run_round(self, r: int) -> None:
+        """Round r: train, aggregate, add to the merge, and (but for the last round) evaluate the merge so far."""
+        cfg = self.cfg
+        label = f"round {r}/{cfg.rounds}: " if cfg.rounds > 1 else ""
+        self.trained = trained = self.train(label)
+        aggregator = configure_aggregator(self.grid, cfg, self.stage, trained.trained, trained.sites, trained.order,
+                                          self.base.shapes)
+        self.last = merged = merge_round(cfg, trained, aggregator, self.state)
+        self.timings.lap("aggregate")
+        if self.merged is None:
+            self.merged = merged.outcome.aggregate
         else:
-            add_into(merged_so_far, aggregate)
-        rounds.append({"round": r, "weights": dict(sorted(used.items())),
-                       "local_loss": {sites[n]["domain"]: float(sites[n]["local_loss"]) for n in order}}
-                      | ({"search": search} if search else {}))
-        nodes = sorted(contributors)  # a site that dropped out does not come back in later rounds
-        if r < cfg.rounds:  # the merge of every round is judged too (the last one below)
-            _record_round_merge(rounds[-1], evaluate_merge(stage, nodes, merged_so_far, "test",
-                                                           f"round {r}/{cfg.rounds}: evaluation"), sites)
-            lap("evaluate")
+            add_into(self.merged, merged.outcome.aggregate)
+        sites, order = trained.sites, trained.order
+        self.rounds.append({"round": r, "weights": dict(sorted(merged.outcome.weights.items())),
+                            "local_loss": {sites[n]["domain"]: float(sites[n]["local_loss"]) for n in order}}
+                           | ({"search": merged.search} if merged.search else {}))
+        self.nodes = sorted(merged.outcome.contributors)  # a site that dropped out does not come back later
+        if r < cfg.rounds:  # the merge of every round is judged too (the last one in `finish`)
+            _record_round_merge(self.rounds[-1], evaluate_merge(self.stage, self.nodes, self.merged, "test",
+                                                                f"round {r}/{cfg.rounds}: evaluation"), sites)
+            self.timings.lap("evaluate")
 
-    merged_records = evaluate_records(stage, nodes, merged_so_far, "test", "evaluation")
-    merged = {sites[n]["site"]: float(r["merged_loss"]) for n, r in merged_records.items()}
-    _record_round_merge(rounds[-1], {n: float(r["merged_loss"]) for n, r in merged_records.items()}, sites)
-    lap("evaluate")
-    start = None  # where the last round started from: the merge so far without the last round's aggregate
-    if cfg.rounds > 1:
-        start = {name: t - aggregate[name] if name in aggregate else t for name, t in merged_so_far.items()}
-    extra = {"cross_domain": _cross_domain(cfg, stage, merger, nodes, start)}
-    del start
-    lap("cross_domain")
-    if merger.vectors is not None and cfg.keep_pool:  # a trusted run keeps the last round's vectors
-        for n, vector in merger.vectors.items():
-            save_vector(vector, out / POOL / f"{merger.names[n]}.safetensors",
-                        metadata={"site": merger.names[n], "domain": sites[n]["domain"]})
-        extra["pool"] = sorted(merger.names[n] for n in merger.vectors)
-    if cfg.ablate:
-        extra["ablation"] = _ablation(merger, cfg, out)
-        lap("ablation")
+    def finish(self) -> RunResult:
+        """The last evaluation, the trusted run's extras, the export and the report."""
+        merged_records = evaluate_records(self.stage, self.nodes, self.merged, "test", "evaluation")
+        _record_round_merge(self.rounds[-1], {n: float(r["merged_loss"]) for n, r in merged_records.items()},
+                            self.trained.sites)
+        self.timings.lap("evaluate")
+        extra = self.extras()
+        model_dir = self.export()
+        self.timings.total()
+        report = self.report(merged_records, extra)
+        write_report(report, self.manifest.out_dir)
+        self.manifest.add(REPORT_JSON, KIND_REPORT)
+        self.manifest.add(REPORT_PNG, KIND_REPORT)
+        write_model_card(model_dir, report)
+        self.manifest.add_folder(MODEL, KIND_MODEL)
+        self.log_summary(report)
+        return RunResult(self.manifest.out_dir, report, self.manifest)
 
-    model_dir = export_model(model_ref, merged_so_far, out / "model", cfg.max_shard_bytes)
-    save_vector(merged_so_far, out / "aggregate.safetensors", metadata={"weights": str(used)})
-    lap("export")
-    timings["total"] = round(time.perf_counter() - started, 3)
+    def extras(self) -> dict:
+        """The cross-domain matrix, and a trusted run's pool and ablation."""
+        cfg, aggregator, sites = self.cfg, self.last.aggregator, self.trained.sites
+        start = None  # where the last round started from: the merge so far without the last round's aggregate
+        if cfg.rounds > 1:
+            aggregate = self.last.outcome.aggregate
+            start = {name: t - aggregate[name] if name in aggregate else t for name, t in self.merged.items()}
+        extra = {"cross_domain": _cross_domain(cfg, self.stage, aggregator, self.nodes, start)}
+        del start
+        self.timings.lap("cross_domain")
+        if aggregator.vectors is not None and cfg.keep_pool:  # a trusted run keeps the last round's vectors
+            for n, vector in aggregator.vectors.items():
+                name = f"{POOL_DIR}/{aggregator.names[n]}.safetensors"
+                save_vector(vector, self.manifest.add(name, KIND_SITE_VECTOR),
+                            metadata={"site": aggregator.names[n], "domain": sites[n]["domain"]})
+            extra["pool"] = sorted(aggregator.names[n] for n in aggregator.vectors)
+        if cfg.ablate:
+            extra["ablation"] = _ablation(aggregator, cfg, self.trained.order, self.manifest)
+            self.timings.lap("ablation")
+        return extra
 
-    # base loss from round 1 (the base itself), local loss from the last round
-    trained_sites = [sites[n] | {"base_loss": first_sites.get(n, sites[n])["base_loss"]}
-                     for n in sorted(sites, key=lambda n: sites[n]["site"])]
-    report = build_report(cfg.to_record(), base_info, trained_sites, used, merged,
-                          dict(stage.failures), timings, aggregation=cfg.aggregation,
-                          aggregation_details=details,
-                          extra={"flower_run_id": run_id, "weighting": chosen.name, "rounds": rounds} | extra,
-                          merged_records={sites[n]["site"]: r for n, r in merged_records.items()})
-    write_report(report, out)
-    write_model_card(model_dir, report)
-    for warning in report["judgement"]["warnings"]:
-        log.warning("report: %s", warning)
-    for s in trained_sites:
-        if s["site"] in merged:
-            log.info("%-10s base %.4f  local %.4f  merged %.4f (nats/token)", s["domain"], s["base_loss"],
-                     s["local_loss"], merged[s["site"]])
-    log.info("done in %.1f s: %s", timings["total"], out)
-    return RunResult(out, report)
+    def export(self) -> Path:
+        """The merged model (its folder is recorded once its card is written) and the merge's vector."""
+        model_dir = export_model(self.base.ref, self.merged, self.manifest.path(MODEL), self.cfg.max_shard_bytes)
+        save_vector(self.merged, self.manifest.add(AGGREGATE, KIND_AGGREGATE),
+                    metadata={"weights": str(self.last.outcome.weights)})
+        self.timings.lap("export")
+        return model_dir
+
+    def report(self, merged_records: dict, extra: dict) -> dict:
+        sites, cfg = self.trained.sites, self.cfg
+        merged = {sites[n]["site"]: float(r["merged_loss"]) for n, r in merged_records.items()}
+        # base loss from round 1 (the base itself), local loss from the last round
+        self.trained_sites = [sites[n] | {"base_loss": self.first_sites.get(n, sites[n])["base_loss"]}
+                              for n in sorted(sites, key=lambda n: sites[n]["site"])]
+        self.merged_losses = merged
+        return build_report(cfg.to_record(), self.base.info, self.trained_sites, self.last.outcome.weights, merged,
+                            dict(self.stage.failures), self.timings.seconds, aggregation=cfg.aggregation,
+                            aggregation_details=self.last.outcome.details,
+                            extra={"flower_run_id": self.run_id, "weighting": self.chosen.name,
+                                   "rounds": self.rounds} | extra,
+                            merged_records={sites[n]["site"]: r for n, r in merged_records.items()})
+
+    def log_summary(self, report: dict) -> None:
+        for warning in report["judgement"]["warnings"]:
+            log.warning("report: %s", warning)
+        merged = self.merged_losses
+        for s in self.trained_sites:
+            if s["site"] in merged:
+                log.info("%-10s base %.4f  local %.4f  merged %.4f (nats/token)", s["domain"], s["base_loss"],
+                         s["local_loss"], merged[s["site"]])
+        log.info("done in %.1f s: %s", self.timings.seconds["total"], self.manifest.out_dir)
+
+
+def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
+    """A DEM run of `cfg.rounds` rounds (`DemRun`); writes the merged model, report.json and report.png to the run
+    folder and returns them with the run's manifest."""
+    return DemRun(grid, cfg, run_id).start()

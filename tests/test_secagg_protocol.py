@@ -1,5 +1,7 @@
 """SecAgg+ client/server state machines run in-process: exact sums, dropouts, tampering, refusals, bad input."""
 
+from typing import NamedTuple
+
 import numpy as np
 import pytest
 
@@ -11,9 +13,34 @@ from feddem.common.secagg import (
     SecAggServer,
     TamperError,
     ThresholdError,
+    error_bound,
     harary_neighbours,
     quantize,
 )
+
+
+class Summed(NamedTuple):
+    """What a round's server gives: the survivors' sum and its bound per element."""
+
+    total: np.ndarray
+    error_bound: float
+    survivors: list[int]
+    dropped: list[int]
+
+
+def add_whole(server, client_id, masked):
+    """A client's whole masked vector (with its check block) streamed as one chunk."""
+    server.add_masked_chunk(client_id, masked, 0)
+
+
+def unmasked(server, shares, out_dtype=np.float32, block=4096):
+    """recover_masks, then the sum read chunk by chunk (unmask_chunk), with the quantization error bound."""
+    server.recover_masks(shares)
+    length = server.params.vector_length
+    total = np.concatenate([server.unmask_chunk(a, min(block, length - a), out_dtype)
+                            for a in range(0, length, block)])
+    return Summed(total, error_bound(server.params.ring, len(server.survivors), out_dtype),
+                  server.survivors, server.dropped)
 
 
 def _setup(ids, length, clip=1.0, **kw):
@@ -48,10 +75,10 @@ def _run(
     routed = server.route_shares({i: clients[i].share_keys(keys) for i in sharing})
     for i in sharing:
         if i not in drop_after_share:
-            server.add_masked(i, clients[i].masked_input(routed[i], xs[i]))
+            add_whole(server, i, clients[i].masked_input(routed[i], xs[i]))
     request = server.unmask_request()
     shares = {i: clients[i].unmask(*request) for i in request.survivors if i not in silent_in_unmask}
-    result = server.aggregate(None, shares)
+    result = unmasked(server, shares)
     expected = np.sum([xs[i].astype(np.float64) for i in request.survivors], axis=0)
     return result, expected, request
 
@@ -86,8 +113,10 @@ def test_16_bit_ring_halves_the_upload_and_sums_within_its_bound():
     routed = server.route_shares({i: c.share_keys(keys) for i, c in clients.items()})
     masked = {i: clients[i].masked_input(routed[i], xs[i]) for i in ids}
     assert all(m.dtype == np.uint16 and m.nbytes < 0.51 * xs[i].nbytes for i, m in masked.items())
-    request = server.unmask_request(received=ids)
-    result = server.aggregate(masked, {i: clients[i].unmask(*request) for i in ids})
+    for i, m in masked.items():
+        add_whole(server, i, m)
+    request = server.unmask_request()
+    result = unmasked(server, {i: clients[i].unmask(*request) for i in ids})
     expected = np.sum([x.astype(np.float64) for x in xs.values()], axis=0)
     error = np.abs(result.total - expected).max()
     assert error <= result.error_bound <= 0.5 * 2.0**-8 * 1.01 and error > 1e-5  # coarse, as chosen, and bounded
@@ -102,9 +131,11 @@ def test_64_bit_ring_and_float64_output():
     routed = server.route_shares({i: c.share_keys(keys) for i, c in clients.items()})
     masked = {i: clients[i].masked_input(routed[i], xs[i]) for i in ids}
     assert all(m.dtype == np.uint64 for m in masked.values())
-    request = server.unmask_request(received=ids)  # not streamed: vectors handed to aggregate
+    for i, m in masked.items():
+        add_whole(server, i, m)
+    request = server.unmask_request()
     shares = {i: clients[i].unmask(*request) for i in ids}
-    result = server.aggregate(masked, shares, out_dtype=np.float64)
+    result = unmasked(server, shares, out_dtype=np.float64)
     expected = np.sum([x.astype(np.float64) for x in xs.values()], axis=0)
     assert result.total.dtype == np.float64
     assert np.abs(result.total - expected).max() <= result.error_bound < 1e-11
@@ -128,7 +159,7 @@ def test_chunked_masking_and_streaming_with_random_offsets():
     for k in rng.permutation(len(uploads)):  # chunks arrive in any order
         server.add_masked_chunk(*uploads[k])
     request = server.unmask_request()
-    result = server.aggregate(None, {i: clients[i].unmask(*request) for i in ids})
+    result = unmasked(server, {i: clients[i].unmask(*request) for i in ids})
     expected = np.sum([x.astype(np.float64) for x in xs.values()], axis=0)
     assert np.abs(result.total - expected).max() <= result.error_bound
     # server-side unmasking of a chunk at an odd offset gives the same values
@@ -236,7 +267,7 @@ def _finish(params, clients, server, xs, routed, tamper=None):
     if tamper:
         tamper(masked)
     for i, m in masked.items():
-        server.add_masked(i, m)
+        add_whole(server, i, m)
     request = server.unmask_request()
     return server, {i: clients[i].unmask(*request) for i in request.survivors}
 
@@ -248,7 +279,7 @@ def test_tampered_check_block_is_detected():
     params, clients, server, xs, routed = _to_shares_phase([1, 2, 3, 4], 500)
     server, shares = _finish(params, clients, server, xs, routed, tamper)
     with pytest.raises(TamperError, match="check block.*1 of 16"):
-        server.aggregate(None, shares)
+        unmasked(server, shares)
 
 
 def test_untagged_round_misses_tampering_outside_the_check_block():
@@ -259,7 +290,7 @@ def test_untagged_round_misses_tampering_outside_the_check_block():
 
     params, clients, server, xs, routed = _to_shares_phase([1, 2, 3, 4], 500)
     server, shares = _finish(params, clients, server, xs, routed, tamper)
-    result = server.aggregate(None, shares)
+    result = unmasked(server, shares)
     err = np.abs(result.total - np.sum([x.astype(np.float64) for x in xs.values()], axis=0))
     assert err[10] > 0.1 and np.delete(err, 10).max() <= result.error_bound
 
@@ -322,7 +353,7 @@ def test_tagged_round_is_exact_and_a_chunk_of_another_client_fails_its_tag():
         for offset, (data, _) in chunks.items():
             server.add_masked_chunk(i, data, offset)
     request = server.unmask_request()
-    result = server.aggregate(None, {i: clients[i].unmask(*request) for i in request.survivors})
+    result = unmasked(server, {i: clients[i].unmask(*request) for i in request.survivors})
     exact = np.sum([x.astype(np.float64) for x in xs.values()], axis=0)
     assert np.abs(result.total - exact).max() <= result.error_bound
 
@@ -344,7 +375,7 @@ def test_corrupt_unmask_share_is_detected(responders):
     params, clients, server, xs, routed = _to_shares_phase([1, 2, 3, 4, 5], 300)
     masked = {i: clients[i].masked_input(routed[i], xs[i]) for i in (1, 2, 3, 4)}  # 5 drops
     for i, m in masked.items():
-        server.add_masked(i, m)
+        add_whole(server, i, m)
     request = server.unmask_request()
     assert request.dropped == [5]
     who = request.survivors[: params.threshold] if responders == "exactly_t" else request.survivors
@@ -353,13 +384,13 @@ def test_corrupt_unmask_share_is_detected(responders):
     blob[-1] ^= 1
     shares[who[0]][2] = bytes(blob)
     with pytest.raises(TamperError, match="check block|client 2"):
-        server.aggregate(None, shares)
+        unmasked(server, shares)
 
 
 def test_corrupt_secret_key_share_is_detected():
     params, clients, server, xs, routed = _to_shares_phase([1, 2, 3, 4, 5], 300)
     for i in (1, 2, 3, 4):
-        server.add_masked(i, clients[i].masked_input(routed[i], xs[i]))
+        add_whole(server, i, clients[i].masked_input(routed[i], xs[i]))
     request = server.unmask_request()
     who = request.survivors[: params.threshold]
     shares = {i: clients[i].unmask(*request) for i in who}
@@ -367,7 +398,7 @@ def test_corrupt_secret_key_share_is_detected():
     blob[-2] ^= 4
     shares[who[1]][5] = bytes(blob)
     with pytest.raises(TamperError, match="client 5"):
-        server.aggregate(None, shares)
+        unmasked(server, shares)
 
 
 def test_masked_vector_hides_the_input():
@@ -420,14 +451,14 @@ def test_bad_input_is_named():
         c.unmask([1, 2, 3], [])
     y2 = clients[2].masked_input(routed[2], xs[2])
     with pytest.raises(SecAggError, match="dtype uint64, expected uint32"):
-        server.add_masked(2, y2.astype(np.uint64))
+        add_whole(server, 2, y2.astype(np.uint64))
     with pytest.raises(SecAggError, match="dtype float32"):
-        server.add_masked(2, y2.astype(np.float32))
-    with pytest.raises(SecAggError, match="length 115, expected 116"):
-        server.add_masked(2, y2[:-1])
+        add_whole(server, 2, y2.astype(np.float32))
+    with pytest.raises(SecAggError, match=r"\[1, 117\) run past the end \(116\)"):
+        server.add_masked_chunk(2, y2, 1)
     with pytest.raises(SecAggError, match="unknown client id 99"):
-        server.add_masked(99, y2)
-    server.add_masked(2, y2)
+        add_whole(server, 99, y2)
+    add_whole(server, 2, y2)
     with pytest.raises(SecAggError, match="client 2 sent elements"):
         server.add_masked_chunk(2, y2[:5], 0)
     with pytest.raises(SecAggError, match="unknown client id 42"):
@@ -458,7 +489,7 @@ def test_server_rejects_bad_keys_and_routes():
 def test_partial_streamed_upload_is_reported():
     params, clients, server, xs, routed = _to_shares_phase([1, 2, 3, 4], 100)
     for i in (1, 2, 3):
-        server.add_masked(i, clients[i].masked_input(routed[i], xs[i]))
+        add_whole(server, i, clients[i].masked_input(routed[i], xs[i]))
     clients[4].receive_shares(routed[4])
     server.add_masked_chunk(4, clients[4].masked_input_chunk(xs[4][:30], 0), 0)
     with pytest.raises(SecAggError, match=r"clients \[4\] arrived only in part.*\[30, 116\)"):

@@ -26,6 +26,7 @@ from feddem.common.vectors import parameters_of
 from feddem.server.secure_aggregation import secure_sum
 from feddem.server.workflow import Stage, run_dem
 from tests.fakegrid import RUN_ID, FakeGrid, task_identity
+from tests.test_secagg_protocol import add_whole, unmasked
 
 NODES = [9_000_000_011, 9_000_000_022, 9_000_000_033, 9_000_000_044]  # Flower-like ids, mapped to 0..3
 
@@ -474,10 +475,10 @@ def test_client_state_survives_serialisation_between_stages():
     routed = server.route_shares(shares)
     for i in params.client_ids:
         client = SecAggClient.from_state(blobs[i])
-        server.add_masked(i, client.masked_input(routed[i], xs[i]))
+        add_whole(server, i, client.masked_input(routed[i], xs[i]))
         blobs[i] = client.to_state()
     request = server.unmask_request()
-    result = server.aggregate(None, {i: SecAggClient.from_state(blobs[i]).unmask(*request) for i in blobs})
+    result = unmasked(server, {i: SecAggClient.from_state(blobs[i]).unmask(*request) for i in blobs})
     assert np.abs(result.total - sum(x.astype(np.float64) for x in xs.values())).max() <= result.error_bound
     with pytest.raises(FeddemError, match="damaged"):
         SecAggClient.from_state(b"{not json")
@@ -510,6 +511,10 @@ def test_secure_run_folder_and_messages_hold_no_site_vector_in_the_clear(tiny_ba
     details = report["secure_aggregation"]
     assert details["threshold"] == 2 and details["dropped"] == {} and 0 < details["error_bound"] < 1e-5
     assert (out / "model" / "config.json").is_file()
+    # the run's manifest names every file it wrote, and no site vector (a secure run has no pool)
+    assert sorted(o.path for o in result.manifest.outputs) == sorted(
+        p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert not result.manifest.recorded("site-vector")
     windows = _plain_windows(tmp_path / "sites", {i: 1 / 3 for i in range(3)}, 3)
     files = [p for p in out.rglob("*") if p.is_file()]
     assert files

@@ -8,16 +8,17 @@ model, and what is and is not detected.
 from .errors import RefusalError, SecAggError, TamperError, ThresholdError
 from .params import SecAggParams, harary_neighbours
 from .prg import apply_mask, mask_stream
-from .protocol import SecAggClient, SecAggResult, SecAggServer, UnmaskRequest
+from .protocol import CIPHERTEXT_BYTES, KEY_BYTES, SecAggClient, SecAggServer, UnmaskRequest
 from .quantize import RingConfig, choose_bits, dequantize, error_bound, quantize
 
 __all__ = [
+    "CIPHERTEXT_BYTES",
+    "KEY_BYTES",
     "RefusalError",
     "RingConfig",
     "SecAggClient",
     "SecAggError",
     "SecAggParams",
-    "SecAggResult",
     "SecAggServer",
     "TamperError",
     "ThresholdError",

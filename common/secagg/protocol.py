@@ -10,12 +10,12 @@ transport (Flower messages, gRPC, in-process calls) can carry them. Order of cal
      -> ``{receiver: {sender: ciphertext}}``.
   3. client ``masked_input(routed[me], vector)`` -> ring array of length vector_length + check_size; or, in
      chunks: ``receive_shares(routed[me])``, ``masked_input_chunk(chunk, offset)`` per chunk, and
-     ``masked_check_block()`` (ring offset vector_length). Server: ``add_masked(id, array)`` or
-     ``add_masked_chunk(id, chunk, offset)`` (streaming: one accumulator, O(vector) memory).
+     ``masked_check_block()`` (ring offset vector_length). Server: ``verify_tag(id, chunk, offset, tag)`` then
+     ``add_masked_chunk(id, chunk, offset)`` per chunk (streaming into its one accumulator: O(vector) memory).
   4. server ``unmask_request() -> (survivors, dropped)``; each survivor ``unmask(survivors, dropped)``
      -> ``{peer: share}``.
-  5. server ``aggregate(None, {responder: {peer: share}})`` -> ``SecAggResult(total, error_bound, ...)``
-     (or ``recover_masks(shares)`` then ``unmask_chunk(offset, length)`` per chunk).
+  5. server ``recover_masks({responder: {peer: share}})``, then ``unmask_chunk(offset, length)`` per chunk or
+     ``unmasked_sum()`` (the whole float32 sum, written over the accumulator, which the server then releases).
 
 Cryptography (all from the ``cryptography`` package): two X25519 key pairs per client and round (c: channel
 keys, s: mask keys); HKDF-SHA256 derives the AES-GCM key of each client pair and the pairwise mask seed
@@ -56,7 +56,6 @@ from __future__ import annotations
 import bisect
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -69,13 +68,14 @@ from . import shamir
 from .errors import RefusalError, SecAggError, TamperError, ThresholdError
 from .params import SecAggParams, _is_int
 from .prg import agree, apply_mask
-from .quantize import _fresh_rng, dequantize, error_bound, quantize
+from .quantize import _fresh_rng, dequantize, quantize
+from .state import ClientState, decode_state, encode_state
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
 _DOMAIN = b"feddem-secagg/v1/"
 _SHARE_PLAINTEXT = 8 + 8 + 2 * shamir.SHARE_BYTES
-_CIPHERTEXT_BYTES = NONCE_BYTES + _SHARE_PLAINTEXT + 16
+CIPHERTEXT_BYTES = NONCE_BYTES + _SHARE_PLAINTEXT + 16
 _SELF_TAG, _KEY_TAG = b"B", b"S"
 _BLOCK = 1 << 20  # elements per server unmasking block
 
@@ -122,16 +122,6 @@ def _public_bytes(key: X25519PrivateKey) -> bytes:
 class UnmaskRequest(NamedTuple):
     """What the server sends every survivor at the unmasking stage."""
 
-    survivors: list[int]
-    dropped: list[int]
-
-
-@dataclass
-class SecAggResult:
-    """The aggregate: ``total`` = sum of the survivors' clipped inputs, within ``error_bound`` per element."""
-
-    total: np.ndarray
-    error_bound: float
     survivors: list[int]
     dropped: list[int]
 
@@ -245,16 +235,24 @@ class SecAggClient:
 
     def to_state(self) -> bytes:
         """The client's state (SECRET: private keys, seeds, held shares) as bytes, for ``from_state`` later."""
-        from .state import client_to_state
-
-        return client_to_state(self)
+        return encode_state(ClientState(
+            self.params, self.id, self._stage, self._c_key, self._s_key, self._keys, self._b_seed, self._held_self,
+            self._held_key, self._pair_seeds, (list(self._coverage.starts), list(self._coverage.ends)),
+            self._revealed))
 
     @classmethod
     def from_state(cls, blob: bytes) -> "SecAggClient":
-        """A client restored from ``to_state`` (the rounding generator is fresh), ready for its next stage."""
-        from .state import client_from_state
-
-        return client_from_state(blob)
+        """A client restored from ``to_state`` (the rounding generator is fresh), ready for its next stage; a
+        damaged or foreign blob raises SecAggError."""
+        state = decode_state(blob)
+        client = cls(state.params, state.id, rng=_fresh_rng())
+        client._stage, client._c_key, client._s_key = state.stage, state.c_key, state.s_key
+        client._keys, client._b_seed = state.keys, state.b_seed
+        client._held_self, client._held_key, client._pair_seeds = state.held_self, state.held_key, state.pair_seeds
+        for start, end in zip(*state.coverage):
+            client._coverage.add(start, end)
+        client._revealed = state.revealed
+        return client
 
     # stage 1
     def advertise_keys(self) -> tuple[bytes, bytes]:
@@ -471,8 +469,17 @@ class SecAggServer:
         self._coverage: dict[int, _Coverage] = {}
         self._survivors: list[int] = []
         self._dropped: list[int] = []
-        self._streamed = True
         self._corrections: list[tuple[bytes, int]] | None = None
+
+    @property
+    def survivors(self) -> list[int]:
+        """The clients whose whole masked input is in the sum (set by ``unmask_request``)."""
+        return list(self._survivors)
+
+    @property
+    def dropped(self) -> list[int]:
+        """The clients that shared keys but whose masked input is not in the sum (set by ``unmask_request``)."""
+        return list(self._dropped)
 
     def _expect(self, allowed: tuple[str, ...], call: str) -> None:
         if self._stage not in allowed:
@@ -507,10 +514,10 @@ class SecAggServer:
             got = set()
             for receiver, ct in per.items():
                 got.add(_check_id(receiver, p, f"route_shares (sender {sender})"))
-                if not isinstance(ct, (bytes, bytearray)) or len(ct) != _CIPHERTEXT_BYTES:
+                if not isinstance(ct, (bytes, bytearray)) or len(ct) != CIPHERTEXT_BYTES:
                     raise SecAggError(
                         f"route_shares: the share from client {sender} to client {receiver} must be "
-                        f"{_CIPHERTEXT_BYTES} bytes"
+                        f"{CIPHERTEXT_BYTES} bytes"
                     )
             if got != expected:
                 raise SecAggError(
@@ -552,14 +559,6 @@ class SecAggServer:
             raise SecAggError(f"add_masked: client {cid} sent elements [{offset}, {offset + chunk.shape[0]}) twice")
         return cid, offset
 
-    def _check_whole(self, client_id: object, masked: object) -> None:
-        if isinstance(masked, np.ndarray) and masked.ndim == 1 and masked.shape[0] != self.params.ring_length:
-            raise SecAggError(
-                f"add_masked: the masked vector of client {client_id} has length {masked.shape[0]}, "
-                f"expected {self.params.ring_length} (vector_length + check_size)"
-            )
-        self._check_chunk(client_id, masked, 0)
-
     @staticmethod
     def with_server_key(params: SecAggParams) -> tuple[SecAggParams, X25519PrivateKey]:
         """``params`` with a fresh server round key (uploads will be tagged), and its private half."""
@@ -600,57 +599,54 @@ class SecAggServer:
         cid, offset = self._check_chunk(client_id, chunk, offset)
         self._add(cid, chunk, offset)
 
-    def add_masked(self, client_id: int, masked: np.ndarray) -> None:
-        """Adds a client's whole masked vector (length vector_length + check_size) to the running sum."""
-        self._expect(("collect",), "add_masked")
-        self._check_whole(client_id, masked)
-        self._add(int(client_id), masked, 0)
-
     # stage 4
-    def unmask_request(self, received: Iterable[int] | None = None) -> UnmaskRequest:
-        """Closes input collection: survivors (U3) = clients whose whole masked vector arrived, dropped = U2 - U3.
-
-        ``received``: the ids whose vectors arrived when they are not streamed through ``add_masked``; then
-        ``aggregate`` must be given exactly those vectors."""
+    def unmask_request(self) -> UnmaskRequest:
+        """Closes input collection: survivors (U3) = clients whose whole masked vector arrived, dropped = U2 - U3."""
         self._expect(("collect",), "unmask_request")
         p = self.params
         started = {u for u, c in self._coverage.items() if c.covered}
-        if received is None:
-            partial = sorted(u for u in started if not self._coverage[u].complete)
-            if partial:
-                lo, hi = self._coverage[partial[0]].first_gap()
-                raise SecAggError(
-                    f"unmask_request: the masked inputs of clients {partial} arrived only in part (client "
-                    f"{partial[0]} lacks elements [{lo}, {hi})); a partial input cannot be removed from the sum"
-                )
-            survivors = started
-        else:
-            if started:
-                raise SecAggError("unmask_request: 'received' cannot be given once vectors were streamed")
-            survivors = _id_set(received, p, "unmask_request: received")
-            outside = sorted(survivors - self._u2)
-            if outside:
-                raise SecAggError(f"unmask_request: clients {outside} did not share keys in this round")
-            self._streamed = False
-        if len(survivors) < p.threshold:
-            raise ThresholdError("masked_input", len(survivors), p.threshold, "clients with masked inputs")
+        partial = sorted(u for u in started if not self._coverage[u].complete)
+        if partial:
+            lo, hi = self._coverage[partial[0]].first_gap()
+            raise SecAggError(
+                f"unmask_request: the masked inputs of clients {partial} arrived only in part (client "
+                f"{partial[0]} lacks elements [{lo}, {hi})); a partial input cannot be removed from the sum"
+            )
+        if len(started) < p.threshold:
+            raise ThresholdError("masked_input", len(started), p.threshold, "clients with masked inputs")
         for u in sorted(self._u2):
-            count = len(p.holders(u) & survivors)
+            count = len(p.holders(u) & started)
             if count < p.threshold:
                 raise ThresholdError("masked_input", count, p.threshold, f"surviving holders of client {u}'s shares")
-        self._survivors = sorted(survivors)
-        self._dropped = sorted(self._u2 - survivors)
+        self._survivors = sorted(started)
+        self._dropped = sorted(self._u2 - started)
         self._stage = "unmask"
         return UnmaskRequest(list(self._survivors), list(self._dropped))
 
     # stage 5
     def recover_masks(self, shares: Mapping[int, Mapping[int, bytes]]) -> None:
         """Reconstructs b_u of every survivor and s_sk_v of every dropped client from the survivors' shares,
-        and verifies the check block of the sum; afterwards ``unmask_chunk`` gives the result."""
+        and verifies the check block of the sum; afterwards ``unmask_chunk`` (or ``unmasked_sum``) gives the
+        result."""
         self._expect(("unmask",), "recover_masks")
-        p = self.params
         if self._acc is None or not all(self._coverage[u].complete for u in self._survivors):
             raise SecAggError("recover_masks: the masked vectors of the survivors have not all been added")
+        collected = self._collect_unmask_shares(shares)
+        self._corrections = self._self_mask_corrections(collected) + self._dropped_corrections(collected)
+        check = self._unmasked_ring(self.params.vector_length, self.params.check_size)
+        bad = int(np.count_nonzero(check))
+        if bad:
+            self._corrections = None
+            raise TamperError(
+                f"aggregate: the check block of the unmasked sum has {bad} of {self.params.check_size} nonzero "
+                f"elements: a masked vector was altered or a mask could not be removed correctly; the sum is "
+                f"discarded"
+            )
+        self._stage = "done"
+
+    def _collect_unmask_shares(self, shares: object) -> dict[int, dict[int, int]]:
+        """The survivors' unmasking shares checked and decoded: {peer: {Shamir x of responder: share}}."""
+        p = self.params
         if not isinstance(shares, Mapping):
             raise SecAggError("aggregate: shares must be a mapping responder -> {peer: share}")
         survivors = set(self._survivors)
@@ -672,23 +668,27 @@ class SecAggServer:
                         f"(expected the {'self-mask' if tag == _SELF_TAG else 'secret-key'} share)"
                     )
                 collected[peer][_x(responder)] = shamir.decode_share(bytes(blob[1:]))
-        corrections: list[tuple[bytes, int]] = []
-        for u in self._survivors:
-            got = collected[u]
-            if len(got) < p.threshold:
-                raise ThresholdError("unmask", len(got), p.threshold, f"shares of client {u}'s self-mask seed")
-            try:
-                corrections.append((shamir.reconstruct_bytes(got, p.threshold, 32), -1))
-            except TamperError as exc:
-                raise TamperError(f"aggregate: shares of client {u}'s self-mask seed: {exc}", sender=u) from None
+        return collected
+
+    def _reconstruct(self, got: dict[int, int], what: str, client: int) -> bytes:
+        if len(got) < self.params.threshold:
+            raise ThresholdError("unmask", len(got), self.params.threshold, what)
+        try:
+            return shamir.reconstruct_bytes(got, self.params.threshold, 32)
+        except TamperError as exc:
+            raise TamperError(f"aggregate: {what}: {exc}", sender=client) from None
+
+    def _self_mask_corrections(self, collected: dict[int, dict[int, int]]) -> list[tuple[bytes, int]]:
+        """Each survivor's self-mask seed b_u, to subtract its PRG stream."""
+        return [(self._reconstruct(collected[u], f"shares of client {u}'s self-mask seed", u), -1)
+                for u in self._survivors]
+
+    def _dropped_corrections(self, collected: dict[int, dict[int, int]]) -> list[tuple[bytes, int]]:
+        """For each dropped client v, its secret key (checked against its public key) and so the pairwise seeds
+        its surviving neighbours masked with, each with the sign that undoes that neighbour's mask."""
+        p, survivors, corrections = self.params, set(self._survivors), []
         for v in self._dropped:
-            got = collected[v]
-            if len(got) < p.threshold:
-                raise ThresholdError("unmask", len(got), p.threshold, f"shares of dropped client {v}'s secret key")
-            try:
-                raw = shamir.reconstruct_bytes(got, p.threshold, 32)
-            except TamperError as exc:
-                raise TamperError(f"aggregate: shares of client {v}'s secret key: {exc}", sender=v) from None
+            raw = self._reconstruct(collected[v], f"shares of dropped client {v}'s secret key", v)
             key = X25519PrivateKey.from_private_bytes(raw)
             if _public_bytes(key) != self._keys[v][1]:
                 raise TamperError(
@@ -700,16 +700,7 @@ class SecAggServer:
                 if w in survivors:
                     # w added +PRG(s_wv) if v > w, else -PRG(s_wv): undo it
                     corrections.append((_pair_seed(key, self._keys[w][1], p.session, v, w), -1 if v > w else 1))
-        self._corrections = corrections
-        check = self._unmasked_ring(p.vector_length, p.check_size)
-        bad = int(np.count_nonzero(check))
-        if bad:
-            self._corrections = None
-            raise TamperError(
-                f"aggregate: the check block of the unmasked sum has {bad} of {p.check_size} nonzero elements: "
-                f"a masked vector was altered or a mask could not be removed correctly; the sum is discarded"
-            )
-        self._stage = "done"
+        return corrections
 
     def _unmasked_ring(self, offset: int, length: int) -> np.ndarray:
         out = self._acc[offset : offset + length].copy()
@@ -726,32 +717,17 @@ class SecAggServer:
         ring = self._unmasked_ring(offset, int(length))
         return dequantize(ring, self.params.ring, len(self._survivors), out_dtype)
 
-    def aggregate(
-        self,
-        masked: Mapping[int, np.ndarray] | None,
-        shares: Mapping[int, Mapping[int, bytes]],
-        out_dtype: type = np.float32,
-    ) -> SecAggResult:
-        """The sum of the survivors' inputs. ``masked``: their vectors when not streamed via ``add_masked``
-        (keys must equal the survivors announced by ``unmask_request``), else None."""
-        self._expect(("unmask",), "aggregate")
-        if masked:
-            if self._streamed:
-                raise SecAggError("aggregate: masked vectors were already streamed with add_masked; pass None")
-            if not isinstance(masked, Mapping) or set(masked) != set(self._survivors):
-                keys = sorted(masked) if isinstance(masked, Mapping) else masked
-                raise SecAggError(f"aggregate: masked vectors are for clients {keys}, survivors are {self._survivors}")
-            for cid in self._survivors:
-                self._check_whole(cid, masked[cid])
-            for cid in self._survivors:
-                self._add(cid, masked[cid], 0)
-        elif not self._streamed:
-            raise SecAggError("aggregate: the survivors' masked vectors are needed (they were not streamed)")
-        self.recover_masks(shares)
-        length = self.params.vector_length
-        total = np.empty(length, dtype=out_dtype)
-        for start in range(0, length, _BLOCK):
-            stop = min(length, start + _BLOCK)
-            total[start:stop] = self.unmask_chunk(start, stop - start, out_dtype)
-        n = len(self._survivors)
-        return SecAggResult(total, error_bound(self.params.ring, n, out_dtype), list(self._survivors), list(self._dropped))
+    def unmasked_sum(self, block: int = _BLOCK) -> np.ndarray:
+        """The whole aggregate as float32 (after ``recover_masks``), written block by block over the ring
+        accumulator itself (each block is read before it is overwritten; a float32 element is no larger than a 32-
+        or 64-bit ring element), so it takes no memory beyond the accumulator's: the result is a view of it. A
+        16-bit ring's accumulator is half a float32 vector: the sum gets its own array. The server is done after
+        this (its accumulator is handed over)."""
+        self._expect(("done",), "unmasked_sum")
+        acc, length = self._acc, self.params.vector_length
+        values = acc.view(np.float32) if acc.itemsize >= 4 else np.empty(length, dtype=np.float32)
+        for start in range(0, length, block):
+            size = min(block, length - start)
+            values[start:start + size] = self.unmask_chunk(start, size)
+        self._acc, self._stage = None, "released"
+        return values[:length]

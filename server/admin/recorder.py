@@ -19,7 +19,7 @@ from typing import Protocol
 
 from feddem.common.errors import FeddemError
 
-from feddem.server.ablation import POOL
+from feddem.server.manifest import KIND_SITE_VECTOR, Manifest
 from feddem.server.store import Store, site_vector_name
 from feddem.server.store.artefacts import CHUNK
 
@@ -128,24 +128,27 @@ def recorder_from_environment(environ: dict | None = None) -> Recorder | None:
     return None
 
 
-def output_files(out_dir: Path, report: dict) -> list[tuple[str, str, Path]]:
-    """(artefact name, kind, file) of a finished run folder: the merged model's files, the aggregate, the report
-    files and, for a trusted run that kept its pool, each site's vector."""
-    out_dir = Path(out_dir)
+def output_files(out_dir: Path, report: dict, manifest: Manifest | None = None) -> list[tuple[str, str, Path]]:
+    """(artefact name, kind, file) of a finished run folder, from its manifest (rebuilt from the folder when the
+    run gave none): the merged model's files, the aggregate, the report files and, for a trusted run that kept its
+    pool, each site's vector."""
+    manifest = manifest or Manifest.of_folder(Path(out_dir))
     files = []
-    if report.get("aggregation") == "plain":  # only a trusted run's vectors may reach the store
-        files += [(site_vector_name(p.stem), "site-vector", p) for p in sorted((out_dir / POOL).glob("*.safetensors"))]
-    if (out_dir / "aggregate.safetensors").is_file():
-        files.append(("aggregate.safetensors", "aggregate", out_dir / "aggregate.safetensors"))
-    files += [(p.name, "report", p) for p in (out_dir / n for n in ("report.json", "report.png", "ablation.json"))
-              if p.is_file()]
-    files += [(f"model/{p.name}", "model", p) for p in sorted((out_dir / "model").iterdir()) if p.is_file()]
+    for output in manifest.recorded():
+        if output.kind == KIND_SITE_VECTOR:
+            if report.get("aggregation") != "plain":  # only a trusted run's vectors may reach the store
+                continue
+            name = site_vector_name(Path(output.path).stem)
+        else:
+            name = output.path
+        files.append((name, output.kind, manifest.path(output.path)))
     return files
 
 
-def record_outputs(recorder: Recorder, run_id: str, out_dir: Path, report: dict) -> None:
-    """Put every output file of the run, then its report (which marks it finished)."""
-    for name, kind, path in output_files(out_dir, report):
+def record_outputs(recorder: Recorder, run_id: str, out_dir: Path, report: dict,
+                   manifest: Manifest | None = None) -> None:
+    """Put every output file of the run (those its manifest names), then its report (which marks it finished)."""
+    for name, kind, path in output_files(out_dir, report, manifest):
         recorder.put_file(run_id, name, kind, path)
     recorder.finish(run_id, report, str(out_dir))
 
@@ -191,7 +194,7 @@ def _record(recorder: Recorder, config: dict, flower_run_id: int, run: Callable)
         _fail_quietly(recorder, run_id, _describe(exc))
         raise
     try:
-        record_outputs(recorder, run_id, result.out_dir, result.report)
+        record_outputs(recorder, run_id, result.out_dir, result.report, getattr(result, "manifest", None))
     except Exception as exc:
         _fail_quietly(recorder, run_id, f"recording the outputs failed: {_describe(exc)}")
         raise FeddemError(f"the run finished ({result.out_dir}) but recording it in the store failed: "
