@@ -104,7 +104,7 @@ def upload_spans(length: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _check_masked(record, tags: ConfigRecord, params: SecAggParams, server: SecAggServer,
+def _check_masked(record, tags: M.MaskedReply, params: SecAggParams, server: SecAggServer,
                   client_id: int, span: tuple[int, int]) -> list[tuple[int, np.ndarray]]:
     """The chunks of one masked upload message, checked whole BEFORE any is added (a partial input cannot be
     removed): dtype, shape, coverage of the ring elements of `span` (with the check block when it ends the
@@ -125,7 +125,7 @@ def _check_masked(record, tags: ConfigRecord, params: SecAggParams, server: SecA
     if position != end:
         raise FeddemError(f"masked upload covers ring elements [{span[0]}, {position}), expected "
                           f"[{span[0]}, {end})")
-    tag_of = dict(zip([int(o) for o in tags["offsets"]], tags["tags"], strict=True))
+    tag_of = dict(zip(tags.offsets, tags.tags, strict=True))
     for offset, data in chunks:
         server.verify_tag(client_id, data, offset, tag_of.get(offset, b""))
     return chunks
@@ -183,38 +183,35 @@ def secure_sum(grid: Grid, cfg, base: ConfigRecord, weights: dict[int, float], l
     params = replace(params, session=round_binding(params, all_weights))  # the sites check it (client.secure_upload)
     server = SecAggServer(params, server_key)
     rnd = _Round(grid, cfg, base, params.session)
-    session = {"session": params.session}
     stage = "keys"
     try:
         keys: dict[int, tuple[bytes, bytes]] = {}
 
         def on_keys(node, content):
-            pk_c, pk_s = bytes(content.config_records[M.SA]["pk-c"]), bytes(content.config_records[M.SA]["pk-s"])
+            reply = M.KeysReply.from_record(content)
+            pk_c, pk_s = reply.pk_c, reply.pk_s
             if len(pk_c) != KEY_BYTES or len(pk_s) != KEY_BYTES:
                 raise FeddemError(f"public keys must be {KEY_BYTES} bytes")
             keys[cid[node]] = (pk_c, pk_s)
 
-        rnd.exchange(stage, M.SA_KEYS, {node: RecordDict({
-            M.SA_PARAMS: ConfigRecord(params.to_dict()),
-            M.SA_ROUND: ConfigRecord({"client-id": cid[node], "weight": float(weights[node]), "names": list(layout),
-                                      "weights": all_weights}),
-        }) for node in nodes}, on_keys)
+        rnd.exchange(stage, M.SA_KEYS, {node: M.KeysRequest(params, cid[node], float(weights[node]), all_weights,
+                                                            list(layout)).to_record() for node in nodes}, on_keys)
         broadcast = server.collect_public_keys(keys)
 
         stage = "share"
         shares: dict[int, dict[int, bytes]] = {}
 
         def on_share(node, content):
-            sa = content.config_records[M.SA]
-            out = {int(r): bytes(ct) for r, ct in zip(sa["to"], sa["ct"], strict=True)}
+            reply = M.ShareReply.from_record(content)
+            out = dict(zip(reply.to, reply.ct, strict=True))
             expected = {v for v in params.neighbours[cid[node]] if v in broadcast}
             if set(out) != expected or any(len(ct) != _CIPHERTEXT_BYTES for ct in out.values()):
                 raise FeddemError(f"shares addressed to {sorted(out)}, expected {sorted(expected)}")
             shares[cid[node]] = out
 
         ids = sorted(broadcast)
-        rnd.exchange(stage, M.SA_SHARE, {node_of[i]: RecordDict({M.SA: ConfigRecord(session | {
-            "ids": ids, "pk-c": [broadcast[i][0] for i in ids], "pk-s": [broadcast[i][1] for i in ids]})})
+        rnd.exchange(stage, M.SA_SHARE, {node_of[i]: M.ShareRequest(
+            params.session, ids, [broadcast[i][0] for i in ids], [broadcast[i][1] for i in ids]).to_record()
             for i in ids}, on_share)
         routed = server.route_shares(shares)
         del shares
@@ -226,16 +223,15 @@ def secure_sum(grid: Grid, cfg, base: ConfigRecord, weights: dict[int, float], l
             stage = "masked" if len(spans) == 1 else f"masked, part {part + 1} of {len(spans)}"
 
             def on_masked(node, content, span=span):
-                chunks = _check_masked(content.array_records[M.MASKED], content.config_records[M.SA], params,
-                                       server, cid[node], span)
+                reply = M.MaskedReply.from_record(content)
+                chunks = _check_masked(reply.masked, reply, params, server, cid[node], span)
                 for offset, data in chunks:
                     server.add_masked_chunk(cid[node], data, offset)
-                clipped[node] = clipped.get(node, 0) + int(content.metric_records[M.METRICS]["clipped"])
+                clipped[node] = clipped.get(node, 0) + reply.clipped
 
-            shares = {i: {"from": list(routed[i]), "ct": list(routed[i].values())} if part == 0 else {}
-                      for i in senders}
-            done = rnd.exchange(stage, M.SA_MASKED, {node_of[i]: RecordDict({M.SA: ConfigRecord(
-                session | shares[i] | {"span": list(span)})}) for i in sorted(senders)}, on_masked)
+            shares = {i: (list(routed[i]), list(routed[i].values())) if part == 0 else ([], []) for i in senders}
+            done = rnd.exchange(stage, M.SA_MASKED, {node_of[i]: M.MaskedRequest(
+                params.session, span, *shares[i]).to_record() for i in sorted(senders)}, on_masked)
             lost = sorted(node_of[i] for i in senders if node_of[i] not in done)
             if part > 0 and lost:
                 raise SecAggError(
@@ -249,11 +245,11 @@ def secure_sum(grid: Grid, cfg, base: ConfigRecord, weights: dict[int, float], l
         unmask_shares: dict[int, dict[int, bytes]] = {}
 
         def on_unmask(node, content):
-            sa = content.config_records[M.SA]
-            unmask_shares[cid[node]] = {int(p): bytes(s) for p, s in zip(sa["peers"], sa["shares"], strict=True)}
+            reply = M.UnmaskReply.from_record(content)
+            unmask_shares[cid[node]] = dict(zip(reply.peers, reply.shares, strict=True))
 
-        rnd.exchange(stage, M.SA_UNMASK, {node_of[i]: RecordDict({M.SA: ConfigRecord(session | {
-            "survivors": list(request.survivors), "dropped": list(request.dropped)})})
+        rnd.exchange(stage, M.SA_UNMASK, {node_of[i]: M.UnmaskRequest(
+            params.session, list(request.survivors), list(request.dropped)).to_record()
             for i in request.survivors}, on_unmask)
         server.recover_masks(unmask_shares)
     except SecAggError as exc:

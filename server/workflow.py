@@ -91,9 +91,9 @@ class Stage:
         log.warning("%s failed: %s", self.label(node), why)
 
     def _learn_name(self, node: int, content: RecordDict) -> None:
-        for record in (M.SITE, M.FAILURE):
-            if record in content.config_records and "site" in content.config_records[record]:
-                self.names[node] = str(content.config_records[record]["site"])
+        name = M.site_of(content)
+        if name is not None:
+            self.names[node] = name
 
     def run(self, name: str, message_type: str, per_node: dict[int, RecordDict]) -> dict[int, RecordDict]:
         """The contents of the successful replies by node (failures recorded in `failures`; a FeddemError when no
@@ -131,15 +131,15 @@ class Stage:
 
 
 def _site_record(content: RecordDict) -> dict:
-    return dict(content.config_records[M.SITE]) | dict(content.metric_records[M.METRICS])
+    return M.TrainReply.from_record(content).result
 
 
 def fetch_uploads(stage: Stage, sites: dict, weights: dict[int, float], base_params: dict):
     """Ask each site for `w_i * d_i` in the clear (plain aggregation); yields (node, checked vector) as they come,
     one reply at a time (the vector is read lazily from its message)."""
-    for node, content in stage.stream("upload", M.UPLOAD, {n: RecordDict({M.WEIGHT: ConfigRecord({"weight": w})})
+    for node, content in stage.stream("upload", M.UPLOAD, {n: M.UploadRequest(w).to_record()
                                                            for n, w in weights.items()}):
-        vector = vector_from_record(content.array_records[M.VECTOR])
+        vector = vector_from_record(M.UploadReply.from_record(content).vector)
         check_vector(vector, base_params, f"upload of {sites[node]['site']}", stage.cfg.torch_vector_dtype)
         yield node, vector
 
@@ -167,7 +167,7 @@ def _secure_aggregate(grid: Grid, cfg: RunConfig, stage: Stage, trained: dict, s
     """Secure aggregation (default): the server gets only the sum. Dropped sites' weights are absent from it:
     the weights reported are the effective ones, not renormalised. Returns what `plain_aggregate` does, plus the
     report's `secure_aggregation` section."""
-    layouts = {n: list(trained[n].config_records[M.LAYOUT]["names"]) for n in weights}
+    layouts = {n: M.TrainReply.from_record(trained[n]).layout for n in weights}
     layout = layouts[min(layouts)]
     if any(names != layout for names in layouts.values()):
         raise FeddemError("the sites' vectors cover different parameters (vector layouts differ): check that all "
@@ -206,9 +206,8 @@ def evaluate_records(stage: Stage, nodes, aggregate: Vector, split: str, name: s
     """Each site's evaluation of base + aggregate on its validation or test split: its whole reply (merged_loss,
     domain, and the generation metrics and samples of instruction data)."""
     record = vector_to_record(aggregate)  # serialised once, sent to every site
-    replies = stage.run(name, M.EVALUATE, {n: RecordDict({M.AGGREGATE: record,
-                                                          M.EVAL: ConfigRecord({"split": split})}) for n in nodes})
-    return {node: _site_record(content) for node, content in replies.items()}
+    replies = stage.run(name, M.EVALUATE, {n: M.EvaluateRequest(record, split).to_record() for n in nodes})
+    return {node: M.EvaluateReply.from_record(content).result for node, content in replies.items()}
 
 
 def evaluate_merge(stage: Stage, nodes, aggregate: Vector, split: str, name: str) -> dict[int, float]:
@@ -222,8 +221,9 @@ def _reports(sites: dict, trained: dict, order: list[int]) -> list[SiteReport]:
     for n in order:
         s = sites[n]
         extra = {key: float(s[key]) for key in (ALIGNMENT,) if key in s}
-        if M.EMBEDDING in trained[n].array_records:
-            extra[EMBEDDING] = trained[n].array_records[M.EMBEDDING]["embedding"].numpy()
+        embedding = M.TrainReply.from_record(trained[n]).embedding
+        if embedding is not None:
+            extra[EMBEDDING] = embedding
         reports.append(SiteReport(s["site"], s["domain"], int(s["examples"]), int(s["tokens"]),
                                   float(s["train_loss"]), extra))
     return reports
@@ -372,23 +372,23 @@ def run_dem(grid: Grid, cfg: RunConfig, run_id: int) -> RunResult:
     lap("setup")
 
     nodes = _wait_for_nodes(grid, cfg.sites, cfg.timeout)
-    stage = Stage(grid, cfg, ConfigRecord({"model-ref": model_ref, "model-checksum": checksum}))
+    stage = Stage(grid, cfg, M.BaseModelRef(model_ref, checksum).to_record())
     chosen = strategy(cfg.strategy_name)
     merged_so_far: Vector | None = None  # sum of the rounds' aggregates: the merged model is base + this
     state: dict = {}  # the weighting strategy's memory across rounds (DGA's moving average)
     rounds, first_sites, details, search = [], {}, None, None
     for r in range(1, cfg.rounds + 1):
         label = f"round {r}/{cfg.rounds}: " if cfg.rounds > 1 else ""
-        request = RecordDict()
+        request = M.TrainRequest(embedding=EMBEDDING in chosen.needs)
         if merged_so_far is not None:
-            request[M.START] = vector_to_record(merged_so_far)
+            request.start = vector_to_record(merged_so_far)
         if ALIGNMENT in chosen.needs:
             current = load_model(model_ref)
             if merged_so_far is not None:
                 apply_vector(current, merged_so_far)
-            request[M.TARGET] = vector_to_record(target_direction(current, load_tokenizer(model_ref), cfg))
+            request.target = vector_to_record(target_direction(current, load_tokenizer(model_ref), cfg))
             del current
-        trained = stage.run(f"{label}local fine-tuning", M.TRAIN, {n: RecordDict(dict(request)) for n in nodes})
+        trained = stage.run(f"{label}local fine-tuning", M.TRAIN, {n: request.to_record() for n in nodes})
         sites = {node: _site_record(content) for node, content in trained.items()}
         first_sites = first_sites or sites
         for s in sites.values():
