@@ -251,6 +251,10 @@ class SiteSettings:
             if not ok:
                 raise FeddemError(f"the server's setting {key}={getattr(self, key.replace('-', '_'))!r}: expected "
                                   f"{expected}")
+        if self.aggregation_budget > 1 and self.noise == 0:
+            raise FeddemError(f"the server's setting aggregation-budget={self.aggregation_budget} needs distributed "
+                              f"noise (noise > 0): without noise, two sums whose weights differ in one site reveal "
+                              f"its vector")
         parse_sparsify(self.sparsify)
 
     @property
