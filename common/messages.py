@@ -96,21 +96,21 @@ def stamp(content: RecordDict, version: Version = VERSION) -> RecordDict:
     return content
 
 
-def peer_version(content: RecordDict, peer: str) -> Version:
-    """The protocol version of a received message from `peer` ("the server", "a site"); a FeddemError naming both
-    versions for another major, or for a message that names none (a sender older than versioned messages)."""
+def peer_version(content: RecordDict, peer: str, me: str) -> Version:
+    """The protocol version of a message `me` ("this site") received from `peer` ("the server"); a FeddemError
+    naming both versions for another major, or for a message that names none (a sender from before versioned
+    messages)."""
     if PROTOCOL not in content.config_records or PROTOCOL_KEY not in content.config_records[PROTOCOL]:
         raise FeddemError(f"the message from {peer} carries no {PROTOCOL_KEY} version (a feddem release from before "
-                          f"versioned messages); this side speaks {PROTOCOL_KEY} {VERSION}: upgrade {peer}")
+                          f"versioned messages); {me} speaks {PROTOCOL_KEY} {VERSION}: upgrade {peer}")
     theirs = Version.parse(content.config_records[PROTOCOL][PROTOCOL_KEY])
     if theirs.major != VERSION.major:
-        newer = peer if theirs > VERSION else "this side"
-        raise FeddemError(f"{peer} speaks {PROTOCOL_KEY} {theirs} and this side {VERSION}: a different major version "
-                          f"cannot be understood (upgrade {'this side' if newer == peer else peer} to "
-                          f"{max(theirs, VERSION).major}.x)")
+        behind = me if theirs > VERSION else peer
+        raise FeddemError(f"{peer} speaks {PROTOCOL_KEY} {theirs} and {me} {VERSION}: a different major version "
+                          f"cannot be understood (upgrade {behind} to {max(theirs, VERSION).major}.x)")
     if theirs.minor > VERSION.minor:
-        _once((peer, theirs), "%s speaks %s %s, newer than this side's %s: what this side does not know is ignored",
-              peer, PROTOCOL_KEY, theirs, VERSION)
+        _once((peer, theirs), "%s speaks %s %s, newer than %s's %s: what %s does not know is ignored", peer,
+              PROTOCOL_KEY, theirs, me, VERSION, me)
     return theirs
 
 
@@ -298,7 +298,7 @@ class Envelope:
     @classmethod
     def from_record(cls, content: RecordDict) -> "Envelope":
         """The version is checked first: a request of another major is refused before anything else is read."""
-        version = peer_version(content, "the server")
+        version = peer_version(content, "the server", "this site")
         what = f"the server's request ({PROTOCOL_KEY} {version})"
         settings = SiteSettings.from_record(_record(content, SETTINGS, what), f"the server's settings "
                                                                               f"({PROTOCOL_KEY} {version})")

@@ -34,7 +34,7 @@ def failure_reason(reply: Message) -> str | None:
     if failure is not None:
         return failure.reason
     try:
-        M.peer_version(reply.content, "the site")
+        M.peer_version(reply.content, "the site", "this server")
     except FeddemError as exc:
         return str(exc)
     return None

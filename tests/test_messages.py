@@ -141,14 +141,14 @@ def test_versions_of_the_same_major_are_accepted_another_major_is_refused_naming
     newer = M.stamp(RecordDict(), M.Version(M.VERSION.major, M.VERSION.minor + 1))
     with caplog.at_level(logging.WARNING, logger="feddem.messages"):
         for _ in range(3):
-            assert M.peer_version(newer, "the server") == M.Version(M.VERSION.major, M.VERSION.minor + 1)
-    assert caplog.text.count("newer than this side's") == 1  # logged once, not per message
+            assert M.peer_version(newer, "the server", "this site") == M.Version(M.VERSION.major, M.VERSION.minor + 1)
+    assert caplog.text.count("newer than this site's") == 1  # logged once, not per message
     other = M.Version(M.VERSION.major + 1, 0)
-    with pytest.raises(FeddemError, match=rf"the server speaks feddem-protocol {other} and this side {M.VERSION}: "
-                                          rf"a different major"):
-        M.peer_version(M.stamp(RecordDict(), other), "the server")
+    with pytest.raises(FeddemError, match=rf"the server speaks feddem-protocol {other} and this site {M.VERSION}: "
+                                          rf"a different major version cannot be understood \(upgrade this site"):
+        M.peer_version(M.stamp(RecordDict(), other), "the server", "this site")
     with pytest.raises(FeddemError, match="carries no feddem-protocol version"):
-        M.peer_version(RecordDict(), "the server")
+        M.peer_version(RecordDict(), "the server", "this site")
 
 
 # --- the real ClientApp handlers against servers of other versions ---
@@ -203,7 +203,7 @@ def test_a_site_completes_a_round_with_a_newer_server(tmp_path, tiny_base, caplo
         exact = sum(w * v[name].double() for w, v in zip(WEIGHTS.values(), vectors))
         assert (result.aggregate[name].double() - exact).abs().max() <= result.error_bound
     assert caplog.text.count("future-setting") == 1  # ignored, and said once for the whole round
-    assert caplog.text.count("newer than this side's") == 1
+    assert caplog.text.count("newer than this site's") == 1
 
 
 def test_a_site_refuses_another_major_naming_both_versions(tmp_path, tiny_base):
@@ -215,7 +215,7 @@ def test_a_site_refuses_another_major_naming_both_versions(tmp_path, tiny_base):
         stage.run("train", M.TRAIN, {n: M.TrainRequest().to_record() for n in NODES})
     assert sorted(stage.failures) == ["site-0", "site-1", "site-2"]  # each named (the refusal carries its name)
     for reason in stage.failures.values():
-        assert f"the server speaks feddem-protocol {later} and this side {M.VERSION}" in reason
+        assert f"the server speaks feddem-protocol {later} and this site {M.VERSION}" in reason
         assert "different major" in reason
     assert not (tmp_path / "site-0" / "runs").exists()  # refused before any training
 
@@ -253,7 +253,7 @@ def test_the_server_refuses_a_reply_of_another_major(tiny_base):
         return Message(M.stamp(content, version), reply_to=request)
 
     older = M.Version(M.VERSION.major - 1, 9)
-    assert f"the site speaks feddem-protocol {older} and this side {M.VERSION}" in failure_reason(
+    assert f"the site speaks feddem-protocol {older} and this server {M.VERSION}" in failure_reason(
         reply(M.EvaluateReply(result).to_record(), older))
     assert failure_reason(reply(M.EvaluateReply(result).to_record(), M.Version(M.VERSION.major, 0))) is None
     assert failure_reason(reply(M.Failure("refused").to_record(), older)) == "refused"
