@@ -121,7 +121,6 @@ def feddem_client_app(seed: int, length: int):
 
     from feddem.client import app as site_app
     from feddem.client import guard, ledger
-    from feddem.common.config import RunConfig
     from feddem.common.site_context import SiteContext
     from feddem.common import messages as M
     from feddem.common.vector_io import save_vector
@@ -136,9 +135,9 @@ def feddem_client_app(seed: int, length: int):
             save_vector(as_vector(site_vector(seed, site.index, length), length), path)
         for name in (ledger.RECORD_NAME, ledger.IDENTITY_NAME):  # bench only: a fresh site (guard) each round
             (site.work_dir / name).unlink(missing_ok=True)
-        cfg = RunConfig.from_record(dict(msg.content.config_records[M.CONFIG]))
+        cfg = M.Envelope.from_record(msg.content).settings  # the site's settings (common.messages)
         guard.record_trained(site, context.run_id, cfg, "bench", cfg.seed, False)  # the run's declared mode
-        return Message(RecordDict({M.SITE: ConfigRecord({"site": site.name})}), reply_to=msg)
+        return Message(M.stamp(RecordDict({M.SITE: ConfigRecord({"site": site.name})})), reply_to=msg)
 
     app.train("upload")(site_app.upload)
     for message_type in (M.SA_KEYS, M.SA_SHARE, M.SA_MASKED, M.SA_UNMASK):

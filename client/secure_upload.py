@@ -20,16 +20,16 @@ import logging
 from collections.abc import Iterator, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from feddem.client.guard import (
     GuardPolicy, check_not_aggregated, check_other_weights, check_peers, check_weight, mark_aggregated, vector_digest,
 )
 from feddem.common.site_context import SiteContext, vector_file
 from feddem.common import messages as M
-from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
-from feddem.common.secagg import SecAggClient, SecAggError, SecAggParams
+from feddem.common.messages import SiteSettings
+from feddem.common.secagg import SecAggClient, SecAggError
 from feddem.common.secagg.params import round_binding
 from feddem.common.secagg.quantize import _fresh_rng
 from feddem.common.stored_tensors import flat_chunks, float32_arrays, read_header
@@ -100,25 +100,18 @@ class _Round:
         return cls(SecAggClient.from_state(bytes(rec["client"])), float(rec["weight"]), policy, str(rec["digest"]))
 
 
-def _session(content: RecordDict) -> bytes:
-    return bytes(content.config_records[M.SA]["session"])
-
-
-def sa_keys(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, content: RecordDict,
+def sa_keys(site: SiteContext, cfg: SiteSettings, node_config: dict, run_id: int, content: RecordDict,
             state: RecordDict) -> RecordDict:
     """Stage 1: the guard's checks, then fresh key pairs for this round."""
-    params = SecAggParams.from_dict(dict(content.config_records[M.SA_PARAMS]))
-    mine = content.config_records[M.SA_ROUND]
-    weight = float(mine["weight"])
+    request = M.KeysRequest.from_record(content)
+    params, weight = request.params, request.weight
     policy = GuardPolicy.for_site(cfg, node_config)
     check_peers(policy, site, len(params.client_ids) - 1, "keys")
     check_weight(policy, site, weight)
-    me = int(mine["client-id"])
+    me = request.client_id
     if me not in params.client_ids:
         raise FeddemError(f"{site.name}: its client id {me} is not in the round")
-    if "weights" not in mine:
-        raise FeddemError(f"{site.name}: malformed round: it does not say every site's weight")
-    everyone = [float(w) for w in mine["weights"]]
+    everyone = request.weights
     try:
         binding = round_binding(params, everyone)
     except SecAggError as exc:
@@ -131,7 +124,7 @@ def sa_keys(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, c
     check_other_weights(policy, site, others)
     digest = vector_digest(site, run_id)
     check_not_aggregated(site, run_id, digest, policy)
-    names = list(mine["names"])
+    names = request.names
     if names != vector_layout(site, run_id):
         raise FeddemError(f"{site.name}: the server's vector layout does not match the stored vector")
     if params.clip != cfg.clip:
@@ -141,55 +134,54 @@ def sa_keys(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, c
     _Round(client, weight, policy, digest).save(state)
     log.info("%s: secure aggregation session %s, weight %.4f, %d sites, threshold %d", site.name,
              params.session.hex()[:12], weight, len(params.client_ids), params.threshold)
-    return RecordDict({M.SA: ConfigRecord({"pk-c": pk_c, "pk-s": pk_s})})
+    return M.KeysReply(pk_c, pk_s).to_record()
 
 
-def sa_share(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, content: RecordDict,
+def sa_share(site: SiteContext, cfg: SiteSettings, node_config: dict, run_id: int, content: RecordDict,
              state: RecordDict) -> RecordDict:
     """Stage 2: Shamir shares of this round's secrets, encrypted for each peer that advertised keys."""
-    rnd = _Round.load(state, _session(content), site)
-    sa = content.config_records[M.SA]
-    ids = [int(i) for i in sa["ids"]]
-    keys = {i: (bytes(c), bytes(s)) for i, c, s in zip(ids, sa["pk-c"], sa["pk-s"])}
+    request = M.ShareRequest.from_record(content)
+    rnd = _Round.load(state, request.session, site)
+    keys = {i: (c, s) for i, c, s in zip(request.ids, request.pk_c, request.pk_s)}
     check_peers(rnd.policy, site, len(set(keys) - {rnd.client.id}), "share")
     out = rnd.client.share_keys(keys)
     rnd.save(state)
-    return RecordDict({M.SA: ConfigRecord({"to": list(out), "ct": list(out.values())})})
+    return M.ShareReply(list(out), list(out.values())).to_record()
 
 
-def _span(sa: ConfigRecord, length: int, site: SiteContext) -> tuple[int, int]:
+def _span(request: M.MaskedRequest, length: int, site: SiteContext) -> tuple[int, int]:
     """The elements [lo, hi) of w * d the server asks for in this message (all of them when it names none)."""
-    if "span" not in sa:
+    if request.span is None:
         return 0, length
-    span = [int(v) for v in sa["span"]]
+    span = list(request.span)
     if len(span) != 2 or not 0 <= span[0] < span[1] <= length:
         raise FeddemError(f"{site.name}: malformed upload span {span} for a vector of {length} elements")
     return span[0], span[1]
 
 
-def sa_masked(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, content: RecordDict,
+def sa_masked(site: SiteContext, cfg: SiteSettings, node_config: dict, run_id: int, content: RecordDict,
               state: RecordDict) -> RecordDict:
     """Stage 3: w * d clipped, quantized and masked, in ring chunks with their upload tags; the elements the
     server's `span` names (all by default), the check block with the last ones. The first such message of a round
     carries the peers' shares: the guard checks, and the vector is marked as spent on disk before anything leaves.
     A later part needs that first one (and the masks refuse any element twice)."""
-    rnd = _Round.load(state, _session(content), site)
-    sa = content.config_records[M.SA]
+    request = M.MaskedRequest.from_record(content)
+    rnd = _Round.load(state, request.session, site)
     client = rnd.client
     length = client.params.vector_length
-    lo, hi = _span(sa, length, site)
+    lo, hi = _span(request, length, site)
     vector = float32_arrays(vector_file(site, run_id))  # lazy: read one tensor at a time
     if vector_digest(site, run_id) != rnd.digest:
         raise FeddemError(f"{site.name}: the stored vector changed during the secure-aggregation round")
     if client.stage == "shared":  # the first (or only) part
-        received = _pairs(list(sa["from"]), [bytes(c) for c in sa["ct"]])
+        received = _pairs(request.senders, request.ct)
         check_peers(rnd.policy, site, len(set(received) - {client.id}), "masked")
         check_not_aggregated(site, run_id, rnd.digest, rnd.policy)
         client.receive_shares(received)
         mark_aggregated(site, run_id, rnd.digest, client.params.session, rnd.weight, rnd.policy)
     elif client.stage != "masking":
         raise FeddemError(f"{site.name}: a masked upload was asked for at secure-aggregation stage '{client.stage}'")
-    elif len(sa.get("from", [])):
+    elif request.senders:
         raise FeddemError(f"{site.name}: shares sent again in a later part of the masked upload")
     names = sorted(vector)
     # this site's part of the distributed noise: n equal parts of variance noise^2 / n
@@ -209,21 +201,19 @@ def sa_masked(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int,
     if hi == length:
         put(length, client.masked_check_block())
     rnd.save(state)
-    return RecordDict({M.MASKED: ArrayRecord(arrays),
-                       M.SA: ConfigRecord({"offsets": list(tags), "tags": list(tags.values())}),
-                       M.METRICS: MetricRecord({"clipped": clipped, "elements": elements})})
+    return M.MaskedReply(ArrayRecord(arrays), list(tags), list(tags.values()), clipped, elements).to_record()
 
 
-def sa_unmask(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, content: RecordDict,
+def sa_unmask(site: SiteContext, cfg: SiteSettings, node_config: dict, run_id: int, content: RecordDict,
               state: RecordDict) -> RecordDict:
     """Stage 4: shares that remove the masks (self-mask shares of survivors, key shares of dropped peers)."""
-    rnd = _Round.load(state, _session(content), site)
-    sa = content.config_records[M.SA]
-    survivors, dropped = [int(i) for i in sa["survivors"]], [int(i) for i in sa["dropped"]]
+    request = M.UnmaskRequest.from_record(content)
+    rnd = _Round.load(state, request.session, site)
+    survivors, dropped = request.survivors, request.dropped
     check_peers(rnd.policy, site, len(set(survivors) - {rnd.client.id}), "unmask")
     shares = rnd.client.unmask(survivors, dropped)
     rnd.save(state)
-    return RecordDict({M.SA: ConfigRecord({"peers": list(shares), "shares": list(shares.values())})})
+    return M.UnmaskReply(list(shares), list(shares.values())).to_record()
 
 
 STAGES = {M.SA_KEYS: sa_keys, M.SA_SHARE: sa_share, M.SA_MASKED: sa_masked, M.SA_UNMASK: sa_unmask}

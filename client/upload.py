@@ -15,8 +15,8 @@ from flwr.app import ArrayRecord
 
 from feddem.client.guard import GuardPolicy, check_plain_upload, vector_digest
 from feddem.common.site_context import SiteContext, stored_vector
-from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
+from feddem.common.messages import SiteSettings
 from feddem.common.vector_records import vector_to_record
 from feddem.common.vectors import Vector, cast, scaled
 
@@ -28,7 +28,7 @@ def upload_weighted_vector(vector: Vector, weight: float, dtype: torch.dtype = t
     return vector_to_record(cast(scaled(vector, weight), dtype))
 
 
-def plain_upload(site: SiteContext, cfg: RunConfig, node_config: dict, run_id: int, weight: float) -> ArrayRecord:
+def plain_upload(site: SiteContext, cfg: SiteSettings, node_config: dict, run_id: int, weight: float) -> ArrayRecord:
     """The guarded plain upload of this run's vector (a GuardRefusal names the rule it breaks)."""
     if not math.isfinite(weight):
         raise FeddemError(f"the server asked for a non-finite weight ({weight})")

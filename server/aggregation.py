@@ -14,7 +14,6 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from feddem.common import messages as M
@@ -67,9 +66,9 @@ class Aggregator(ABC):
 def fetch_uploads(stage, sites: dict, weights: dict[int, float], base_params: dict):
     """Ask each site for `w_i * d_i` in the clear (plain aggregation); yields (node, checked vector) as they come,
     one reply at a time (the vector is read lazily from its message)."""
-    for node, content in stage.stream("upload", M.UPLOAD, {n: RecordDict({M.WEIGHT: ConfigRecord({"weight": w})})
+    for node, content in stage.stream("upload", M.UPLOAD, {n: M.UploadRequest(w).to_record()
                                                            for n, w in weights.items()}):
-        vector = vector_from_record(content.array_records[M.VECTOR])
+        vector = vector_from_record(M.UploadReply.from_record(content).vector)
         check_vector(vector, base_params, f"upload of {sites[node]['site']}", stage.cfg.torch_vector_dtype)
         yield node, vector
 
@@ -133,7 +132,7 @@ class SecureAggregator(Aggregator):
 
     def _layout(self, weights: dict[int, float]) -> list[str]:
         trained = self.trained
-        layouts = {n: list(trained[n].config_records[M.LAYOUT]["names"]) for n in weights}
+        layouts = {n: M.TrainReply.from_record(trained[n]).layout for n in weights}
         layout = layouts[min(layouts)]
         if any(names != layout for names in layouts.values()):
             raise FeddemError("the sites' vectors cover different parameters (vector layouts differ): check that all "

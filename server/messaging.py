@@ -1,4 +1,8 @@
-"""Addressing messages to sites and reading their replies: one implementation for every stage of a run."""
+"""Addressing messages to sites and reading their replies: one implementation for every stage of a run.
+
+Every message goes out in its `common.messages` envelope: this server's protocol version, the site's part of the run
+config (`SiteSettings`, not the whole of it) and the base model. A reply is a result only when it carries no error,
+no `Failure`, and a protocol version of this server's major."""
 
 import time
 from collections.abc import Callable, Iterator
@@ -8,16 +12,17 @@ from flwr.serverapp import Grid
 
 from feddem.common import messages as M
 from feddem.common.config import RunConfig
+from feddem.common.errors import FeddemError
 from feddem.common.memory import release_memory
 
 POLL_FIRST, POLL_MAX = 0.005, 0.05  # seconds between polls for replies: short, doubling while none arrives
 
 
 def site_message(cfg: RunConfig, base: ConfigRecord, node: int, message_type: str, content: RecordDict) -> Message:
-    """A message to one site, carrying the run config and the base-model reference every handler needs."""
-    content[M.CONFIG] = ConfigRecord(cfg.to_record())
-    content[M.BASE] = base
-    return Message(content, dst_node_id=node, message_type=message_type)
+    """A message to one site: `content` (one request's records, `common.messages`) in the envelope every handler
+    needs (the protocol version, the site's settings from `cfg`, the base model of the `base` record)."""
+    envelope = M.Envelope(M.SiteSettings.from_run_config(cfg), M.BaseModelRef.from_record(base))
+    return Message(envelope.wrap(content), dst_node_id=node, message_type=message_type)
 
 
 def failure_reason(reply: Message) -> str | None:
@@ -25,8 +30,13 @@ def failure_reason(reply: Message) -> str | None:
     if reply.has_error():
         lines = [line.strip() for line in str(reply.error.reason).splitlines() if line.strip()]
         return lines[-1][:500] if lines else "unknown error"  # the useful end of a remote traceback
-    if M.FAILURE in reply.content.config_records:
-        return str(reply.content.config_records[M.FAILURE]["reason"])
+    failure = M.Failure.from_record(reply.content)  # readable whatever the site's version
+    if failure is not None:
+        return failure.reason
+    try:
+        M.peer_version(reply.content, "the site", "this server")
+    except FeddemError as exc:
+        return str(exc)
     return None
 
 

@@ -106,7 +106,7 @@ def upload_spans(length: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _check_masked(record, tags: ConfigRecord, params: SecAggParams, server: SecAggServer,
+def _check_masked(record, tags: M.MaskedReply, params: SecAggParams, server: SecAggServer,
                   client_id: int, span: tuple[int, int]) -> list[tuple[int, np.ndarray]]:
     """The chunks of one masked upload message, checked whole BEFORE any is added (a partial input cannot be
     removed): dtype, shape, coverage of the ring elements of `span` (with the check block when it ends the
@@ -127,7 +127,7 @@ def _check_masked(record, tags: ConfigRecord, params: SecAggParams, server: SecA
     if position != end:
         raise FeddemError(f"masked upload covers ring elements [{span[0]}, {position}), expected "
                           f"[{span[0]}, {end})")
-    tag_of = dict(zip([int(o) for o in tags["offsets"]], tags["tags"], strict=True))
+    tag_of = dict(zip(tags.offsets, tags.tags, strict=True))
     for offset, data in chunks:
         server.verify_tag(client_id, data, offset, tag_of.get(offset, b""))
     return chunks
@@ -186,7 +186,6 @@ class SecureRound:
         self.params = replace(params, session=round_binding(params, self.all_weights))
         self.server = SecAggServer(self.params, server_key)
         self.exchange = _Round(grid, cfg, base, self.params.session)
-        self.session = {"session": self.params.session}
         self.clipped: dict[int, int] = {}
         self.stage = "keys"
 
@@ -211,35 +210,34 @@ class SecureRound:
         keys: dict[int, tuple[bytes, bytes]] = {}
 
         def on_keys(node, content):
-            pk_c, pk_s = bytes(content.config_records[M.SA]["pk-c"]), bytes(content.config_records[M.SA]["pk-s"])
+            reply = M.KeysReply.from_record(content)
+            pk_c, pk_s = reply.pk_c, reply.pk_s
             if len(pk_c) != KEY_BYTES or len(pk_s) != KEY_BYTES:
                 raise FeddemError(f"public keys must be {KEY_BYTES} bytes")
             keys[cid[node]] = (pk_c, pk_s)
 
-        self.exchange.exchange(self.stage, M.SA_KEYS, {node: RecordDict({
-            M.SA_PARAMS: ConfigRecord(params.to_dict()),
-            M.SA_ROUND: ConfigRecord({"client-id": cid[node], "weight": float(weights[node]), "names": list(layout),
-                                      "weights": all_weights}),
-        }) for node in self.nodes}, on_keys)
+        self.exchange.exchange(self.stage, M.SA_KEYS, {node: M.KeysRequest(
+            params, cid[node], float(weights[node]), all_weights, list(layout)).to_record() for node in self.nodes},
+            on_keys)
         return self.server.collect_public_keys(keys)
 
     def share(self, broadcast: dict[int, tuple[bytes, bytes]]) -> dict[int, dict[int, bytes]]:
         """Stage 2: each site's encrypted shares for its neighbours; returns them routed by receiver."""
         self.stage = "share"
-        params, cid, node_of, session = self.params, self.cid, self.node_of, self.session
+        params, cid, node_of = self.params, self.cid, self.node_of
         shares: dict[int, dict[int, bytes]] = {}
 
         def on_share(node, content):
-            sa = content.config_records[M.SA]
-            out = {int(r): bytes(ct) for r, ct in zip(sa["to"], sa["ct"], strict=True)}
+            reply = M.ShareReply.from_record(content)
+            out = dict(zip(reply.to, reply.ct, strict=True))
             expected = {v for v in params.neighbours[cid[node]] if v in broadcast}
             if set(out) != expected or any(len(ct) != CIPHERTEXT_BYTES for ct in out.values()):
                 raise FeddemError(f"shares addressed to {sorted(out)}, expected {sorted(expected)}")
             shares[cid[node]] = out
 
         ids = sorted(broadcast)
-        self.exchange.exchange(self.stage, M.SA_SHARE, {node_of[i]: RecordDict({M.SA: ConfigRecord(session | {
-            "ids": ids, "pk-c": [broadcast[i][0] for i in ids], "pk-s": [broadcast[i][1] for i in ids]})})
+        self.exchange.exchange(self.stage, M.SA_SHARE, {node_of[i]: M.ShareRequest(
+            params.session, ids, [broadcast[i][0] for i in ids], [broadcast[i][1] for i in ids]).to_record()
             for i in ids}, on_share)
         return self.server.route_shares(shares)
 
@@ -255,20 +253,19 @@ class SecureRound:
     def _masked_part(self, routed: dict[int, dict[int, bytes]], part: int, span: tuple[int, int],
                      senders: set[int]) -> set[int]:
         """One part of the masked stage; returns the client ids whose part arrived."""
-        params, server, cid, node_of, session = self.params, self.server, self.cid, self.node_of, self.session
+        params, server, cid, node_of = self.params, self.server, self.cid, self.node_of
         clipped = self.clipped
 
         def on_masked(node, content, span=span):
-            chunks = _check_masked(content.array_records[M.MASKED], content.config_records[M.SA], params,
-                                   server, cid[node], span)
+            reply = M.MaskedReply.from_record(content)
+            chunks = _check_masked(reply.masked, reply, params, server, cid[node], span)
             for offset, data in chunks:
                 server.add_masked_chunk(cid[node], data, offset)
-            clipped[node] = clipped.get(node, 0) + int(content.metric_records[M.METRICS]["clipped"])
+            clipped[node] = clipped.get(node, 0) + reply.clipped
 
-        shares = {i: {"from": list(routed[i]), "ct": list(routed[i].values())} if part == 0 else {}
-                  for i in senders}
-        done = self.exchange.exchange(self.stage, M.SA_MASKED, {node_of[i]: RecordDict({M.SA: ConfigRecord(
-            session | shares[i] | {"span": list(span)})}) for i in sorted(senders)}, on_masked)
+        shares = {i: (list(routed[i]), list(routed[i].values())) if part == 0 else ([], []) for i in senders}
+        done = self.exchange.exchange(self.stage, M.SA_MASKED, {node_of[i]: M.MaskedRequest(
+            params.session, span, *shares[i]).to_record() for i in sorted(senders)}, on_masked)
         lost = sorted(node_of[i] for i in senders if node_of[i] not in done)
         if part > 0 and lost:
             raise SecAggError(
@@ -282,15 +279,15 @@ class SecureRound:
         masks (and checks the sum's check block)."""
         request = self.server.unmask_request()
         self.stage = "unmask"
-        cid, node_of, session = self.cid, self.node_of, self.session
+        cid, node_of = self.cid, self.node_of
         unmask_shares: dict[int, dict[int, bytes]] = {}
 
         def on_unmask(node, content):
-            sa = content.config_records[M.SA]
-            unmask_shares[cid[node]] = {int(p): bytes(s) for p, s in zip(sa["peers"], sa["shares"], strict=True)}
+            reply = M.UnmaskReply.from_record(content)
+            unmask_shares[cid[node]] = dict(zip(reply.peers, reply.shares, strict=True))
 
-        self.exchange.exchange(self.stage, M.SA_UNMASK, {node_of[i]: RecordDict({M.SA: ConfigRecord(session | {
-            "survivors": list(request.survivors), "dropped": list(request.dropped)})})
+        self.exchange.exchange(self.stage, M.SA_UNMASK, {node_of[i]: M.UnmaskRequest(
+            self.params.session, list(request.survivors), list(request.dropped)).to_record()
             for i in request.survivors}, on_unmask)
         self.server.recover_masks(unmask_shares)
         return request

@@ -102,9 +102,9 @@ class Stage:
         log.warning("%s failed: %s", self.label(node), why)
 
     def _learn_name(self, node: int, content: RecordDict) -> None:
-        for record in (M.SITE, M.FAILURE):
-            if record in content.config_records and "site" in content.config_records[record]:
-                self.names[node] = str(content.config_records[record]["site"])
+        name = M.site_of(content)
+        if name is not None:
+            self.names[node] = name
 
     def run(self, name: str, message_type: str, per_node: dict[int, RecordDict]) -> dict[int, RecordDict]:
         """The contents of the successful replies by node (failures recorded in `failures`; a FeddemError when no
@@ -142,16 +142,15 @@ class Stage:
 
 
 def _site_record(content: RecordDict) -> dict:
-    return dict(content.config_records[M.SITE]) | dict(content.metric_records[M.METRICS])
+    return M.TrainReply.from_record(content).result
 
 
 def evaluate_records(stage: Stage, nodes, aggregate: Vector, split: str, name: str) -> dict[int, dict]:
     """Each site's evaluation of base + aggregate on its validation or test split: its whole reply (merged_loss,
     domain, and the generation metrics and samples of instruction data)."""
     record = vector_to_record(aggregate)  # serialised once, sent to every site
-    replies = stage.run(name, M.EVALUATE, {n: RecordDict({M.AGGREGATE: record,
-                                                          M.EVAL: ConfigRecord({"split": split})}) for n in nodes})
-    return {node: _site_record(content) for node, content in replies.items()}
+    replies = stage.run(name, M.EVALUATE, {n: M.EvaluateRequest(record, split).to_record() for n in nodes})
+    return {node: M.EvaluateReply.from_record(content).result for node, content in replies.items()}
 
 
 def evaluate_merge(stage: Stage, nodes, aggregate: Vector, split: str, name: str) -> dict[int, float]:
@@ -165,8 +164,9 @@ def _reports(sites: dict, trained: dict, order: list[int]) -> list[SiteReport]:
     for n in order:
         s = sites[n]
         extra = {key: float(s[key]) for key in (ALIGNMENT,) if key in s}
-        if M.EMBEDDING in trained[n].array_records:
-            extra[EMBEDDING] = trained[n].array_records[M.EMBEDDING]["embedding"].numpy()
+        embedding = M.TrainReply.from_record(trained[n]).embedding
+        if embedding is not None:
+            extra[EMBEDDING] = embedding
         reports.append(SiteReport(s["site"], s["domain"], int(s["examples"]), int(s["tokens"]),
                                   float(s["train_loss"]), extra))
     return reports
@@ -358,26 +358,25 @@ class DemRun:
         self.base = Base.load(self.cfg)
         self.timings.lap("setup")
         self.nodes = _wait_for_nodes(self.grid, self.cfg.sites, self.cfg.timeout)
-        self.stage = Stage(self.grid, self.cfg, ConfigRecord({"model-ref": self.base.ref,
-                                                              "model-checksum": self.base.checksum}))
+        self.stage = Stage(self.grid, self.cfg, M.BaseModelRef(self.base.ref, self.base.checksum).to_record())
 
-    def configure_train(self) -> RecordDict:
+    def configure_train(self) -> M.TrainRequest:
         """The training request of a round: where to start (the merge so far) and, for DGA, the target."""
         model_ref, cfg, merged_so_far = self.base.ref, self.cfg, self.merged
-        request = RecordDict()
+        request = M.TrainRequest(embedding=EMBEDDING in self.chosen.needs)
         if merged_so_far is not None:
-            request[M.START] = vector_to_record(merged_so_far)
+            request.start = vector_to_record(merged_so_far)
         if ALIGNMENT in self.chosen.needs:
             current = load_model(model_ref)
             if merged_so_far is not None:
                 apply_vector(current, merged_so_far)
-            request[M.TARGET] = vector_to_record(target_direction(current, load_tokenizer(model_ref), cfg))
+            request.target = vector_to_record(target_direction(current, load_tokenizer(model_ref), cfg))
             del current
         return request
 
     def train(self, label: str) -> TrainedRound:
         request, nodes = self.configure_train(), self.nodes
-        trained = self.stage.run(f"{label}local fine-tuning", M.TRAIN, {n: RecordDict(dict(request)) for n in nodes})
+        trained = self.stage.run(f"{label}local fine-tuning", M.TRAIN, {n: request.to_record() for n in nodes})
         sites = {node: _site_record(content) for node, content in trained.items()}
         self.first_sites = self.first_sites or sites
         for s in sites.values():

@@ -5,7 +5,6 @@ names every file in its folder, which is what the recorder puts in the store."""
 import shutil
 
 import pytest
-from flwr.app import ConfigRecord, RecordDict
 
 from feddem.common import messages as M
 from feddem.server.admin.recorder import output_files
@@ -21,35 +20,34 @@ from tests.test_secure_round import (  # noqa: F401 (the autouse fixture)
 @pytest.fixture(scope="module")
 def trained_plain(tmp_path_factory, tiny_base):
     """Four sites fine-tuned for real (2 steps) in a run that declares plain aggregation (a vector trained under
-    secure aggregation is never sent in the clear); their folders and layouts."""
+    secure aggregation is never sent in the clear); their folders and train replies."""
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, 1
     root = tmp_path_factory.mktemp("trained-plain-sites")
     replies = Stage(FakeGrid(root, NODES), _cfg(tiny_base, aggregation="plain"), _base_record(tiny_base)).run(
-        "train", M.TRAIN, {n: RecordDict() for n in NODES})
-    return root, {n: list(c.config_records[M.LAYOUT]["names"]) for n, c in replies.items()}
+        "train", M.TRAIN, {n: M.TrainRequest().to_record() for n in NODES})
+    return root, replies
 
 
-def _aggregate(root, tiny_base, layout, **cfg_kw):
+def _aggregate(root, tiny_base, replies, **cfg_kw):
     """One aggregation of WEIGHTS over a fresh copy of the trained sites, through `configure_aggregator`."""
     cfg = _cfg(tiny_base, **cfg_kw)
     grid = FakeGrid(root, NODES)
     stage = Stage(grid, cfg, _base_record(tiny_base))
     sites = {n: {"site": f"site-{i}", "domain": f"domain-{i}"} for i, n in enumerate(NODES)}
-    replies = {n: RecordDict({M.LAYOUT: ConfigRecord({"names": layout})}) for n in NODES}
     aggregator = configure_aggregator(grid, cfg, stage, replies, sites, NODES, _shapes(tiny_base))
     return aggregator, aggregator.aggregate(WEIGHTS)
 
 
 def test_plain_trusted_and_secure_aggregators_give_the_same_sum(trained_plain, tiny_base, tmp_path):
-    root, layouts = trained_plain
-    layout = layouts[NODES[0]]
+    root, replies = trained_plain
+    layout = M.TrainReply.from_record(replies[NODES[0]]).layout
     got = {}
     for mode, kw in (("plain", {"aggregation": "plain"}), ("held", {"aggregation": "plain", "keep_pool": True}),
                      ("secure", {"aggregation": "secure"})):
         shutil.copytree(root, tmp_path / mode)  # each aggregation on its own copy (the guards remember uploads)
-        got[mode] = _aggregate(tmp_path / mode, tiny_base, layout, **kw)
+        got[mode] = _aggregate(tmp_path / mode, tiny_base, replies, **kw)
     kinds = {mode: type(aggregator) for mode, (aggregator, _) in got.items()}
     assert kinds == {"plain": PlainAggregator, "held": HeldAggregator, "secure": SecureAggregator}
     plain, held, secure = (got[m][1] for m in ("plain", "held", "secure"))

@@ -25,6 +25,7 @@ from feddem.common.synthetic import make_domain
 from feddem.common.vector_io import load_vector
 from feddem.common.vectors import parameters_of
 from feddem.server import cli
+from feddem.server.messaging import site_message
 from feddem.server.secure_aggregation import secure_sum
 from feddem.server.workflow import Stage
 from tests.fakegrid import FakeGrid, task_identity
@@ -109,9 +110,8 @@ def _windows(vector, weight) -> list[bytes]:
 
 def _ask_plain(grid, base, node, weight=1.0, **cfg) -> Message:
     """The plain upload message a hostile server sends (the `train.upload` handler)."""
-    content = RecordDict({M.WEIGHT: ConfigRecord({"weight": weight}), M.CONFIG: ConfigRecord(
-        _cfg(base, **cfg).to_record()), M.BASE: _base(base)})
-    [reply] = grid.send_and_receive([Message(content, dst_node_id=node, message_type=M.UPLOAD)])
+    request = site_message(_cfg(base, **cfg), _base(base), node, M.UPLOAD, M.UploadRequest(weight).to_record())
+    [reply] = grid.send_and_receive([request])
     return reply
 
 
@@ -350,12 +350,8 @@ def _keys(sites, base, vector_path):
     params = SecAggParams.create([0, 1, 2], 10, 1.0)
     weights = [WEIGHTS[n] for n in NODES]
     params = replace(params, session=round_binding(params, weights))
-    content = RecordDict({
-        M.SA_PARAMS: ConfigRecord(params.to_dict()),
-        M.SA_ROUND: ConfigRecord({"client-id": 0, "weight": weights[0], "weights": weights,
-                                  "names": sorted(load_vector(vector_path))}),
-        M.CONFIG: ConfigRecord(_cfg(base).to_record()), M.BASE: _base(base)})
-    return Message(content, dst_node_id=NODES[0], message_type=M.SA_KEYS)
+    content = M.KeysRequest(params, 0, weights[0], weights, sorted(load_vector(vector_path))).to_record()
+    return site_message(_cfg(base), _base(base), NODES[0], M.SA_KEYS, content)
 
 
 def test_keep_runs_prunes_after_training(sites, tiny_base):

@@ -23,6 +23,7 @@ from feddem.common.secagg import SecAggClient, SecAggParams, SecAggServer
 from feddem.common.secagg.params import round_binding
 from feddem.common.vector_io import load_vector
 from feddem.common.vectors import parameters_of
+from feddem.server.messaging import site_message
 from feddem.server.secure_aggregation import secure_sum
 from feddem.server.workflow import Stage, run_dem
 from tests.fakegrid import RUN_ID, FakeGrid, task_identity
@@ -302,13 +303,8 @@ def _keys_message(base, params, client_id, weight, layout, weights=None, bind=Tr
     weights = [weight] * len(params.client_ids) if weights is None else weights
     if bind:
         params = replace(params, session=round_binding(params, weights))
-    content = RecordDict({
-        M.SA_PARAMS: ConfigRecord(params.to_dict()),
-        M.SA_ROUND: ConfigRecord({"client-id": client_id, "weight": weight, "names": layout, "weights": weights}),
-        M.CONFIG: ConfigRecord(_cfg(base, **cfg).to_record()),
-        M.BASE: _base_record(base),
-    })
-    return Message(content, dst_node_id=NODES[0], message_type=M.SA_KEYS)
+    content = M.KeysRequest(params, client_id, weight, weights, layout).to_record()
+    return site_message(_cfg(base, **cfg), _base_record(base), NODES[0], M.SA_KEYS, content)
 
 
 def _ask(grid, msg):
