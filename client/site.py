@@ -12,7 +12,9 @@ import torch
 
 from feddem.common.config import RunConfig
 from feddem.common.chat_format import CHAT
-from feddem.common.data import Shard, SyntheticSizes, TokenBatch, encode_examples, encode_train, load_shard, load_site_data
+from feddem.common.data import (
+    Shard, SyntheticSizes, TokenBatch, column_rows, encode_examples, encode_train, load_shard, load_site_data,
+)
 from feddem.common.errors import FeddemError
 from feddem.common.sparsify import sparsify
 from feddem.common.evaluation import evaluate_loss, generation_metrics
@@ -128,7 +130,9 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     tokenizer = load_tokenizer(model_ref)
     shard = load_site_shard(cfg, site)
     # the guard's randomness: a spent (data, seed) pair trains with fresh randomness, never the same vector again
-    data = data_digest(shard.train[shard.column])
+    # every train row may be drawn (the sample depends on the seed, the seed on this digest): all are digested,
+    # streamed (`column_rows`), never the whole column in memory
+    data = data_digest(column_rows(shard.train, shard.column))
     seed, seed_base, fresh = training_seed(site, cfg, run_id, data)
     settings = TrainSettings.from_run_config(cfg, seed=seed)
     settings.validate()
@@ -140,7 +144,7 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     base_eval = evaluate_loss(model, heldout, None, device)
     extra = _generation(model, tokenizer, prompts, cfg, device, "base_")
     if embed:
-        extra["embedding"] = domain_embedding(model, train_data.input_ids, tokenizer.pad_token_id, device)
+        extra["embedding"] = domain_embedding(model, train_data, tokenizer.pad_token_id, device)
     if start_from is not None:
         apply_vector(model, start_from)
     if cfg.lora:
