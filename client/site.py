@@ -121,9 +121,10 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
 
     Besides the losses the result holds `data_format` (`text` or `chat`), `truncated_examples` (train and test
     examples cut to seq-len, never dropped), `warnings` (one string, one warning per line, empty when none: a small
-    held-out split, truncation), `setup_seconds`/`train_seconds`/`eval_seconds`, and for chat data the generation
-    metric of the base and the local model (`base_gen_exact_match`, `base_gen_rouge_l`, `base_samples`, and the
-    same with `local_`; `common.evaluation.generation_metrics`)."""
+    held-out split, truncation), `setup_seconds` (base, tokenizer, data), `train_seconds`, `eval_seconds` (the
+    base's and the local model's held-out loss and generation) and `seconds` (all of it), and for chat data the
+    generation metric of the base and the local model (`base_gen_exact_match`, `base_gen_rouge_l`, `base_samples`,
+    and the same with `local_`; `common.evaluation.generation_metrics`)."""
     start = time.perf_counter()
     device = site.resolve_device(cfg)
     model = load_verified_base(model_ref, checksum)
@@ -143,6 +144,7 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     setup_seconds = time.perf_counter() - start
     base_eval = evaluate_loss(model, heldout, None, device)
     extra = _generation(model, tokenizer, prompts, cfg, device, "base_")
+    base_eval_seconds = time.perf_counter() - start - setup_seconds
     if embed:
         extra["embedding"] = domain_embedding(model, train_data, tokenizer.pad_token_id, device)
     if start_from is not None:
@@ -167,7 +169,7 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     eval_start = time.perf_counter()
     local_eval = evaluate_loss(model, heldout, None, device)
     extra |= _generation(model, tokenizer, prompts, cfg, device, "local_")
-    eval_seconds = time.perf_counter() - eval_start
+    eval_seconds = base_eval_seconds + time.perf_counter() - eval_start
     if cfg.lora:
         vector = extract_lora_vector(model)
     else:

@@ -19,7 +19,7 @@ SAMPLES = "samples"
 # what report.json keeps of each site's training reply (`client.site.fine_tune`): its data (format, sizes, examples
 # cut to seq-len, its own warnings: small held-out split, truncation), its train loss and its phase timings
 SITE_KEYS = ("site", "domain", "data_format", "examples", "tokens", "heldout_examples", "truncated_examples",
-             "warnings", "train_loss", "setup_seconds", "train_seconds", "eval_seconds")
+             "warnings", "train_loss", "setup_seconds", "train_seconds", "eval_seconds", "seconds")
 SAMPLES_SHOWN = 3  # sample answers per domain kept in the report
 MIN_HELDOUT = 20  # a test split smaller than this judges little: the report warns
 

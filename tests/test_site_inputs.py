@@ -54,3 +54,26 @@ def test_domain_embedding_counts_a_real_eos_when_the_pad_id_is_eos():
     without_eos = ids != EOS
     assert torch.allclose(torch.from_numpy(by_pad_id), (unmasked[len(unmasked) // 2] * without_eos.unsqueeze(-1)
                                                         ).sum(dim=(0, 1)) / without_eos.sum(), atol=1e-5)
+
+
+def test_a_sites_phase_timings_count_both_evaluations_and_add_up(tmp_path, tiny_base, monkeypatch):
+    import time
+
+    from feddem.client import site as site_module
+    from feddem.client.site_context import SiteContext
+    from feddem.common.config import RunConfig
+
+    evaluate = site_module.evaluate_loss
+
+    def slow_evaluate(*args, **kwargs):  # each held-out evaluation takes at least 0.3 s
+        time.sleep(0.3)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(site_module, "evaluate_loss", slow_evaluate)
+    cfg = RunConfig(data="synthetic:arithmetic", steps=1, batch_size=2, seq_len=32, train_examples=20,
+                    eval_examples=4)
+    site = SiteContext.from_node_config({"partition-id": 0, "work-dir": str(tmp_path / "site")})
+    result = site_module.fine_tune(cfg, site, str(tiny_base), "", run_id=1)
+    assert result["eval_seconds"] >= 0.6  # the base's evaluation before training and the local model's after
+    phases = result["setup_seconds"] + result["train_seconds"] + result["eval_seconds"]
+    assert phases <= result["seconds"] + 1e-6
