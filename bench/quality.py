@@ -102,12 +102,13 @@ def _shard(cfg, index: int):
 
 
 def site_data(cfg, n_sites: int, tokenizer) -> list[dict]:
-    from feddem.client.site import heldout_blocks
+    from feddem.client.site import heldout_blocks, heldout_indices
 
     data = []
     for i in range(n_sites):
         shard = _shard(cfg, i)
-        data.append({"domain": shard.name, "kind": shard.kind, "train": site_train(cfg, shard, tokenizer, cfg.seed + i),
+        data.append({"domain": shard.name, "kind": shard.kind, "test_examples": len(heldout_indices(shard, "test")),
+                     "train": site_train(cfg, shard, tokenizer, cfg.seed + i),
                      "validation": heldout_blocks(shard, tokenizer, cfg, "validation"),
                      "test": heldout_blocks(shard, tokenizer, cfg, "test")})
     return data
@@ -492,8 +493,7 @@ def main(argv=None) -> int:
                             "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": cfg.lr,
                             "rounds": args.rounds, "data": args.data, "preset": args.preset,
                             "aggregation": args.aggregation, "seed": args.seed, "device": str(device),
-                            "cpus": os.cpu_count(), "test_examples": {d["domain"]: len(d["test"]) if d["kind"] != "text"
-                                                                      else None for d in data}}}
+                            "cpus": os.cpu_count(), "test_examples": {d["domain"]: d["test_examples"] for d in data}}}
     best_merge = min((k for k in mean if k.startswith("merge/")), key=mean.get)
     best_feddem = min((k for k in mean if k.startswith(("merge/", "feddem/"))), key=mean.get)
     results["targets"] = {
