@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import _losses, _merged, _site_data  # noqa: E402  (the quality bench's own helpers)
+from quality import _losses, _merged, site_data  # noqa: E402  (the quality bench's own helpers)
 
 log = logging.getLogger("feddem.bench")
 SPARSIFY = ("none", "dare:0.5", "dare:0.9", "topk:0.2")
+CPU = torch.device("cpu")
 
 
 def train_sites(cfg, ref: str, work: Path):
@@ -51,13 +52,12 @@ def train_sites(cfg, ref: str, work: Path):
 
 def site_statistics(merge_rule, base, dense, data, examples: int):
     """Each site's statistics for `merge_rule` on its own train blocks, computed with its own fine-tuned model."""
-    from feddem.common.data import TokenBatch
     from feddem.common.merging.statistics import diagonal_fisher, input_grams
 
     stats = []
     for vector, d in zip(dense, data):
         model = _merged(base, [vector], [1.0])
-        blocks = TokenBatch.from_blocks(d["train"])
+        blocks = d["train"]
         if merge_rule.name == "fisher":
             stats.append(diagonal_fisher(model, blocks, list(vector), examples=examples))
         else:
@@ -133,20 +133,23 @@ def main(argv=None) -> int:
                     aggregation="plain", device="cpu", search_budget=args.search_budget)
     ref = resolve_base_ref(cfg)
     base = load_model(ref)
-    tokenizer, data = _site_data(cfg, n)
+    from feddem.common.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(ref)
+    data = site_data(cfg, n, tokenizer)
     start = time.perf_counter()
     dense = train_sites(cfg, ref, Path(os.environ["FEDDEM_HOME"]) / "merge-sites")
     log.info("sites trained in %.0f s", time.perf_counter() - start)
     domains = [d["domain"] for d in data]
-    base_loss = _losses(base, data, tokenizer)
-    local = {d: _losses(_merged(base, [v], [1.0]), [x], tokenizer)[d] for d, v, x in zip(domains, dense, data)}
+    base_loss = _losses(base, data, CPU)
+    local = {d: _losses(_merged(base, [v], [1.0]), [x], CPU)[d] for d, v, x in zip(domains, dense, data)}
 
     def mean_validation(vectors, weights) -> float:
-        losses = _losses(_merged(base, vectors, weights), data, tokenizer, "validation")
+        losses = _losses(_merged(base, vectors, weights), data, CPU, "validation")
         return sum(losses.values()) / len(losses)
 
     def score(vectors, weights) -> dict:
-        merged = _losses(_merged(base, vectors, weights), data, tokenizer)
+        merged = _losses(_merged(base, vectors, weights), data, CPU)
         kept = {d: kept_share(base_loss[d], local[d], merged[d])[0] for d in domains}
         return {"loss": merged, "kept": kept, "mean_loss": sum(merged.values()) / n,
                 "worst_kept": min((k for k in kept.values() if k is not None), default=float("nan"))}

@@ -1,21 +1,34 @@
 """Quality benchmark: feddem's merges against data mixing (the centralised bound) and Flower's FedAvg (the federated
 peer), on the same base model, sites, seed and training tokens per site.
 
-Everything is measured in this one script, on the test half of each site's held-out split (nats/token):
+Everything is measured in this one script, on the test half of each site's held-out split (nats per scored token:
+every token of text data, the assistant tokens of instruction/chat data), with the sites' own data path
+(`common.data.encode_train` / `client.site.heldout_blocks`: chat templates, prompt tokens masked):
 - `base`: the base model;
-- `local/<domain>`: each site's own fine-tuned model;
-- `data_mixing`: one model fine-tuned on the union of all sites' train splits for sites x steps steps;
-- `fedavg/R`: Flower's FedAvg (`flwr.serverapp.strategy.FedAvg`) over the same sites, steps/R local steps per round;
+- `local/<domain>`: each site's own fine-tuned model (on its own domain);
+- `data_mixing`: one model fine-tuned on the union of the sites' training sequences for sites x steps steps;
+- `fedavg/R`: Flower's FedAvg (`flwr.serverapp.strategy.FedAvg`) over the same sites, steps/R local steps per round
+  (under LoRA it averages what the sites train: the LoRA adapters, FedIT-style, from one shared initialisation);
 - `merge/<strategy>`: feddem at R = 1 under every strategy (uniform, size, chameleon, dga, search). The sites are
-  fine-tuned once by a real `feddem simulate` run (plain aggregation, a trusted run, so the bench may read the
-  sites' vectors from their folders on this machine: the pool); each strategy's weights come from its own module
-  with the same site-side signals the ClientApp computes (`client.signals`, `common.weighting.dga.alignment`);
+  fine-tuned once by a real `feddem simulate` run (its aggregation: `--aggregation`, secure by default); the sites'
+  vectors stay in their folders on this machine (FEDDEM_HOME/sites/), where the bench reads them (a simulation:
+  one user owns every site); each strategy's weights come from its own module with the same site-side signals the
+  ClientApp computes (`client.signals`);
 - `feddem/R`: `feddem simulate --rounds R` (uniform weights), steps/R local steps per round.
 
-Writes quality.json ({"mean_loss": {...}, "loss": {model: {domain: loss}}, ...}) and quality.png to --out.
+Under `--lora` (the default with `--model`) each site's vector is its LoRA update as dense deltas of the adapted
+weights (`common.vectors.extract_lora_vector`), as in the ClientApp.
 
-    python bench/quality.py --out runs/quality                 # the embedded default (long on 2 CPU cores)
-    python bench/quality.py --out runs/quality --steps 100 --rounds 1 2 4
+Data: `--data real` (the default with `--model`) builds four domains from text on this machine
+(`bench/real_domains.py`: two instruction/chat domains, two text domains) under --out/data; any data spec works.
+
+Presets: `--preset cpu` is sized for 2 idle CPU cores (about an hour with SmolLM2-135M), `--preset gpu` for one
+H100-class GPU; explicit options override the preset. Writes quality.json, quality.md (the table) and quality.png
+to --out.
+
+    python bench/quality.py --out runs/quality-smollm2 --model smollm2-135m --preset cpu
+    python bench/quality.py --out runs/quality-smollm2 --model smollm2-135m --preset gpu
+    python bench/quality.py --out runs/quality --data synthetic --steps 100 --rounds 1 2 4   # the embedded default
 """
 
 import argparse
@@ -33,30 +46,92 @@ import torch
 
 log = logging.getLogger("feddem.bench")
 
+PRESETS = {  # per preset: run settings and bench sizes; explicit options override them
+    # 2 idle CPU cores, SmolLM2-135M + LoRA: about an hour in all (4 sites, rounds 1 and 2)
+    "cpu": {"steps": 8, "batch_size": 4, "seq_len": 128, "lr": 1e-3, "rounds": [1, 2], "train": 400,
+            "heldout": 48, "search_budget": 4, "target_examples": 8, "gen_examples": 4},
+    # one H100-class GPU
+    "gpu": {"steps": 200, "batch_size": 16, "seq_len": 512, "lr": 5e-4, "rounds": [1, 2, 4, 8], "train": 2000,
+            "heldout": 200, "search_budget": 8, "target_examples": 32, "gen_examples": 8},
+}
+DEFAULTS = {"steps": 200, "batch_size": 16, "seq_len": 128, "lr": None, "rounds": [1, 2, 4, 8], "train": 2000,
+            "heldout": 400, "search_budget": 8, "target_examples": 32, "gen_examples": 8}
+REAL = "real"  # --data real: the domains of bench/real_domains.py, written under --out/data
 
-def _site_data(cfg, n_sites):
-    from feddem.common.site_context import SiteContext
+
+def lora_config(cfg):
+    """The LoRA adapters the ClientApp trains (`client.site.fine_tune`), from the run config."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+
+
+def trainable(base, cfg, seed: int):
+    """A copy of `base` to fine-tune: LoRA-wrapped under `cfg.lora` (adapters initialised with `seed`)."""
+    model = copy.deepcopy(base)
+    if not cfg.lora:
+        return model
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(model, lora_config(cfg))
+
+
+def finished(model, cfg):
+    """The fine-tuned model as a plain model (LoRA adapters merged into the weights)."""
+    return model.merge_and_unload() if cfg.lora else model
+
+
+def site_train(cfg, shard, tokenizer, seed: int):
+    """A site's training sequences, as the ClientApp encodes them: the rows `steps` steps draw
+    (`common.data.encode_train`; chat rows with their prompt tokens masked)."""
+    from feddem.common.data import encode_train
+    from feddem.common.training import TrainSettings
+
+    settings = TrainSettings.from_run_config(cfg, seed=seed)
+    needed = cfg.steps * settings.accumulation(cfg.seq_len) * cfg.batch_size
+    return encode_train(shard, tokenizer, cfg.seq_len, needed, seed)
+
+
+def _shard(cfg, index: int):
     from feddem.client.site import load_site_shard
-    from feddem.common.data import heldout_blocks
-    from feddem.common.data import pack_blocks
-    from feddem.common.modeling import load_tokenizer
-    from feddem.server.base_ref import resolve_base_ref
+    from feddem.common.site_context import SiteContext
 
-    tokenizer = load_tokenizer(resolve_base_ref(cfg))
+    return load_site_shard(cfg, SiteContext(index, f"site-{index}", Path(".")))
+
+
+def site_data(cfg, n_sites: int, tokenizer) -> list[dict]:
+    from feddem.common.data import heldout_blocks, heldout_indices
+
     data = []
     for i in range(n_sites):
-        shard = load_site_shard(cfg, SiteContext(i, f"site-{i}", Path(".")))
-        data.append({"domain": shard.name, "train": pack_blocks(shard.train["text"], tokenizer, cfg.seq_len),
+        shard = _shard(cfg, i)
+        data.append({"domain": shard.name, "kind": shard.kind, "test_examples": len(heldout_indices(shard, "test")),
+                     "train": site_train(cfg, shard, tokenizer, cfg.seed + i),
                      "validation": heldout_blocks(shard, tokenizer, cfg, "validation"),
                      "test": heldout_blocks(shard, tokenizer, cfg, "test")})
-    return tokenizer, data
+    return data
 
 
-def _losses(model, data, tokenizer, split="test") -> dict[str, float]:
+def concat(batches, pad_id: int):
+    """Several TokenBatches as one, padded to the longest (padding: not attended, not scored)."""
+    from feddem.common.data import TokenBatch
+
+    length = max(b.input_ids.shape[1] for b in batches)
+
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+
+    return TokenBatch(torch.cat([pad(b.input_ids, pad_id) for b in batches]),
+                      torch.cat([pad(b.labels, -100) for b in batches]),
+                      torch.cat([pad(b.attention_mask, 0) for b in batches]))
+
+
+def _losses(model, data, device, split="test") -> dict[str, float]:
     from feddem.common.evaluation import evaluate_loss
 
-    return {d["domain"]: evaluate_loss(model, d[split], tokenizer.pad_token_id, torch.device("cpu"))["loss"]
-            for d in data}
+    return {d["domain"]: evaluate_loss(model, d[split], None, device)["loss"] for d in data}
 
 
 def _merged(base, vectors, weights):
@@ -67,15 +142,21 @@ def _merged(base, vectors, weights):
     return model
 
 
-def data_mixing(cfg, base, data, tokenizer) -> dict[str, float]:
-    from feddem.common.training import TrainSettings, train_causal_lm
+def _settings(cfg, steps: int, seed: int):
+    from feddem.common.training import TrainSettings
 
-    model = copy.deepcopy(base)
-    union = torch.cat([d["train"] for d in data])
-    settings = TrainSettings(steps=cfg.steps * len(data), lr=cfg.lr, batch_size=cfg.batch_size,
-                             grad_accum=cfg.grad_accum, seed=cfg.seed)
-    train_causal_lm(model, union, settings, torch.device("cpu"))
-    return _losses(model, data, tokenizer)
+    return replace(TrainSettings.from_run_config(cfg, seed=seed), steps=steps)
+
+
+def data_mixing(cfg, base, data, tokenizer, device) -> dict[str, float]:
+    """One model (LoRA under --lora) fine-tuned on the union of the sites' training sequences, sites x steps steps."""
+    from feddem.common.training import train_causal_lm
+
+    model = trainable(base, cfg, cfg.seed)
+    union = concat([d["train"] for d in data], tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                   else tokenizer.eos_token_id)
+    train_causal_lm(model, union, _settings(cfg, cfg.steps * len(data), cfg.seed), device)
+    return _losses(finished(model, cfg), data, device)
 
 
 def feddem_run(cfg, rounds: int) -> tuple[dict, Path]:
@@ -87,21 +168,18 @@ def feddem_run(cfg, rounds: int) -> tuple[dict, Path]:
     return result.report, result.out_dir
 
 
-def pool_vectors(home: Path, n_sites: int, since: float):
-    """The sites' vectors of the latest run (the pool of a trusted run on this machine), in site order."""
+def pool_vectors(report: dict, n_sites: int):
+    """The sites' vectors of a `feddem simulate` run, in site order: each simulated site keeps its own in its folder
+    on this machine (`client.site_context`), under the run's Flower run id."""
+    from feddem.common.site_context import SiteContext, vector_file
     from feddem.common.vector_io import load_vector
 
-    vectors = []
-    for i in range(n_sites):
-        found = [p for p in (home / "sites" / f"site-{i}" / "runs").glob("*/vector.safetensors")
-                 if p.stat().st_mtime >= since]
-        if len(found) != 1:
-            raise RuntimeError(f"expected one new vector for site-{i}, found {len(found)}")
-        vectors.append(load_vector(found[0]))
-    return vectors
+    run_id = int(report["flower_run_id"])
+    return [load_vector(vector_file(SiteContext.from_node_config({"partition-id": i}), run_id))
+            for i in range(n_sites)]
 
 
-def strategy_merges(cfg, base, data, tokenizer, vectors, report) -> tuple[dict, dict]:
+def strategy_merges(cfg, base, data, tokenizer, vectors, report, device) -> tuple[dict, dict]:
     """feddem at R = 1 under every strategy, on the same site vectors: (loss by strategy, weights by strategy)."""
     from feddem.client.signals import domain_embedding
     from feddem.common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_weights
@@ -112,77 +190,106 @@ def strategy_merges(cfg, base, data, tokenizer, vectors, report) -> tuple[dict, 
     direction = target_direction(copy.deepcopy(base), tokenizer, cfg)
     reports = []
     for d, vector in zip(data, vectors):
-        extra = {EMBEDDING: domain_embedding(base, d["train"], tokenizer.pad_token_id, torch.device("cpu")),
+        extra = {EMBEDDING: domain_embedding(base, d["train"], tokenizer.pad_token_id, device),
                  ALIGNMENT: alignment(vector, direction)}
         s = sites[d["domain"]]
         reports.append(SiteReport(s["site"], d["domain"], s["examples"], s["tokens"], s["train_loss"], extra))
+    del direction
     weights = {name: compute_weights(name, reports, replace(cfg, weighting=name), {})
                for name in ("uniform", "size", "chameleon", "dga")}
 
+    cache: dict = {}
+
+    def merge_losses(candidate, split):  # each distinct merge is evaluated once (size = uniform on equal shards)
+        key = (split, tuple(round(float(w), 9) for w in candidate))
+        if key not in cache:
+            cache[key] = _losses(_merged(base, vectors, candidate), data, device, split)
+        return cache[key]
+
     def validation_score(candidate):
-        losses = _losses(_merged(base, vectors, candidate), data, tokenizer, "validation")
+        losses = merge_losses(candidate, "validation")
         return sum(losses.values()) / len(losses)
 
     weights["search"], _, _ = coordinate_search(len(vectors), validation_score, cfg.search_budget, cfg.search_step,
                                                 cfg.weight_min, cfg.weight_max)
-    losses = {name: _losses(_merged(base, vectors, w), data, tokenizer) for name, w in weights.items()}
+    losses = {name: merge_losses(w, "test") for name, w in weights.items()}
     return losses, weights
 
 
-def fedavg(cfg, base, data, tokenizer, rounds: int) -> dict[str, float]:
-    """Flower's FedAvg over the same sites: `rounds` rounds of steps/rounds local steps from the global model."""
+def fedavg(cfg, base, data, tokenizer, rounds: int, device) -> dict[str, float]:
+    """Flower's FedAvg over the same sites: `rounds` rounds of steps/rounds local steps from the global model. Under
+    LoRA the global state is the adapters (one shared initialisation), averaged as FedAvg averages any weights."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
     from flwr.serverapp.strategy import FedAvg
+
+    from feddem.server.simulation import backend_config, loopback_environment
     from flwr.simulation import run_simulation
 
-    from feddem.common.training import TrainSettings, train_causal_lm
-    from feddem.server.base_ref import resolve_base_ref
-    from feddem.server.simulation import backend_config, loopback_environment
-
     steps = max(1, cfg.steps // rounds)
-    ref = resolve_base_ref(cfg)
+    bench_dir = str(Path(__file__).resolve().parent)
     client_app = ClientApp()
 
     @client_app.train()
     def train(msg: Message, context):  # a FedAvg site: its own data, the global model, steps/R local steps
-        from feddem.common.site_context import SiteContext
-        from feddem.client.site import load_site_shard
-        from feddem.common.data import pack_blocks
+        sys.path.insert(0, bench_dir)
+        import quality as bench  # noqa: PLC0415 - this module, imported in the simulation's worker
+
+        from feddem.common.devices import resolve_device
         from feddem.common.modeling import load_model, load_tokenizer
+        from feddem.common.training import train_causal_lm
+        from feddem.server.base_ref import resolve_base_ref
 
         index = int(context.node_config["partition-id"])
-        shard = load_site_shard(cfg, SiteContext(index, f"site-{index}", Path(".")))
-        blocks = pack_blocks(shard.train["text"], load_tokenizer(ref), cfg.seq_len)
-        model = load_model(ref)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        settings = TrainSettings(steps=steps, lr=cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                                 seed=cfg.seed + index)
-        train_causal_lm(model, blocks, settings, torch.device("cpu"))
-        return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                                   "metrics": MetricRecord({"num-examples": int(blocks.shape[0])})}),
-                       reply_to=msg)
+        server_round = int(msg.content["config"].get("server-round", 1))
+        ref = resolve_base_ref(cfg)
+        local_device = resolve_device(cfg.device)
+        train_data = bench.site_train(cfg, bench._shard(cfg, index), load_tokenizer(ref), cfg.seed + index)
+        model = bench.trainable(load_model(ref), cfg, cfg.seed)
+        bench.set_state(model, cfg, msg.content["arrays"].to_torch_state_dict())
+        train_causal_lm(model, train_data, bench._settings(cfg, steps, cfg.seed + index + 1000 * server_round),
+                        local_device)
+        return Message(RecordDict({"arrays": ArrayRecord(bench.get_state(model, cfg)),
+                                   "metrics": MetricRecord({"num-examples": len(train_data)})}), reply_to=msg)
 
     out: dict = {}
     server_app = ServerApp()
+    initial = trainable(base, cfg, cfg.seed)
 
     @server_app.main()
     def main(grid, context):
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=len(data),
                           min_available_nodes=len(data))
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(base.state_dict()), num_rounds=rounds,
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(get_state(initial, cfg)), num_rounds=rounds,
                                 train_config=ConfigRecord({"steps": steps}))
         out["state"] = result.arrays.to_torch_state_dict()
 
     loopback_environment()
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(data),
                    backend_config=backend_config(cfg))
-    if "state" not in out or set(out["state"]) != set(base.state_dict()):
+    if "state" not in out or set(out["state"]) != set(get_state(initial, cfg)):
         raise RuntimeError(f"FedAvg with {rounds} round(s) did not finish (see the log above)")
-    model = copy.deepcopy(base)
-    model.load_state_dict(out["state"])
-    return _losses(model, data, tokenizer)
+    set_state(initial, cfg, out["state"])
+    return _losses(finished(initial, cfg), data, device)
+
+
+def get_state(model, cfg) -> dict:
+    """What a FedAvg site trains and sends: the LoRA adapters under --lora, else every weight."""
+    if cfg.lora:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return model.state_dict()
+
+
+def set_state(model, cfg, state) -> None:
+    if cfg.lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+    else:
+        model.load_state_dict(state)
 
 
 def plot(results: dict, rounds: list[int], path: Path) -> None:
@@ -194,8 +301,7 @@ def plot(results: dict, rounds: list[int], path: Path) -> None:
     mean = results["mean_loss"]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.plot(rounds, [mean[f"fedavg/{r}"] for r in rounds], "o-", label="Flower FedAvg")
-    feddem_rounds = [1] + [r for r in rounds if r > 1]
-    ax.plot(feddem_rounds, [mean["merge/uniform"]] + [mean[f"feddem/{r}"] for r in rounds if r > 1], "s-",
+    ax.plot(rounds, [mean["merge/uniform"]] + [mean[f"feddem/{r}"] for r in rounds if r > 1], "s-",
             label="feddem (uniform)")
     best = min((k for k in mean if k.startswith("merge/")), key=mean.get)
     ax.axhline(mean[best], color="tab:green", ls="--", label=f"best one-round merge ({best})")
@@ -211,70 +317,183 @@ def plot(results: dict, rounds: list[int], path: Path) -> None:
     plt.close(fig)
 
 
+def kept_shares(loss: dict, local: dict[str, float]) -> dict[str, dict[str, float | None]]:
+    """Per model and domain, the share of the local gain kept: (base - model) / (base - local); None where the
+    local model did not improve on the base (no gain to keep)."""
+    from feddem.server.report import kept_share
+
+    return {name: {d: kept_share(loss["base"][d], local[d], value[d])[0] for d in value}
+            for name, value in loss.items() if not name.startswith("local/")}
+
+
+def rounds_of(name: str) -> int | None:
+    """The communication rounds of a model row (1 for a one-round merge), None for base and data mixing."""
+    if name.startswith("merge/"):
+        return 1
+    if name.startswith(("fedavg/", "feddem/")):
+        return int(name.split("/")[1])
+    return None
+
+
+def table(results: dict) -> str:
+    """The markdown table: per model the mean and per-domain test loss, the kept share on its worst domain, and the
+    ratio of its mean loss to data mixing's and to FedAvg's at the same rounds."""
+    loss, mean, kept = results["loss"], results["mean_loss"], results["kept_share"]
+    domains = list(loss["base"])
+    head = ["model", "mean", *domains, "kept (worst domain)", "/ data mixing", "/ FedAvg same R"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, value in loss.items():
+        if name.startswith("local/"):
+            continue
+        shares = [s for s in kept[name].values() if s is not None]
+        worst = f"{min(shares):.0%}" if shares and name != "base" else ""
+        r = rounds_of(name)
+        vs_fedavg = f"{mean[name] / mean[f'fedavg/{r}']:.3f}" if r and f"fedavg/{r}" in mean else ""
+        lines.append(f"| {name} | {mean[name]:.4f} | " + " | ".join(f"{value[d]:.4f}" for d in domains)
+                     + f" | {worst} | {mean[name] / mean['data_mixing']:.3f} | {vs_fedavg} |")
+    local = results["local"]
+    lines.append("| local (own domain) | " + f"{sum(local.values()) / len(local):.4f} | "
+                 + " | ".join(f"{local[d]:.4f}" for d in domains) + " | 100% | | |")
+    return "\n".join(lines) + "\n"
+
+
+def build_data(args) -> str:
+    """The data spec: --data, or for `real` the domains of bench/real_domains.py written under --out/data."""
+    if args.data != REAL:
+        return args.data
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from real_domains import build_domains
+
+    return str(build_domains(args.out / "data", args.domains, train=args.train, heldout=args.heldout,
+                             seed=args.seed).resolve())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="folder for quality.json, quality.png and the runs")
-    parser.add_argument("--data", default="synthetic", help="data spec (default: the 4 synthetic domains)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for quality.json/.md/.png, the data and runs")
+    parser.add_argument("--model", default="", help="base model (e.g. smollm2-135m; default: the embedded model)")
+    parser.add_argument("--preset", choices=list(PRESETS), help="sizes for 2 CPU cores (cpu) or one GPU (gpu)")
+    parser.add_argument("--data", default=None, help="data spec; 'real' (the default with --model): the domains of "
+                        "bench/real_domains.py; default without --model: synthetic")
+    parser.add_argument("--domains", nargs="+", help="--data real: which domains (default: all four of "
+                        "bench/real_domains.py: licenses, python_reference, stdlib_docs, unicode_names)")
+    parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
+                        help="fine-tune LoRA adapters (default: on with --model, off for the embedded model)")
     parser.add_argument("--sites", type=int, default=0, help="sites (default: one per shard of --data)")
-    parser.add_argument("--steps", type=int, default=200, help="local steps per site in all (default: 200)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the run config's)")
-    parser.add_argument("--train-examples", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, nargs="+", default=[1, 2, 4, 8], help="round counts (default: 1 2 4 8)")
+    parser.add_argument("--steps", type=int, help="local steps per site in all (default: 200)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--lr", type=float, help="learning rate (default: the run config's)")
+    parser.add_argument("--rounds", type=int, nargs="+", help="round counts, 1 included (default: 1 2 4 8)")
+    parser.add_argument("--train", type=int, help="--data real: train examples per domain")
+    parser.add_argument("--heldout", type=int, help="--data real: held-out examples per domain (half test)")
+    parser.add_argument("--train-examples", type=int, default=2000, help="synthetic domains: train examples")
+    parser.add_argument("--search-budget", type=int)
+    parser.add_argument("--target-examples", type=int, help="dga: target examples per shard")
+    parser.add_argument("--gen-examples", type=int, help="held-out prompts answered in the feddem runs' reports")
+    parser.add_argument("--aggregation", default="secure", choices=["secure", "plain"],
+                        help="the feddem runs' aggregation (default: secure, feddem's default)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of this process on CPU (default: one "
+                        "per core; 1 is faster on cores other work keeps busy)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="take the stages already finished from "
+                        "--out/stages.json (written by a run with the same options) instead of running them again")
     args = parser.parse_args(argv)
+    for key, value in (PRESETS.get(args.preset) or DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if 1 not in args.rounds:
         parser.error("--rounds must include 1")
+    args.rounds = sorted(set(args.rounds))
+    args.data = args.data or (REAL if args.model else "synthetic")
+    args.lora = bool(args.model) if args.lora is None else args.lora
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
     from feddem.common.config import RunConfig
     from feddem.common.data import list_shards
-    from feddem.common.modeling import load_model
+    from feddem.common.devices import resolve_device
+    from feddem.common.modeling import load_model, load_tokenizer
     from feddem.server.base_ref import resolve_base_ref
     from feddem.server.simulation import check_local_inputs
 
+    if args.threads:  # also for the processes the runs start (the simulation's driver; Ray sets its own sites')
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    home = Path(os.environ.setdefault("FEDDEM_HOME", tempfile.mkdtemp(prefix="feddem-quality-")))
-    n_sites = args.sites or len(list_shards(args.data))
-    cfg = RunConfig(sites=n_sites, data=args.data, steps=args.steps, train_examples=args.train_examples,
-                    seed=args.seed, aggregation="plain", out_dir=str(args.out), **({"lr": args.lr} if args.lr else {}))
+    os.environ.setdefault("FEDDEM_HOME", tempfile.mkdtemp(prefix="feddem-quality-"))
+    started = time.perf_counter()
+    data_spec = build_data(args)
+    n_sites = args.sites or len(list_shards(data_spec))
+    cfg = RunConfig(sites=n_sites, data=data_spec, model=args.model, lora=args.lora, steps=args.steps,
+                    batch_size=args.batch_size, seq_len=args.seq_len, train_examples=args.train_examples,
+                    eval_examples=max(args.heldout, 2), gen_examples=args.gen_examples,
+                    search_budget=args.search_budget, target_examples=args.target_examples, seed=args.seed,
+                    aggregation=args.aggregation, device=args.device, out_dir=str(args.out),
+                    **({"lr": args.lr} if args.lr else {}))
     check_local_inputs(cfg)
-    torch.set_num_threads(os.cpu_count() or 1)
-    base = load_model(resolve_base_ref(cfg))
-    tokenizer, data = _site_data(cfg, n_sites)
-    timings, loss = {}, {}
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    ref = resolve_base_ref(cfg)
+    base = load_model(ref)
+    tokenizer = load_tokenizer(ref)
+    data = site_data(cfg, n_sites, tokenizer)
+    loss = {}
+    # each stage's result is kept in stages.json as it finishes; --resume takes the finished ones from there
+    stages_path = args.out / "stages.json"
+    settings = cfg.to_record() | {"bench": {k: v for k, v in vars(args).items() if k not in ("out", "resume")}}
+    stages = json.loads(stages_path.read_text()) if args.resume and stages_path.is_file() else {}
+    if stages and json.loads(json.dumps(settings, default=str)) != stages.get("settings"):
+        parser.error(f"--resume: {stages_path} was written with other settings")
+    stages.setdefault("settings", json.loads(json.dumps(settings, default=str)))
+    timings = stages.setdefault("timings", {})
 
     def timed(name, fn):
+        if name in stages:
+            log.info("%s: from %s", name, stages_path)
+            return stages[name]
         start = time.perf_counter()
         log.info("%s ...", name)
         value = fn()
         timings[name] = round(time.perf_counter() - start, 1)
-        log.info("%s: mean test loss %.4f (%.0f s)", name, sum(value.values()) / len(value), timings[name])
+        losses = value[0]["uniform"] if isinstance(value, (tuple, list)) else value  # the merges: uniform's
+        if "eval" in losses:  # a run's report: its merge
+            losses = {d: v["loss"] for d, v in losses["eval"]["merged"].items()}
+        log.info("%s: mean test loss %.4f (%.0f s)", name, sum(losses.values()) / len(losses), timings[name])
+        stages[name] = value
+        stages_path.write_text(json.dumps(stages, indent=1))
         return value
 
-    loss["base"] = _losses(base, data, tokenizer)
-    since = time.time()
-    start = time.perf_counter()
-    report, _ = feddem_run(cfg, 1)
-    timings["feddem/1"] = round(time.perf_counter() - start, 1)
-    for s in report["sites"]:
-        loss[f"local/{s['domain']}"] = {s["domain"]: report["eval"]["local"][s["domain"]]["loss"]}
-    vectors = pool_vectors(home, n_sites, since)
-    merges, weights = strategy_merges(cfg, base, data, tokenizer, vectors, report)
+    report = timed(f"feddem/1 ({cfg.aggregation} aggregation)", lambda: feddem_run(cfg, 1)[0])
+    # the base's and the local models' test losses as the sites measured them in that run (the same test halves,
+    # the same `evaluate_loss`)
+    loss["base"] = {d["domain"]: report["eval"]["base"][d["domain"]]["loss"] for d in data}
+    local = {d["domain"]: report["eval"]["local"][d["domain"]]["loss"] for d in data}
+    for d, value in local.items():
+        loss[f"local/{d}"] = {d: value}
+    merges, weights = timed("merges", lambda: strategy_merges(cfg, base, data, tokenizer, pool_vectors(report, n_sites),
+                                                              report, device))
     for name, value in merges.items():
         loss[f"merge/{name}"] = value
     for r in args.rounds:
-        loss[f"fedavg/{r}"] = timed(f"fedavg/{r}", lambda r=r: fedavg(cfg, base, data, tokenizer, r))
+        loss[f"fedavg/{r}"] = timed(f"fedavg/{r}", lambda r=r: fedavg(cfg, base, data, tokenizer, r, device))
         if r > 1:
             loss[f"feddem/{r}"] = timed(f"feddem/{r}", lambda r=r: {
                 d: v["loss"] for d, v in feddem_run(cfg, r)[0]["eval"]["merged"].items()})
-    loss["data_mixing"] = timed("data_mixing", lambda: data_mixing(cfg, base, data, tokenizer))
+    loss["data_mixing"] = timed("data_mixing", lambda: data_mixing(cfg, base, data, tokenizer, device))
+    timings["total"] = round(time.perf_counter() - started, 1)
 
     mean = {k: sum(v.values()) / len(v) for k, v in loss.items() if not k.startswith("local/")}
-    mean["local (own domain)"] = sum(report["eval"]["local"][d]["loss"] for d in report["eval"]["local"]) / n_sites
-    results = {"mean_loss": mean, "loss": loss, "weights": weights, "timings": timings,
-               "settings": {"sites": n_sites, "steps": args.steps, "lr": cfg.lr, "rounds": args.rounds,
-                            "data": args.data, "train_examples": args.train_examples, "seed": args.seed}}
+    results = {"mean_loss": mean, "loss": loss, "local": local, "kept_share": kept_shares(loss, local),
+               "weights": weights, "timings": timings, "feddem_1_report_timings": report.get("timings"),
+               "settings": {"model": args.model or "embedded", "lora": args.lora, "sites": n_sites,
+                            "domains": {d["domain"]: d["kind"] for d in data}, "steps": args.steps,
+                            "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": cfg.lr,
+                            "rounds": args.rounds, "data": args.data, "preset": args.preset,
+                            "aggregation": args.aggregation, "seed": args.seed, "device": str(device),
+                            "cpus": os.cpu_count(), "test_examples": {d["domain"]: d["test_examples"] for d in data}}}
     best_merge = min((k for k in mean if k.startswith("merge/")), key=mean.get)
     best_feddem = min((k for k in mean if k.startswith(("merge/", "feddem/"))), key=mean.get)
     results["targets"] = {
@@ -287,18 +506,13 @@ def main(argv=None) -> int:
         "best_feddem_over_data_mixing": mean[best_feddem] / mean["data_mixing"],
     }
     (args.out / "quality.json").write_text(json.dumps(results, indent=1))
+    markdown = table(results)
+    (args.out / "quality.md").write_text(markdown)
     plot(results, args.rounds, args.out / "quality.png")
-
-    domains = list(loss["base"])
-    print(f"\n{'model':<22}" + "".join(f"{d:>12}" for d in domains) + f"{'mean':>10}")
-    for name, value in loss.items():
-        if name.startswith("local/"):
-            continue
-        print(f"{name:<22}" + "".join(f"{value[d]:>12.4f}" for d in domains) + f"{mean[name]:>10.4f}")
-    print(f"{'local (own domain)':<22}" + "".join(f"{report['eval']['local'][d]['loss']:>12.4f}" for d in domains)
-          + f"{mean['local (own domain)']:>10.4f}")
-    print(f"\ntargets: {json.dumps(results['targets'], indent=1)}")
-    print(f"\n{args.out / 'quality.json'}, {args.out / 'quality.png'}")
+    print("\n" + markdown)
+    print(f"targets: {json.dumps(results['targets'], indent=1)}")
+    print(f"timings (s): {json.dumps(timings)}")
+    print(f"\n{args.out / 'quality.json'}, {args.out / 'quality.md'}, {args.out / 'quality.png'}")
     return 0
 
 

@@ -13,8 +13,8 @@ import torch
 from feddem.common.config import RunConfig
 from feddem.common.chat_format import CHAT
 from feddem.common.data import (
-    Shard, SyntheticSizes, TokenBatch, check_not_empty, encode_train, heldout_blocks, heldout_indices, heldout_texts, load_shard,
-    load_site_data,
+    Shard, SyntheticSizes, TokenBatch, check_not_empty, column_rows, encode_train, heldout_blocks, heldout_indices,
+    heldout_texts, load_shard, load_site_data,
 )
 from feddem.common.errors import FeddemError
 from feddem.common.sparsify import sparsify
@@ -153,16 +153,19 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
 
     Besides the losses the result holds `data_format` (`text` or `chat`), `truncated_examples` (train and test
     examples cut to seq-len, never dropped), `warnings` (one string, one warning per line, empty when none: a small
-    held-out split, truncation), `setup_seconds`/`train_seconds`/`eval_seconds`, and for chat data the generation
-    metric of the base and the local model (`base_gen_exact_match`, `base_gen_rouge_l`, `base_samples`, and the
-    same with `local_`; `common.evaluation.generation_metrics`)."""
+    held-out split, truncation), `setup_seconds` (base, tokenizer, data), `train_seconds`, `eval_seconds` (the
+    base's and the local model's held-out loss and generation) and `seconds` (all of it), and for chat data the
+    generation metric of the base and the local model (`base_gen_exact_match`, `base_gen_rouge_l`, `base_samples`,
+    and the same with `local_`; `common.evaluation.generation_metrics`)."""
     start = time.perf_counter()
     device = site.resolve_device(cfg)
     model = load_verified_base(model_ref, checksum)
     tokenizer = load_tokenizer(model_ref)
     shard = load_site_shard(cfg, site)
     # the guard's randomness: a spent (data, seed) pair trains with fresh randomness, never the same vector again
-    data = data_digest(shard.train[shard.column])
+    # every train row may be drawn (the sample depends on the seed, the seed on this digest): all are digested,
+    # streamed (`column_rows`), never the whole column in memory
+    data = data_digest(column_rows(shard.train, shard.column))
     seed, seed_base, fresh = training_seed(site, cfg, run_id, data)
     settings = TrainSettings.from_run_config(cfg, seed=seed)
     settings.validate()
@@ -172,15 +175,16 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     setup_seconds = time.perf_counter() - start
     base_eval = evaluate_loss(model, heldout, None, device)
     extra = _generation(model, tokenizer, prompts, cfg, device, "base_")
+    base_eval_seconds = time.perf_counter() - start - setup_seconds
     if embed:
-        extra["embedding"] = domain_embedding(model, train_data.input_ids, tokenizer.pad_token_id, device)
+        extra["embedding"] = domain_embedding(model, train_data, tokenizer.pad_token_id, device)
     model = _training_start(model, start_from, cfg)
     # in place: no copy of the base is kept
     stats = train_causal_lm(model, train_data, settings, device, _step_logger(cfg, site, shard, settings))
     eval_start = time.perf_counter()
     local_eval = evaluate_loss(model, heldout, None, device)
     extra |= _generation(model, tokenizer, prompts, cfg, device, "local_")
-    eval_seconds = time.perf_counter() - eval_start
+    eval_seconds = base_eval_seconds + time.perf_counter() - eval_start
     vector = _save_site_vector(cfg, site, model, model_ref, start_from, run_id, seed, shard)
     record_trained(site, run_id, cfg, data, seed_base, fresh)  # the guard's record: digest, data, declared mode
     if target is not None:

@@ -48,6 +48,13 @@ class Shard:
         return "messages" if self.kind == CHAT else "text"
 
 
+def column_rows(dataset: datasets.Dataset, column: str, batch_size: int = 1024):
+    """The values of one column in row order, read `batch_size` rows at a time: a pass over a large shard (its data
+    digest) without the whole column in memory at once."""
+    for batch in dataset.select_columns([column]).iter(batch_size=batch_size):
+        yield from batch[column]
+
+
 @dataclass
 class SyntheticSizes:
     train_examples: int = 2000

@@ -16,6 +16,10 @@ REPORT_KEYS = ("sites", "weights", "eval", "judgement", "timings")
 # Generation metrics a site may return for instruction data (numbers), and its sample answers (a JSON string).
 GEN_METRICS = ("gen_exact_match", "gen_rouge_l")
 SAMPLES = "samples"
+# what report.json keeps of each site's training reply (`client.site.fine_tune`): its data (format, sizes, examples
+# cut to seq-len, its own warnings: small held-out split, truncation), its train loss and its phase timings
+SITE_KEYS = ("site", "domain", "data_format", "examples", "tokens", "heldout_examples", "truncated_examples",
+             "warnings", "train_loss", "setup_seconds", "train_seconds", "eval_seconds", "seconds")
 SAMPLES_SHOWN = 3  # sample answers per domain kept in the report
 MIN_HELDOUT = 20  # a test split smaller than this judges little: the report warns
 
@@ -53,7 +57,8 @@ def kept_share(base: float, local: float, merged: float) -> tuple[float | None, 
 
 def judge(sites: list[dict], merged: dict[str, float]) -> dict:
     """Per domain: base, local, merged loss, kept share (with its note) and warnings; the mean of each figure.
-    `sites` holds site, domain, base_loss, local_loss (and heldout_examples); `merged` site -> merged loss."""
+    `sites` holds site, domain, base_loss, local_loss (and heldout_examples, truncated_examples); `merged` site ->
+    merged loss."""
     domains, warnings = {}, []
     for s in sites:
         d = s["domain"]
@@ -73,6 +78,9 @@ def judge(sites: list[dict], merged: dict[str, float]) -> dict:
         if held is not None and int(held) < MIN_HELDOUT:
             warnings.append(f"{d}: only {int(held)} held-out test example(s) (under {MIN_HELDOUT}): its figures "
                             f"judge little")
+        if int(s.get("truncated_examples") or 0):
+            warnings.append(f"{d}: {int(s['truncated_examples'])} train/test example(s) were cut to seq-len (the "
+                            f"loss does not see their ends)")
         domains[d] = row
     mean = {key: _mean(r[key] for r in domains.values()) for key in ("base", "local", "merged", "kept_share")}
     mean["kept_share_domains"] = sum(r["kept_share"] is not None for r in domains.values())
@@ -138,8 +146,7 @@ def build_report(config: dict, base: dict, sites: list[dict], weights: dict, mer
         "base_model": base,
         "aggregation": aggregation,
         "sites": [
-            {k: s[k] for k in ("site", "domain", "examples", "tokens", "heldout_examples", "train_loss") if k in s}
-            for s in sites
+            {k: s[k] for k in SITE_KEYS if k in s} for s in sites
         ],
         "weights": dict(sorted(weights.items())),
         "weight_scale": sum(weights.values()),  # the weights need not sum to 1 (search finds the scale too)

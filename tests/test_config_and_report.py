@@ -94,6 +94,15 @@ def test_report_schema_and_plot(tmp_path):
     assert all(k in loaded for k in REPORT_KEYS)
     assert loaded["sites"][1] == {k: sites[1][k] for k in ("site", "domain", "examples", "tokens",
                                                           "heldout_examples", "train_loss")}
+    # what a site says about its data (format, truncation, its own warnings) and its phase timings are kept
+    sites[0] |= {"data_format": "chat", "truncated_examples": 3, "warnings": "code: the held-out test split has 2",
+                 "setup_seconds": 1.5, "train_seconds": 2.5, "eval_seconds": 0.5, "seconds": 4.75,
+                 "tokens_per_second": 9.0}
+    kept = build_report({}, {"ref": "m"}, sites, {"site-0": 1.0}, {"site-0": 1.0}, {}, {}, "plain")
+    assert kept["sites"][0] == {k: v for k, v in sites[0].items() if k not in ("base_loss", "local_loss",
+                                                                              "tokens_per_second")}
+    assert any("code: 3 train/test example(s) were cut to seq-len" in w for w in kept["judgement"]["warnings"])
+    assert not any("prose" in w and "cut" in w for w in kept["judgement"]["warnings"])
     assert loaded["eval"]["merged"]["prose"]["loss"] == 1.3
     assert loaded["eval"]["base"]["code"]["perplexity"] == pytest.approx(2.718281828 ** 1.2)
     assert loaded["eval"]["local"]["code"]["loss"] == 0.9
