@@ -23,6 +23,7 @@ from feddem.common.progress import ProgressWriter
 from feddem.common.modeling import base_tensors, load_model, load_tokenizer, model_checksum
 from feddem.common.training import TrainSettings, train_causal_lm
 from feddem.client import ledger
+from feddem.client.merge_parts import compute_statistics
 from feddem.client.guard import data_digest, record_trained, training_seed
 from feddem.client.signals import domain_embedding
 from feddem.common.weighting.dga import alignment
@@ -182,6 +183,8 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     extra |= _generation(model, tokenizer, prompts, cfg, device, "local_")
     eval_seconds = time.perf_counter() - eval_start
     vector = _save_site_vector(cfg, site, model, model_ref, start_from, run_id, seed, shard)
+    # the run's merge rule's statistics (fisher, regmean), on the train data, stored beside the vector
+    extra |= compute_statistics(cfg, site, model, train_data, list(vector), run_id, device)
     record_trained(site, run_id, cfg, data, seed_base, fresh)  # the guard's record: digest, data, declared mode
     if target is not None:
         extra["alignment"] = alignment(vector, target)
