@@ -156,7 +156,8 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     examples cut to seq-len, never dropped), `warnings` (one string, one warning per line, empty when none: a small
     held-out split, truncation), `setup_seconds`/`train_seconds`/`eval_seconds`, and for chat data the generation
     metric of the base and the local model (`base_gen_exact_match`, `base_gen_rouge_l`, `base_samples`, and the
-    same with `local_`; `common.evaluation.generation_metrics`)."""
+    same with `local_`; `common.evaluation.generation_metrics`), and `merge_stats_seconds` when the run's merge rule
+    needs statistics (`client.merge_parts`: computed after training, stored beside the vector)."""
     start = time.perf_counter()
     device = site.resolve_device(cfg)
     model = load_verified_base(model_ref, checksum)

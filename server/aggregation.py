@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from feddem.common import messages as M
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
-from feddem.common.merging.parts import combine_upload, plain_rule, rule_of, upload_shapes
+from feddem.common.merging.parts import combine_upload, plain_rule, ring_finer, rule_of, upload_shapes
 from feddem.common.vector_records import vector_from_record
 from feddem.common.vectors import Vector, add_into, check_vector, weighted_sum
 from feddem.common.weighting import strategy
@@ -167,7 +167,7 @@ class SecureAggregator(Aggregator):
     def _aggregate(self, weights: dict[int, float]) -> AggregationOutcome:
         layout, merge_rule = self._layout(weights), rule_of(self.cfg)
         shapes = self.base_params if plain_rule(merge_rule) else upload_shapes(merge_rule, layout, self.base_params)
-        result = secure_sum(self.grid, self.cfg, self.stage.base, weights, layout, shapes)
+        result = secure_sum(self.grid, self.cfg, self.stage.base, weights, layout, shapes, ring_finer(merge_rule))
         for node, why in result.dropped.items():
             self.stage.fail(node, f"secure aggregation, {why}")
         used = {self.names[n]: weights[n] for n in result.survivors}

@@ -26,7 +26,7 @@ from feddem.server.secure_aggregation import secure_sum
 from feddem.server.aggregation import HeldAggregator, PlainAggregator, SecureAggregator, configure_aggregator
 from feddem.server.workflow import Stage
 from tests.conftest import simulate_cli
-from tests.fakegrid import RUN_ID, FakeGrid, task_identity
+from tests.fakegrid import RUN_ID, FakeGrid
 from tests.test_hostile_server import NODES as HOSTILE_NODES
 from tests.test_hostile_server import WEIGHTS as HOSTILE_WEIGHTS
 from tests.test_hostile_server import Sites, _ask_plain, _base, _refusal
@@ -173,19 +173,28 @@ def test_secure_plain_and_trusted_aggregation_of_a_rule_agree(trained_rule, tiny
         assert outcome.aggregate.keys() == expected.keys()
         assert sorted(outcome.contributors) == NODES
     scale = max(float(t.abs().max()) for t in expected.values())
+    # float32 sums in another order (and the part scales divided out): a few ulp, which RegMean's solve of a
+    # Gram matrix amplifies by its conditioning
+    atol = (1e-6 if name == "fisher" else 1e-4) * scale
     for n, t in expected.items():
-        torch.testing.assert_close(plain.aggregate[n], t, rtol=1e-4, atol=1e-6 * scale)
-        torch.testing.assert_close(held.aggregate[n], t, rtol=1e-4, atol=1e-6 * scale)
+        torch.testing.assert_close(plain.aggregate[n], t, rtol=1e-4, atol=atol)
+        torch.testing.assert_close(held.aggregate[n], t, rtol=1e-4, atol=atol)
     # the trusted run recovers each site's own vector from its parts (cross-domain matrix, pool)
+    # (fisher: num / den, exact to float32; regmean: D G G^-1 with the ridge of `combine`, close)
     held_aggregator = got["held"][0]
     own, _ = _stored(root, 1)
-    for n, t in own.items():
-        torch.testing.assert_close(held_aggregator.vectors[NODES[1]][n], t.float(), rtol=1e-3,
-                                   atol=1e-5 * float(t.abs().max()) + 1e-9)
+    recovered = held_aggregator.vectors[NODES[1]]
+    flat = torch.cat([t.float().reshape(-1) for _, t in sorted(own.items())])
+    error = torch.cat([(recovered[n] - t.float()).reshape(-1) for n, t in sorted(own.items())])
+    assert float(error.norm() / flat.norm()) <= (1e-5 if name == "fisher" else 2e-2)
     details = secure.details
     assert details["clipped_elements"] == {f"site-{i}": 0 for i in range(4)}  # every part fit the clip
     assert got["secure"][0].aggregations == 1  # all the parts in ONE secure sum
     bound = details["error_bound"]
+    assert details["ring_bits"] == 64  # parts scaled down to fit the clip keep their precision on the finer ring
+    flat_plain = torch.cat([t.reshape(-1) for _, t in sorted(plain.aggregate.items())])
+    flat_secure = torch.cat([t.reshape(-1) for _, t in sorted(secure.aggregate.items())])
+    assert float((flat_secure - flat_plain).norm() / flat_plain.norm()) <= 1e-4
     if name == "fisher":
         tolerance = fisher_tolerance(root, WEIGHTS, NODES, bound, FisherMerge().cap + FisherMerge().floor)
         for n, t in plain.aggregate.items():
@@ -202,8 +211,7 @@ def fisher_sites(run7, tmp_path, tiny_base):  # noqa: F811
     """The three deployed sites of test_hostile_server, trained again in run 8 for the fisher rule (secure)."""
     shutil.copytree(run7, tmp_path / "sites")
     sites = Sites(tmp_path / "sites", tiny_base)
-    with task_identity():
-        sites.train(8, merge="fisher")
+    sites.train(8, merge="fisher")  # within the autouse task identity
     return sites
 
 

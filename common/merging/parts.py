@@ -6,7 +6,8 @@ A site's upload for a rule with several parts is one vector whose tensors are na
 (every part is linear in the weight). So a secure run sums all the parts in ONE secure sum (one spending of the
 site's budgets), and a plain run sends them in one upload. The server lays the sum out with `upload_shapes` (each
 part's shape from the base's: the rule's `part_shape`), and `combine_upload` divides the scales out and calls the
-rule's `combine` with the sum of the weights in the sum.
+rule's `combine` with the sum of the weights in the sum. A secure sum of parts uses a finer ring (`ring_finer`:
+the 64-bit ring in practice), since parts are scaled down to fit the clip.
 
 `weighted-sum` has one part whose names are the vector's own (no prefix): its upload is the vector itself, as in
 protocol 1.0.
@@ -32,6 +33,16 @@ def rule_of(settings) -> object:
 def plain_rule(merge_rule) -> bool:
     """Whether the rule's upload is the vector itself (weighted-sum)."""
     return merge_rule.parts_names == (WEIGHTED,)
+
+
+def ring_finer(merge_rule) -> float:
+    """How much finer than a vector's the secure sum's ring must be for the rule's parts: a part scaled down by
+    `part_scale` keeps the vector's relative precision only on a ring finer by 1 / scale, and statistics spread over
+    decades (a Fisher's small entries times d) need 2^8 more; in practice the 64-bit ring (twice the bytes of a
+    32-bit masked upload). 1 for weighted-sum."""
+    if plain_rule(merge_rule):
+        return 1.0
+    return 256.0 / min(merge_rule.part_scale(part) for part in merge_rule.parts_names)
 
 
 def site_upload(merge_rule, vector: Vector, stats: Mapping[str, torch.Tensor] | None) -> Vector:

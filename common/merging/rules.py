@@ -26,16 +26,19 @@ its parts at weight 1 and the secure sum's usual `w_i *` does the rest (`common.
 Quantization (secure runs clip every element of w_i * part to [-clip, clip], clip 1 by default, weights <= 1):
 each rule bounds its parts and declares a per-part factor (`part_scale`) that the site multiplies the part by
 before the sum and the server divides it out after, so that a part fits the clip wherever the vector itself does:
-- `fisher`: the site's normalised Fisher is capped at `FISHER_CAP` (100x the mean: a parameter far above the rest
-  gets the cap, still dominating) before the floor, and both parts are scaled by 1 / (cap + floor), so the
-  denominator part is at most w_i and the numerator part at most w_i |d_i|;
+- `fisher`: the site's normalised Fisher is capped at `FISHER_CAP` (1e4 x the mean: a parameter far above the
+  rest gets the cap, still dominating; on the embedded model the largest is ~9e3, so the cap changes nothing there)
+  before the floor, and both parts are scaled by 1 / (cap + floor), so the denominator part is at most w_i and the
+  numerator part at most w_i |d_i|;
 - `regmean`: a site's regularised Gram matrix of a layer whose largest diagonal entry exceeds `GRAM_CAP` is scaled
   down to that diagonal (|G_jk| <= max diagonal, so every entry is then within the cap); this changes that site's
   relative weight in that layer only (RegMean is invariant to one common scale of all Grams, not to one site's),
   and never happens for inputs of normalised layers of ordinary size. Both Gram parts are scaled by 1 / GRAM_CAP:
   the Gram part is then at most w_i, the D_i G_i part at most w_i sum_k |D_jk| |G_kl| / GRAM_CAP, which is not
   bounded a priori by |d_i|: an element beyond the clip is clipped, counted and reported (`clipped_elements`) as
-  for any vector.
+  for any vector (on the embedded model the largest is ~0.007 of the clip).
+Scaled-down parts need a finer ring to keep their precision: a secure sum of a rule's parts uses the 64-bit ring
+(`common.merging.parts.ring_finer`).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from feddem.common.errors import FeddemError
 
 Vector = Mapping[str, torch.Tensor]
 FLOOR = 0.01  # fisher: added to each site's mean-1 Fisher, so no parameter has zero weight at every site
-FISHER_CAP = 100.0  # fisher: the largest normalised Fisher value a site uses (before the floor)
+FISHER_CAP = 1e4  # fisher: the largest normalised Fisher value a site uses (before the floor)
 GRAM_CAP = 16.0  # regmean: the largest diagonal entry of a site's Gram matrix as it is summed; parts scaled by 1/cap
 ALPHA = 0.9  # regmean: off-diagonal scale of the Gram matrices (RegMean's alpha; 1 = none, 0 = diagonal only)
 GRAM, GRAM_TIMES_DELTA, WEIGHTED, NUMERATOR, DENOMINATOR = "gram", "gram-delta", "weighted", "fisher-num", "fisher-den"
