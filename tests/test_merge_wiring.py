@@ -285,3 +285,22 @@ def test_simulate_with_fisher_and_secure_aggregation_gives_merge_plain_of_the_si
     for domain in ("arithmetic", "records", "prose"):
         assert report["eval"]["merged"][domain]["loss"] < report["eval"]["base"][domain]["loss"], domain
     assert json.loads(json.dumps(report["merge"])) == merge
+
+
+def test_a_lora_site_computes_its_statistics_on_its_dense_weights(tmp_path, tiny_base):
+    from feddem.client.merge_parts import stats_path, upload_layout, upload_vector
+
+    cfg = _cfg(tiny_base, merge="regmean", lora=True)
+    [reply] = Stage(FakeGrid(tmp_path, NODES), cfg, _base_record(tiny_base)).run(
+        "train", M.TRAIN, {NODES[0]: M.TrainRequest().to_record()}).values()
+    site = SiteContext(0, "site-0", tmp_path / "site-0")
+    vector, stats = dict(load_vector(site.vector_path(RUN_ID)).items()), dict(load_vector(stats_path(site, RUN_ID)).items())
+    assert set(stats) == set(vector)  # every adapted layer's dense update has its layer's input Gram
+    for name, delta in vector.items():
+        assert tuple(stats[name].shape) == (delta.shape[1], delta.shape[1]), name
+        assert torch.allclose(stats[name], stats[name].T, atol=1e-5) and (torch.diagonal(stats[name]) >= 0).all()
+    layout = M.TrainReply.from_record(reply).layout
+    assert layout == upload_layout(site, RUN_ID) == sorted(f"{part}/{n}" for n in vector for part in ("gram", "gram-delta"))
+    parts = upload_vector(site, RUN_ID)
+    expected = site_upload(RegMeanMerge(), vector, stats)
+    assert parts.keys() == expected.keys() and all(torch.equal(parts[k], expected[k]) for k in parts)
