@@ -304,3 +304,15 @@ def test_a_lora_site_computes_its_statistics_on_its_dense_weights(tmp_path, tiny
     parts = upload_vector(site, RUN_ID)
     expected = site_upload(RegMeanMerge(), vector, stats)
     assert parts.keys() == expected.keys() and all(torch.equal(parts[k], expected[k]) for k in parts)
+
+
+def test_the_merge_setting_is_optional_for_an_older_server_and_checked_at_the_site():
+    record = M.SiteSettings.from_run_config(_cfg("tiny", merge="fisher")).to_record()
+    assert M.SiteSettings.from_record(record).merge == "fisher"
+    del record["merge"]  # a protocol 1.0 server does not send it: the site assumes the weighted sum
+    assert M.SiteSettings.from_record(record).merge == "weighted-sum"
+    record["merge"] = "median"
+    with pytest.raises(FeddemError, match="merge='median'"):
+        M.SiteSettings.from_record(record)
+    with pytest.raises(FeddemError, match="unknown merge rule 'median'"):
+        _cfg("tiny", merge="median").validate()
