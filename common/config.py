@@ -212,10 +212,10 @@ class RunConfig:
     def _validate_aggregation(self) -> None:
         if self.aggregation not in AGGREGATIONS:
             raise FeddemError(f"unknown aggregation '{self.aggregation}': choose one of {', '.join(AGGREGATIONS)}")
-        from feddem.common.merging.rules import RULES
+        from feddem.common.merging import RULE_NAMES
 
-        if self.merge not in RULES:
-            raise FeddemError(f"unknown merge rule '{self.merge}': choose one of {', '.join(RULES)}")
+        if self.merge not in RULE_NAMES:
+            raise FeddemError(f"unknown merge rule '{self.merge}': choose one of {', '.join(RULE_NAMES)}")
         if not (math.isfinite(self.clip) and self.clip > 0):
             raise FeddemError(f"clip must be a positive finite number, got {self.clip}")
         if self.min_peers < 1:

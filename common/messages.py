@@ -256,10 +256,10 @@ class SiteSettings:
             raise FeddemError(f"the server's setting aggregation-budget={self.aggregation_budget} needs distributed "
                               f"noise (noise > 0): without noise, two sums whose weights differ in one site reveal "
                               f"its vector")
-        from feddem.common.merging.rules import RULES
+        from feddem.common.merging import RULE_NAMES
 
-        if self.merge not in RULES:
-            raise FeddemError(f"the server's setting merge={self.merge!r}: expected one of {', '.join(RULES)}")
+        if self.merge not in RULE_NAMES:
+            raise FeddemError(f"the server's setting merge={self.merge!r}: expected one of {', '.join(RULE_NAMES)}")
         parse_sparsify(self.sparsify)
 
     @property

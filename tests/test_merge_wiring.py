@@ -306,6 +306,13 @@ def test_a_lora_site_computes_its_statistics_on_its_dense_weights(tmp_path, tiny
     assert parts.keys() == expected.keys() and all(torch.equal(parts[k], expected[k]) for k in parts)
 
 
+def test_the_torch_free_rule_names_are_the_rules():
+    from feddem.common.merging import RULE_NAMES
+    from feddem.common.merging.rules import RULES
+
+    assert tuple(RULES) == RULE_NAMES
+
+
 def test_the_merge_setting_is_optional_for_an_older_server_and_checked_at_the_site():
     record = M.SiteSettings.from_run_config(_cfg("tiny", merge="fisher")).to_record()
     assert M.SiteSettings.from_record(record).merge == "fisher"
