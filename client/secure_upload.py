@@ -22,17 +22,18 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from feddem.client.merge_parts import check_declared, upload_layout, upload_vector
 from feddem.client.guard import (
-    GuardPolicy, check_not_aggregated, check_other_weights, check_peers, check_weight, mark_aggregated, vector_digest,
+    GuardPolicy, GuardRefusal, check_not_aggregated, check_other_weights, check_peers, check_weight, mark_aggregated, vector_digest,
 )
-from feddem.common.site_context import SiteContext, vector_file
+from feddem.common.site_context import SiteContext
 from feddem.common import messages as M
 from feddem.common.errors import FeddemError
 from feddem.common.messages import SiteSettings
 from feddem.common.secagg import SecAggClient, SecAggError
 from feddem.common.secagg.params import round_binding
 from feddem.common.secagg.quantize import _fresh_rng
-from feddem.common.stored_tensors import flat_chunks, float32_arrays, read_header
+from feddem.common.stored_tensors import flat_chunks
 
 log = logging.getLogger("feddem.site")
 
@@ -41,8 +42,9 @@ CHUNK = 1 << 20  # ring elements per Array of the masked upload (4 MiB for uint3
 
 
 def vector_layout(site: SiteContext, run_id: int) -> list[str]:
-    """Sorted parameter names of the site's stored vector (read from the file header, not the data)."""
-    return sorted(read_header(vector_file(site, run_id))[0])
+    """Sorted tensor names of what this site's vector uploads (read from the files' headers, not the data): the
+    vector's parameter names, or `<part>/<name>` of the merge rule it was trained for (`client.merge_parts`)."""
+    return upload_layout(site, run_id)
 
 
 def weighted_chunks(vector: Mapping, names: list[str], weight: float, clip: float, noise_std: float = 0.0,
@@ -125,8 +127,11 @@ def sa_keys(site: SiteContext, cfg: SiteSettings, node_config: dict, run_id: int
     digest = vector_digest(site, run_id)
     check_not_aggregated(site, run_id, digest, policy)
     names = request.names
+    declared = check_declared(site, run_id, cfg.merge)
     if names != vector_layout(site, run_id):
-        raise FeddemError(f"{site.name}: the server's vector layout does not match the stored vector")
+        raise GuardRefusal(site.name, f"the server's vector layout ({len(names)} tensors) is not exactly the "
+                                      f"{declared.name} upload of its stored vector: it sends the declared parts, "
+                                      f"all of them in one sum, or nothing")
     if params.clip != cfg.clip:
         raise FeddemError(f"{site.name}: the round's clip ({params.clip}) is not the run's ({cfg.clip})")
     client = SecAggClient(params, me)
@@ -170,7 +175,8 @@ def sa_masked(site: SiteContext, cfg: SiteSettings, node_config: dict, run_id: i
     client = rnd.client
     length = client.params.vector_length
     lo, hi = _span(request, length, site)
-    vector = float32_arrays(vector_file(site, run_id))  # lazy: read one tensor at a time
+    # the declared rule's upload: the stored vector, lazy (one tensor at a time), or the rule's parts
+    vector = upload_vector(site, run_id, lazy_numpy=True)
     if vector_digest(site, run_id) != rnd.digest:
         raise FeddemError(f"{site.name}: the stored vector changed during the secure-aggregation round")
     if client.stage == "shared":  # the first (or only) part

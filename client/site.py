@@ -23,6 +23,7 @@ from feddem.common.progress import ProgressWriter
 from feddem.common.modeling import base_tensors, load_model, load_tokenizer, model_checksum
 from feddem.common.training import TrainSettings, train_causal_lm
 from feddem.client import ledger
+from feddem.client.merge_parts import compute_statistics
 from feddem.client.guard import data_digest, record_trained, training_seed
 from feddem.client.signals import domain_embedding
 from feddem.common.weighting.dga import alignment
@@ -154,9 +155,10 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     Besides the losses the result holds `data_format` (`text` or `chat`), `truncated_examples` (train and test
     examples cut to seq-len, never dropped), `warnings` (one string, one warning per line, empty when none: a small
     held-out split, truncation), `setup_seconds` (base, tokenizer, data), `train_seconds`, `eval_seconds` (the
-    base's and the local model's held-out loss and generation) and `seconds` (all of it), and for chat data the
+    base's and the local model's held-out loss and generation) and `seconds` (all of it), for chat data the
     generation metric of the base and the local model (`base_gen_exact_match`, `base_gen_rouge_l`, `base_samples`,
-    and the same with `local_`; `common.evaluation.generation_metrics`)."""
+    and the same with `local_`; `common.evaluation.generation_metrics`), and `merge_stats_seconds` when the run's
+    merge rule needs statistics (`client.merge_parts`: computed after training, stored beside the vector)."""
     start = time.perf_counter()
     device = site.resolve_device(cfg)
     model = load_verified_base(model_ref, checksum)
@@ -186,6 +188,8 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     extra |= _generation(model, tokenizer, prompts, cfg, device, "local_")
     eval_seconds = base_eval_seconds + time.perf_counter() - eval_start
     vector = _save_site_vector(cfg, site, model, model_ref, start_from, run_id, seed, shard)
+    # the run's merge rule's statistics (fisher, regmean), on the train data, stored beside the vector
+    extra |= compute_statistics(cfg, site, model, train_data, list(vector), run_id, device)
     record_trained(site, run_id, cfg, data, seed_base, fresh)  # the guard's record: digest, data, declared mode
     if target is not None:
         extra["alignment"] = alignment(vector, target)

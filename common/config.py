@@ -86,6 +86,10 @@ class RunConfig:
     timeout: float = _opt(3600.0, "seconds to wait for the sites at each stage (more than 0, at most 30 days)")
     aggregation: str = _opt("secure", "how weighted vectors reach the server: 'secure' (SecAgg+: the server "
                             "learns only the sum) or 'plain' (each site's weighted vector in the clear)")
+    merge: str = _opt("weighted-sum", "merge rule, computed from sums alone (common.merging): 'weighted-sum' "
+                      "(DEM: sum_i w_i d_i), 'fisher' (Fisher-weighted averaging: the sites also sum w_i F_i d_i "
+                      "and w_i F_i, 2x the upload) or 'regmean' (RegMean for linear layers: the sites also sum "
+                      "their input Gram matrices; about 2.2x the upload on the embedded model)")
     vector_dtype: str = _opt("float32", "dtype of the sites' stored vectors and of their uploads: float32, "
                              "bfloat16 or float16 (half the bytes on disk and on the wire; sums are formed in "
                              "float32). In secure runs a 16-bit ring is used where its error, at most n/2^16 of "
@@ -208,6 +212,10 @@ class RunConfig:
     def _validate_aggregation(self) -> None:
         if self.aggregation not in AGGREGATIONS:
             raise FeddemError(f"unknown aggregation '{self.aggregation}': choose one of {', '.join(AGGREGATIONS)}")
+        from feddem.common.merging import RULE_NAMES
+
+        if self.merge not in RULE_NAMES:
+            raise FeddemError(f"unknown merge rule '{self.merge}': choose one of {', '.join(RULE_NAMES)}")
         if not (math.isfinite(self.clip) and self.clip > 0):
             raise FeddemError(f"clip must be a positive finite number, got {self.clip}")
         if self.min_peers < 1:

@@ -79,7 +79,7 @@ class Version:
         return f"{self.major}.{self.minor}"
 
 
-VERSION = Version(1, 0)  # this code's protocol: bump the minor for an optional addition, the major for a break
+VERSION = Version(1, 1)  # this code's protocol: bump the minor for an optional addition, the major for a break
 
 _told: set = set()  # (peer, what) already logged: skew is logged once per process, not once per message
 
@@ -191,6 +191,7 @@ class SiteSettings:
     weight_max: float
     noise: float
     aggregation_budget: int
+    merge: str = "weighted-sum"  # 1.1: the run's merge rule (common.merging): which statistics a site computes
 
     @classmethod
     def from_run_config(cls, cfg) -> "SiteSettings":
@@ -255,6 +256,10 @@ class SiteSettings:
             raise FeddemError(f"the server's setting aggregation-budget={self.aggregation_budget} needs distributed "
                               f"noise (noise > 0): without noise, two sums whose weights differ in one site reveal "
                               f"its vector")
+        from feddem.common.merging import RULE_NAMES
+
+        if self.merge not in RULE_NAMES:
+            raise FeddemError(f"the server's setting merge={self.merge!r}: expected one of {', '.join(RULE_NAMES)}")
         parse_sparsify(self.sparsify)
 
     @property

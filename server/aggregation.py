@@ -8,6 +8,13 @@ Three kinds, chosen once per round by `configure_aggregator` (Flower's strategy 
   reply at a time and renormalised over the uploads that arrived;
 - `HeldAggregator`: a trusted run (plain, and the server needs the vectors for a search, the pool or ablations)
   fetches each site's d_i once (`HeldAggregator.fetch`) and forms any weighted sum from them.
+
+The run's merge rule (`merge`, `common.merging`) decides what a site uploads: its vector (weighted-sum) or the
+rule's parts as one vector (`common.merging.parts`); every aggregator sums the uploads and `combine_upload`s the
+sum with the sum of the weights in it, so secure, plain and held runs of a rule agree up to the secure sum's
+quantization. A held run keeps each site's parts at weight 1 (every part is linear in the weight, so any weighted
+sum of them is a candidate's sum) and recovers each site's vector from its own parts (`combine` at weight 1) for
+the cross-domain matrix and the pool.
 """
 
 import logging
@@ -19,6 +26,7 @@ from flwr.serverapp import Grid
 from feddem.common import messages as M
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
+from feddem.common.merging.parts import combine_upload, plain_rule, ring_finer, rule_of, upload_shapes
 from feddem.common.vector_records import vector_from_record
 from feddem.common.vectors import Vector, add_into, check_vector, weighted_sum
 from feddem.common.weighting import strategy
@@ -66,16 +74,28 @@ class Aggregator(ABC):
 def fetch_uploads(stage, sites: dict, weights: dict[int, float], base_params: dict):
     """Ask each site for `w_i * d_i` in the clear (plain aggregation); yields (node, checked vector) as they come,
     one reply at a time (the vector is read lazily from its message)."""
+    merge_rule = rule_of(stage.cfg)
     for node, content in stage.stream("upload", M.UPLOAD, {n: M.UploadRequest(w).to_record()
                                                            for n, w in weights.items()}):
         vector = vector_from_record(M.UploadReply.from_record(content).vector)
-        check_vector(vector, base_params, f"upload of {sites[node]['site']}", stage.cfg.torch_vector_dtype)
+        source = f"upload of {sites[node]['site']}"
+        reference = base_params if plain_rule(merge_rule) else _upload_shapes(merge_rule, list(vector), base_params,
+                                                                               source)
+        check_vector(vector, reference, source, stage.cfg.torch_vector_dtype)
         yield node, vector
 
 
+def _upload_shapes(merge_rule, layout: list[str], base_params: dict, source: str) -> dict:
+    try:
+        return upload_shapes(merge_rule, layout, base_params)
+    except FeddemError as exc:
+        raise FeddemError(f"{source}: {exc}") from None
+
+
 def plain_aggregate(stage, sites: dict, weights: dict[int, float], base_params: dict):
-    """Plain aggregation (`--aggregation plain`): each site sends `w_i * d_i` in the clear; the server sums them and
-    renormalises over the uploads that arrived. Returns (aggregate, contributing nodes, weights used by site)."""
+    """Plain aggregation (`--aggregation plain`): each site sends `w_i * d_i` (or its merge rule's parts, weighted)
+    in the clear; the server sums them, renormalises over the uploads that arrived (every part is linear in the
+    weight) and combines the sums. Returns (aggregate, contributing nodes, weights used by site)."""
     aggregate: Vector = {}
     arrived = []
     for node, vector in fetch_uploads(stage, sites, weights, base_params):
@@ -88,7 +108,7 @@ def plain_aggregate(stage, sites: dict, weights: dict[int, float], base_params: 
             t.mul_(scale)
         used = {k: w * scale for k, w in used.items()}
         log.warning("%d upload(s) missing: weights renormalised over the others", len(weights) - len(arrived))
-    return aggregate, arrived, used
+    return combine_upload(rule_of(stage.cfg), aggregate, sum(used.values())), arrived, used
 
 
 class PlainAggregator(Aggregator):
@@ -105,20 +125,25 @@ class PlainAggregator(Aggregator):
 class HeldAggregator(Aggregator):
     """A trusted run's sums, formed from each site's d_i held by the server."""
 
-    def __init__(self, stage, sites: dict, vectors: dict[int, Vector]):
+    def __init__(self, stage, sites: dict, uploads: dict[int, Vector]):
         super().__init__(stage, sites)
-        self.vectors = vectors
+        self.rule = rule_of(getattr(stage, "cfg", None))
+        self.uploads = uploads  # each site's upload at weight 1: its vector, or its merge rule's parts
+        # each site's own vector: its upload, or the rule's merge of its parts alone (weight 1)
+        self.vectors = uploads if plain_rule(self.rule) else {n: combine_upload(self.rule, parts, 1.0)
+                                                               for n, parts in uploads.items()}
 
     @classmethod
     def fetch(cls, stage, sites: dict, order: list[int], base_params: dict) -> "HeldAggregator":
-        """Ask every site of `order` for its d_i once (weight 1) and hold them."""
+        """Ask every site of `order` for its upload once (weight 1) and hold them."""
         return cls(stage, sites, dict(fetch_uploads(stage, sites, dict.fromkeys(order, 1.0), base_params)))
 
     def _aggregate(self, weights: dict[int, float]) -> AggregationOutcome:
-        held = {n: w for n, w in weights.items() if n in self.vectors}
+        held = {n: w for n, w in weights.items() if n in self.uploads}
         if not held:
             raise FeddemError("no site's vector reached the server")
-        aggregate = weighted_sum([self.vectors[n] for n in held], list(held.values()))
+        summed = weighted_sum([self.uploads[n] for n in held], list(held.values()))
+        aggregate = combine_upload(self.rule, summed, sum(held.values()))
         return AggregationOutcome(aggregate, list(held), {self.names[n]: w for n, w in held.items()})
 
 
@@ -140,7 +165,9 @@ class SecureAggregator(Aggregator):
         return layout
 
     def _aggregate(self, weights: dict[int, float]) -> AggregationOutcome:
-        result = secure_sum(self.grid, self.cfg, self.stage.base, weights, self._layout(weights), self.base_params)
+        layout, merge_rule = self._layout(weights), rule_of(self.cfg)
+        shapes = self.base_params if plain_rule(merge_rule) else upload_shapes(merge_rule, layout, self.base_params)
+        result = secure_sum(self.grid, self.cfg, self.stage.base, weights, layout, shapes, ring_finer(merge_rule))
         for node, why in result.dropped.items():
             self.stage.fail(node, f"secure aggregation, {why}")
         used = {self.names[n]: weights[n] for n in result.survivors}
@@ -148,7 +175,9 @@ class SecureAggregator(Aggregator):
         if result.dropped:
             log.warning("secure aggregation: %d site(s) dropped, effective weights %s (sum %.4f, not renormalised)",
                         len(result.dropped), used, sum(used.values()))
-        return AggregationOutcome(result.aggregate, result.survivors, used, details)
+        # one secure sum of all the parts; the rule's merge of them with the survivors' weights
+        aggregate = combine_upload(merge_rule, result.aggregate, sum(used.values()))
+        return AggregationOutcome(aggregate, result.survivors, used, details)
 
 
 def secure_details(cfg: RunConfig, result: SecureSum, name: dict[int, str], weights: dict[int, float],

@@ -17,6 +17,7 @@ from feddem.client import retention
 from feddem.common.config import AGGREGATIONS, VECTOR_DTYPES, RunConfig
 from feddem.common.devices import DEVICES
 from feddem.common.errors import FeddemError
+from feddem.common.merging import RULE_NAMES
 from feddem.common.weighting import WEIGHTINGS
 from feddem.server import certs
 from feddem.server.admin import serve
@@ -27,7 +28,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 
 DIVERGED = "training diverged"  # how common.training words a site's inf/nan loss (kept in the run's error)
 
 RENAMED = {"out_dir": "out"}  # option names that differ from the run-config key
-CHOICES = {"weighting": list(WEIGHTINGS), "device": list(DEVICES), "aggregation": list(AGGREGATIONS),
+CHOICES = {"weighting": list(WEIGHTINGS), "device": list(DEVICES), "aggregation": list(AGGREGATIONS), "merge": list(RULE_NAMES),
            "vector_dtype": list(VECTOR_DTYPES)}
 METAVARS = {"model": "NAME_OR_DIR", "data": "SPEC", "out_dir": "DIR", "sites": "N"}
 

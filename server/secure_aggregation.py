@@ -167,7 +167,7 @@ class SecureRound:
     node <-> client ids, the masked stage's spans, the elements clipped at each site and the dropouts."""
 
     def __init__(self, grid: Grid, cfg, base: ConfigRecord, weights: dict[int, float], layout: list[str],
-                 shapes: dict[str, torch.Size]):
+                 shapes: dict[str, torch.Size], finer: float = 1.0):
         self.cfg, self.weights, self.layout, self.shapes = cfg, weights, layout, shapes
         self.nodes = sorted(weights)
         self.threshold = _check_round(cfg, weights, layout, shapes)
@@ -175,8 +175,10 @@ class SecureRound:
         self.node_of = {i: node for node, i in self.cid.items()}
         n = len(self.nodes)
         # the ring's rounding error of the sum may be what the run's vector dtype would round a value at the clip to
-        # (float32: a finer 2^-20, so 32 or 64 bits; a 16-bit float: 16 bits where n allows)
-        self.bits = choose_bits(n, cfg.clip, cfg.clip * max(torch.finfo(cfg.torch_vector_dtype).eps / 2, 2.0**-20))
+        # (float32: a finer 2^-20, so 32 or 64 bits; a 16-bit float: 16 bits where n allows); `finer` divides it (a
+        # merge rule whose parts are scaled down to fit the clip: `common.merging.parts.ring_finer`)
+        self.bits = choose_bits(n, cfg.clip, cfg.clip * max(torch.finfo(cfg.torch_vector_dtype).eps / 2, 2.0**-20)
+                                / finer)
         self.length = sum(int(torch.Size(shapes[name]).numel()) for name in layout)
         params = SecAggParams.create(self.cid.values(), self.length, cfg.clip, threshold=self.threshold,
                                      bits=self.bits)
@@ -305,7 +307,8 @@ class SecureRound:
 
 
 def secure_sum(grid: Grid, cfg, base: ConfigRecord, weights: dict[int, float], layout: list[str],
-               shapes: dict[str, torch.Size]) -> SecureSum:
+               shapes: dict[str, torch.Size], finer: float = 1.0) -> SecureSum:
     """sum_i w_i d_i over the nodes in `weights` by secure aggregation (`SecureRound`); `layout` is the sorted
-    parameter names of the sites' vectors and `shapes` their shapes (from the base model)."""
-    return SecureRound(grid, cfg, base, weights, layout, shapes).run()
+    parameter names of the sites' vectors and `shapes` their shapes (from the base model); `finer` > 1 asks for a
+    ring that much finer than the run's vector dtype needs."""
+    return SecureRound(grid, cfg, base, weights, layout, shapes, finer).run()

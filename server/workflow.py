@@ -20,6 +20,7 @@ from feddem.common import messages as M
 from feddem.common.config import RunConfig
 from feddem.common.data import list_shards
 from feddem.common.errors import FeddemError
+from feddem.common.merging.parts import rule_of, upload_size
 from feddem.common.modeling import load_model, load_tokenizer, model_checksum
 from feddem.common.paths import feddem_home
 from feddem.common.vector_io import save_vector
@@ -292,6 +293,29 @@ def _cross_domain(cfg: RunConfig, stage: Stage, aggregator: Aggregator, nodes: l
         return {"status": "failed", "reason": str(exc)}
 
 
+def merge_section(cfg: RunConfig, round_: TrainedRound, base_shapes: dict) -> dict:
+    """The report's `merge` section: the rule, its parameters, and each site's upload size relative to its vector
+    (from the layouts the sites reported: their tensor names, not their values)."""
+    merge_rule = rule_of(cfg)
+    sizes = {}
+    for n in round_.order:
+        layout = M.TrainReply.from_record(round_.trained[n]).layout
+        try:
+            sizes[round_.sites[n]["site"]] = round(upload_size(merge_rule, layout, base_shapes), 4)
+        except FeddemError as exc:  # a layout the base does not fit: the aggregation said so already
+            log.warning("merge: upload size of %s not known: %s", round_.sites[n]["site"], exc)
+    return {"rule": merge_rule.name, "parameters": merge_rule.parameters(), "upload_size_relative": sizes,
+            "reveals": REVEALS[merge_rule.name]}
+
+
+REVEALS = {  # what the server learns of the sites' vectors under each rule (README, "Merge rules")
+    "weighted-sum": "sum_i w_i d_i",
+    "fisher": "sum_i w_i F_i d_i and sum_i w_i F_i (F_i: the site's normalised diagonal Fisher)",
+    "regmean": "per linear layer sum_i w_i G_i and sum_i w_i d_i G_i (G_i: the site's input Gram matrix), and "
+               "sum_i w_i d_i of the other tensors",
+}
+
+
 class Timings:
     """Seconds spent per part of the run (`lap(name)` adds the time since the previous lap)."""
 
@@ -466,6 +490,7 @@ class DemRun:
                             dict(self.stage.failures), self.timings.seconds, aggregation=cfg.aggregation,
                             aggregation_details=self.last.outcome.details,
                             extra={"flower_run_id": self.run_id, "weighting": self.chosen.name,
+                                   "merge": merge_section(cfg, self.trained, self.base.shapes),
                                    "rounds": self.rounds} | extra,
                             merged_records={sites[n]["site"]: r for n, r in merged_records.items()})
 

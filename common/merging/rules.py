@@ -19,6 +19,26 @@ same `combine`, so secure and plain runs of a rule differ only by the secure sum
   sites' activations, summed) and of D_i G_i.
 
 The statistics come from `common.merging.statistics` (the site computes them on its own train data).
+
+Every part is linear in the weight (`site_parts(d, stats, w) = w * site_parts(d, stats, 1)`), so a site can form
+its parts at weight 1 and the secure sum's usual `w_i *` does the rest (`common.merging.parts`).
+
+Quantization (secure runs clip every element of w_i * part to [-clip, clip], clip 1 by default, weights <= 1):
+each rule bounds its parts and declares a per-part factor (`part_scale`) that the site multiplies the part by
+before the sum and the server divides it out after, so that a part fits the clip wherever the vector itself does:
+- `fisher`: the site's normalised Fisher is capped at `FISHER_CAP` (1e4 x the mean: a parameter far above the
+  rest gets the cap, still dominating; on the embedded model the largest is ~9e3, so the cap changes nothing there)
+  before the floor, and both parts are scaled by 1 / (cap + floor), so the denominator part is at most w_i and the
+  numerator part at most w_i |d_i|;
+- `regmean`: a site's regularised Gram matrix of a layer whose largest diagonal entry exceeds `GRAM_CAP` is scaled
+  down to that diagonal (|G_jk| <= max diagonal, so every entry is then within the cap); this changes that site's
+  relative weight in that layer only (RegMean is invariant to one common scale of all Grams, not to one site's),
+  and never happens for inputs of normalised layers of ordinary size. Both Gram parts are scaled by 1 / GRAM_CAP:
+  the Gram part is then at most w_i, the D_i G_i part at most w_i sum_k |D_jk| |G_kl| / GRAM_CAP, which is not
+  bounded a priori by |d_i|: an element beyond the clip is clipped, counted and reported (`clipped_elements`) as
+  for any vector (on the embedded model the largest is ~0.007 of the clip).
+Scaled-down parts need a finer ring to keep their precision: a secure sum of a rule's parts uses the 64-bit ring
+(`common.merging.parts.ring_finer`).
 """
 
 from __future__ import annotations
@@ -31,6 +51,8 @@ from feddem.common.errors import FeddemError
 
 Vector = Mapping[str, torch.Tensor]
 FLOOR = 0.01  # fisher: added to each site's mean-1 Fisher, so no parameter has zero weight at every site
+FISHER_CAP = 1e4  # fisher: the largest normalised Fisher value a site uses (before the floor)
+GRAM_CAP = 16.0  # regmean: the largest diagonal entry of a site's Gram matrix as it is summed; parts scaled by 1/cap
 ALPHA = 0.9  # regmean: off-diagonal scale of the Gram matrices (RegMean's alpha; 1 = none, 0 = diagonal only)
 GRAM, GRAM_TIMES_DELTA, WEIGHTED, NUMERATOR, DENOMINATOR = "gram", "gram-delta", "weighted", "fisher-num", "fisher-den"
 
@@ -50,6 +72,16 @@ class WeightedSum:
 
     name = "weighted-sum"
     parts_names = (WEIGHTED,)
+    statistics = None  # what the site computes for it: None, "fisher" or "gram"
+
+    def parameters(self) -> dict:
+        return {}
+
+    def part_scale(self, part: str) -> float:
+        return 1.0
+
+    def part_shape(self, part: str, base_shape: tuple) -> tuple:
+        return tuple(base_shape)
 
     def site_parts(self, vector: Vector, stats: Mapping[str, torch.Tensor] | None, weight: float) -> dict[str, Vector]:
         return {WEIGHTED: _scaled(vector, weight)}
@@ -63,19 +95,33 @@ class FisherMerge:
 
     name = "fisher"
     parts_names = (NUMERATOR, DENOMINATOR)
+    statistics = "fisher"
 
-    def __init__(self, floor: float = FLOOR) -> None:
+    def __init__(self, floor: float = FLOOR, cap: float = FISHER_CAP) -> None:
         if not (floor > 0 and floor < float("inf")):
             raise FeddemError(f"fisher: the floor must be a positive number, got {floor}")
-        self.floor = floor
+        if not (cap >= 1 and cap < float("inf")):
+            raise FeddemError(f"fisher: the cap must be a finite number of at least 1, got {cap}")
+        self.floor, self.cap = floor, cap
+
+    def parameters(self) -> dict:
+        return {"floor": self.floor, "cap": self.cap}
+
+    def part_scale(self, part: str) -> float:
+        """Both parts are divided by the largest value a site's Fisher can take (cap + floor) before the sum."""
+        return 1.0 / (self.cap + self.floor)
+
+    def part_shape(self, part: str, base_shape: tuple) -> tuple:
+        return tuple(base_shape)
 
     def normalised(self, fisher: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The site's Fisher scaled to mean 1 over all its entries, plus the floor (a zero Fisher: the floor alone)."""
+        """The site's Fisher scaled to mean 1 over all its entries, capped at `cap`, plus the floor (a zero Fisher:
+        the floor alone)."""
         total = sum(float(f.double().sum()) for f in fisher.values())
         count = sum(f.numel() for f in fisher.values())
         mean = total / count if count else 0.0
         scale = 1.0 / mean if mean > 0 else 0.0
-        return {name: f.to(torch.float32) * scale + self.floor for name, f in fisher.items()}
+        return {name: (f.to(torch.float32) * scale).clamp_max(self.cap) + self.floor for name, f in fisher.items()}
 
     def site_parts(self, vector: Vector, stats: Mapping[str, torch.Tensor] | None, weight: float) -> dict[str, Vector]:
         _check_names(vector, stats or {}, "fisher")
@@ -96,16 +142,38 @@ class RegMeanMerge:
 
     name = "regmean"
     parts_names = (GRAM, GRAM_TIMES_DELTA, WEIGHTED)
+    statistics = "gram"
 
-    def __init__(self, alpha: float = ALPHA) -> None:
+    def __init__(self, alpha: float = ALPHA, cap: float = GRAM_CAP) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise FeddemError(f"regmean: alpha must be in [0, 1], got {alpha}")
-        self.alpha = alpha
+        if not (cap > 0 and cap < float("inf")):
+            raise FeddemError(f"regmean: the Gram cap must be a positive finite number, got {cap}")
+        self.alpha, self.cap = alpha, cap
+
+    def parameters(self) -> dict:
+        return {"alpha": self.alpha, "cap": self.cap}
+
+    def part_scale(self, part: str) -> float:
+        """The Gram parts are divided by the cap on a Gram's diagonal before the sum; the weighted part is not."""
+        return 1.0 / self.cap if part in (GRAM, GRAM_TIMES_DELTA) else 1.0
+
+    def part_shape(self, part: str, base_shape: tuple) -> tuple:
+        """A Gram part of a [out, in] weight is [in, in]; the other parts have the weight's shape."""
+        if part == GRAM:
+            if len(base_shape) != 2:
+                raise FeddemError(f"regmean: a Gram part for a tensor of shape {tuple(base_shape)} (not a matrix)")
+            return (base_shape[1], base_shape[1])
+        return tuple(base_shape)
 
     def regularised(self, gram: torch.Tensor) -> torch.Tensor:
-        """RegMean's regularisation: the off-diagonal entries scaled by alpha."""
+        """RegMean's regularisation (the off-diagonal entries scaled by alpha), scaled down to the cap when its
+        largest diagonal entry exceeds it."""
+        gram = gram.to(torch.float32)
         diagonal = torch.diag(torch.diagonal(gram))
-        return diagonal + self.alpha * (gram.to(torch.float32) - diagonal)
+        regular = diagonal + self.alpha * (gram - diagonal)
+        largest = float(torch.diagonal(gram).max()) if gram.numel() else 0.0
+        return regular * (self.cap / largest) if largest > self.cap else regular
 
     def site_parts(self, vector: Vector, stats: Mapping[str, torch.Tensor] | None, weight: float) -> dict[str, Vector]:
         stats = stats or {}

@@ -1,0 +1,131 @@
+"""The site's side of the merge rules (`common.merging`): its statistics, and the upload its rule declares.
+
+After training, when the run's merge rule needs statistics (`fisher`: the diagonal Fisher, `regmean`: the input
+Gram matrices), `compute_statistics` forms them on the site's own train data with its fine-tuned DENSE model (a
+LoRA model with its adapters merged in) and stores them beside the vector (`merge-stats.safetensors`, whose
+metadata names the rule and its parameters). That file is the site's declaration of the rule for this vector: every
+upload of it is then exactly the rule's parts (`upload_layout`, `upload_vector`), and the privacy guard refuses
+a request for any other layout (a subset of the parts, or the bare vector of a weighted sum), so the server learns
+only the sums the rule names. No file: the vector was trained for a weighted sum, and its upload is the vector.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from feddem.common.errors import FeddemError
+from feddem.common.site_context import SiteContext, vector_file
+from feddem.common.stored_tensors import float32_arrays, read_header
+
+log = logging.getLogger("feddem.site")
+
+STATS_NAME = "merge-stats.safetensors"
+FISHER_EXAMPLES = 16  # per-example gradients: the Fisher's cost is one backward pass per example
+GRAM_EXAMPLES = 64  # forward passes only
+
+
+def stats_path(site: SiteContext, run_id: int) -> Path:
+    return site.vector_path(run_id).with_name(STATS_NAME)
+
+
+def compute_statistics(cfg, site: SiteContext, model, train_data, names: list[str], run_id: int, device) -> dict:
+    """The rule's statistics of the trained `model` (a PeftModel is merged into its dense weights, in place) on the
+    site's train data, stored beside the vector; returns what the site's result reports of them (nothing for
+    weighted-sum, whose stale statistics of an earlier try of this run are removed)."""
+    import time
+
+    from feddem.common.merging.parts import rule_of
+    from feddem.common.merging.statistics import diagonal_fisher, input_grams
+    from feddem.common.vector_io import save_vector
+
+    merge_rule, path = rule_of(cfg), stats_path(site, run_id)
+    path.unlink(missing_ok=True)
+    if merge_rule.statistics is None:
+        return {}
+    started = time.perf_counter()
+    if hasattr(model, "merge_and_unload"):  # LoRA: the dense weights the vector changes
+        model = model.merge_and_unload()
+    if merge_rule.statistics == "fisher":
+        stats = diagonal_fisher(model, train_data, names, FISHER_EXAMPLES, device)
+    else:
+        stats = input_grams(model, train_data, names, GRAM_EXAMPLES, device=device)
+    save_vector(stats, path, metadata={"rule": merge_rule.name, "parameters": json.dumps(merge_rule.parameters())})
+    seconds = time.perf_counter() - started
+    log.info("%s: %s statistics of %d tensor(s) in %.1f s", site.name, merge_rule.statistics, len(stats), seconds)
+    return {"merge_stats_seconds": seconds}
+
+
+def declared_rule(site: SiteContext, run_id: int):
+    """The merge rule this site's vector of the run was trained for (with the parameters stored then)."""
+    from feddem.common.merging.rules import rule
+
+    vector_file(site, run_id)  # an error when there is no vector
+    path = stats_path(site, run_id)
+    if not path.is_file():
+        return rule("weighted-sum")
+    meta = read_header(path)[2]
+    try:
+        return rule(str(meta["rule"]), **json.loads(meta.get("parameters", "{}")))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FeddemError(f"{site.name}: the merge statistics of run {run_id} ({path}) name no valid rule: "
+                          f"{exc}") from None
+
+
+def check_declared(site: SiteContext, run_id: int, merge: str):
+    """The declared rule, after checking that the server's settings name the same one."""
+    from feddem.client.guard import GuardRefusal
+
+    declared = declared_rule(site, run_id)
+    if declared.name != merge:
+        raise GuardRefusal(site.name, f"the server asks for a '{merge}' upload, but this site's vector of run "
+                                      f"{run_id} was trained for the '{declared.name}' merge rule: it sends only "
+                                      f"that rule's parts")
+    return declared
+
+
+def upload_layout(site: SiteContext, run_id: int) -> list[str]:
+    """The sorted tensor names of the declared rule's upload (for weighted-sum, the vector's names), read from the
+    files' headers, not their data."""
+    names = sorted(read_header(vector_file(site, run_id))[0])
+    merge_rule = declared_rule(site, run_id)
+    if merge_rule.statistics is None:
+        return names
+    from feddem.common.merging.parts import SEP
+    from feddem.common.merging.rules import GRAM, GRAM_TIMES_DELTA, WEIGHTED
+
+    header = read_header(vector_file(site, run_id))[0]
+    stats = read_header(stats_path(site, run_id))[0]
+    if merge_rule.statistics == "fisher":
+        return sorted(f"{part}{SEP}{name}" for part in merge_rule.parts_names for name in names)
+    layout = []
+    for name in names:
+        shape, gram = header[name]["shape"], stats.get(name, {}).get("shape")
+        if len(shape) == 2 and gram == [shape[1], shape[1]]:  # as RegMeanMerge.site_parts decides
+            layout += [f"{GRAM}{SEP}{name}", f"{GRAM_TIMES_DELTA}{SEP}{name}"]
+        else:
+            layout.append(f"{WEIGHTED}{SEP}{name}")
+    return sorted(layout)
+
+
+def upload_vector(site: SiteContext, run_id: int, lazy_numpy: bool = False):
+    """The declared rule's upload at weight 1 (`common.merging.parts.site_upload`): for weighted-sum the stored
+    vector itself (numpy arrays read on access with `lazy_numpy`, else a lazy torch vector), else the parts formed
+    in memory from the vector and the statistics."""
+    merge_rule = declared_rule(site, run_id)
+    if merge_rule.statistics is None:
+        if lazy_numpy:
+            return float32_arrays(vector_file(site, run_id))
+        from feddem.common.site_context import stored_vector
+
+        return stored_vector(site, run_id)
+    from feddem.common.merging.parts import site_upload
+    from feddem.common.vector_io import load_vector
+
+    vector = {name: t.float() for name, t in load_vector(vector_file(site, run_id)).items()}
+    stats = dict(load_vector(stats_path(site, run_id)).items())
+    upload = site_upload(merge_rule, vector, stats)
+    if sorted(upload) != upload_layout(site, run_id):
+        raise FeddemError(f"{site.name}: the {merge_rule.name} parts of run {run_id} do not match their layout")
+    return {name: t.contiguous() for name, t in upload.items()}

@@ -1,0 +1,325 @@
+"""The merge rules wired into runs (`--merge`, common/merging/parts.py, client/merge_parts.py): a rule's parts
+travel as one vector and their sums give `merge_plain`'s merge; every part fits the secure sum's clip; secure,
+plain and trusted (held) aggregation of a rule agree (secure: within what its quantization bound implies); a
+hostile server cannot ask a site for a part set other than its declared rule's, nor for a second sum; and one
+slow end-to-end `feddem simulate --merge fisher` with secure aggregation gives merge_plain of the sites' stored
+vectors and statistics."""
+
+import glob
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from feddem.common import messages as M
+from feddem.common.errors import FeddemError
+from feddem.common.merging.parts import combine_upload, site_upload, split_name, upload_shapes, upload_size
+from feddem.common.merging.rules import (
+    DENOMINATOR, GRAM, NUMERATOR, FisherMerge, RegMeanMerge, WeightedSum, merge_plain, rule,
+)
+from feddem.common.site_context import SiteContext
+from feddem.common.vector_io import load_vector
+from feddem.server.secure_aggregation import secure_sum
+from feddem.server.aggregation import HeldAggregator, PlainAggregator, SecureAggregator, configure_aggregator
+from feddem.server.workflow import Stage
+from tests.conftest import simulate_cli
+from tests.fakegrid import RUN_ID, FakeGrid
+from tests.test_hostile_server import NODES as HOSTILE_NODES
+from tests.test_hostile_server import WEIGHTS as HOSTILE_WEIGHTS
+from tests.test_hostile_server import Sites, _ask_plain, _base, _refusal
+from tests.test_hostile_server import _cfg as hostile_cfg
+from tests.test_hostile_server import run7  # noqa: F401 (the fixture: deployed sites' data, trained once)
+from tests.test_secure_round import (  # noqa: F401 (the autouse fixture)
+    NODES, WEIGHTS, _base_record, _cfg, _shapes, _task_identity,
+)
+
+SHAPES = {"a.weight": (3, 4), "b.weight": (2, 3), "norm": (4,)}
+
+
+def _random_sites(seed: int = 0, count: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    vectors, fishers, grams = [], [], []
+    for _ in range(count):
+        vectors.append({n: torch.randn(s, generator=g) * 0.01 for n, s in SHAPES.items()})
+        fishers.append({n: torch.rand(s, generator=g) for n, s in SHAPES.items()})
+        x = {n: torch.randn(20, s[1], generator=g) for n, s in SHAPES.items() if len(s) == 2}
+        grams.append({n: xs.T @ xs / 20 for n, xs in x.items()})
+    return vectors, fishers, grams
+
+
+@pytest.mark.parametrize("name", ["weighted-sum", "fisher", "regmean"])
+def test_the_sum_of_weighted_uploads_gives_merge_plain(name):
+    vectors, fishers, grams = _random_sites()
+    merge_rule, weights = rule(name), [0.2, 0.3, 0.5]
+    stats = {"weighted-sum": [None] * 3, "fisher": fishers, "regmean": grams}[name]
+    summed = {}
+    for vector, site_stats, w in zip(vectors, stats, weights):
+        for key, t in site_upload(merge_rule, vector, site_stats).items():  # at weight 1; the sum's w_i * does the rest
+            summed[key] = summed.get(key, 0) + w * t
+    expected = merge_plain(merge_rule, vectors, stats, weights)
+    got = combine_upload(merge_rule, summed, sum(weights))
+    assert got.keys() == expected.keys() == SHAPES.keys()
+    for n in SHAPES:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-7)
+    # the server lays the sum out from the base's shapes alone, and the upload's size follows
+    shapes = upload_shapes(merge_rule, sorted(summed), SHAPES)
+    assert shapes == {key: tuple(t.shape) for key, t in summed.items()}
+    relative = {"weighted-sum": 1.0, "fisher": 2.0, "regmean": (12 + 16 + 6 + 9 + 4) / 22}[name]  # D G and G per matrix
+    assert upload_size(merge_rule, sorted(summed), SHAPES) == pytest.approx(relative)
+
+
+def test_parts_fit_the_clip_even_for_outlying_statistics():
+    vectors, fishers, grams = _random_sites()
+    vector = {n: t.clamp(-1, 1) * 50 for n, t in vectors[0].items()}  # |d| up to 0.5
+    vector["big"] = torch.full((100_000,), 0.5)
+    fisher = {n: f.clone() for n, f in fishers[0].items()} | {"big": torch.rand(100_000)}
+    fisher["a.weight"][0, 0] = 1e9  # one parameter's Fisher far above all others (~1e9 x their mean)
+    parts = site_upload(FisherMerge(), vector, fisher)
+    biggest_d = max(float(t.abs().max()) for t in vector.values())
+    for key, t in parts.items():
+        bound = 1.0 if key.startswith(DENOMINATOR) else biggest_d
+        assert float(t.abs().max()) <= bound + 1e-6, key
+    # the outlier still dominates its own parameter: it has the cap's weight, the others about 1
+    den = {split_name(FisherMerge(), k)[1]: t for k, t in parts.items() if k.startswith(DENOMINATOR)}
+    assert float(den["a.weight"][0, 0]) == pytest.approx(1.0)
+    assert float(den["a.weight"].flatten()[1:].max()) < 0.05
+    # a Gram matrix with a huge diagonal is scaled to the cap, so its part stays within the clip
+    big = {n: g * 1e4 for n, g in grams[0].items()}
+    regmean = RegMeanMerge()
+    for key, t in site_upload(regmean, vectors[0], big).items():
+        if key.startswith(GRAM + "/"):
+            assert float(t.abs().max()) <= 1.0 + 1e-6, key
+    # and one of ordinary size is used as it is (the math of RegMean unchanged)
+    ordinary = site_upload(regmean, vectors[0], grams[0])
+    torch.testing.assert_close(ordinary[f"{GRAM}/a.weight"] * regmean.cap, regmean.regularised(grams[0]["a.weight"]))
+
+
+def test_an_upload_name_outside_the_rules_parts_is_refused():
+    with pytest.raises(FeddemError, match="not <part>/<name>"):
+        split_name(FisherMerge(), "gram/a.weight")
+    with pytest.raises(FeddemError, match="not <part>/<name>"):
+        split_name(RegMeanMerge(), "a.weight")
+    with pytest.raises(FeddemError, match="lacks"):
+        upload_shapes(FisherMerge(), [f"{NUMERATOR}/missing.weight"], SHAPES)
+    assert split_name(WeightedSum(), "a.weight") == ("weighted", "a.weight")
+
+
+# --- the aggregators, on sites fine-tuned for real through the train handler ---
+
+@pytest.fixture(scope="module", params=["fisher", "regmean"])
+def trained_rule(request, tmp_path_factory, tiny_base):
+    """Four sites fine-tuned (2 steps) in a plain run with the merge rule; their folders and train replies."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, 1
+    root = tmp_path_factory.mktemp(f"trained-{request.param}")
+    cfg = _cfg(tiny_base, aggregation="plain", merge=request.param)
+    replies = Stage(FakeGrid(root, NODES), cfg, _base_record(tiny_base)).run(
+        "train", M.TRAIN, {n: M.TrainRequest().to_record() for n in NODES})
+    return request.param, root, replies
+
+
+def _stored(root, index, run_id=RUN_ID):
+    site = SiteContext(index, f"site-{index}", root / f"site-{index}")
+    path = site.vector_path(run_id)
+    return load_vector(path), load_vector(path.with_name("merge-stats.safetensors"))
+
+
+def _merge_plain_of_sites(root, name, weights, nodes):
+    stored = [_stored(root, NODES.index(n)) for n in nodes]
+    return merge_plain(rule(name), [v for v, _ in stored], [s for _, s in stored], [weights[n] for n in nodes])
+
+
+def _aggregate(root, tiny_base, replies, **cfg_kw):
+    cfg = _cfg(tiny_base, **cfg_kw)
+    grid = FakeGrid(root, NODES)
+    stage = Stage(grid, cfg, _base_record(tiny_base))
+    sites = {n: {"site": f"site-{i}", "domain": f"domain-{i}"} for i, n in enumerate(NODES)}
+    aggregator = configure_aggregator(grid, cfg, stage, replies, sites, NODES, _shapes(tiny_base))
+    return aggregator, aggregator.aggregate(WEIGHTS)
+
+
+def fisher_tolerance(root, weights, nodes, bound, cap_plus_floor):
+    """Per element, how far s * num / den may move when each summed (scaled) part element moves by `bound`."""
+    merge_rule = FisherMerge()
+    num, den = {}, {}
+    for n in nodes:
+        vector, stats = _stored(root, NODES.index(n))
+        parts = merge_rule.site_parts(dict(vector), dict(stats), weights[n])
+        for name in vector:
+            num[name] = num.get(name, 0) + parts[NUMERATOR][name]
+            den[name] = den.get(name, 0) + parts[DENOMINATOR][name]
+    s, e = sum(weights[n] for n in nodes), bound * cap_plus_floor  # the bound in unscaled units
+    return {name: s * (e / (den[name] - e) + num[name].abs() * e / (den[name] * (den[name] - e))) for name in num}
+
+
+def test_secure_plain_and_trusted_aggregation_of_a_rule_agree(trained_rule, tiny_base, tmp_path):
+    name, root, replies = trained_rule
+    layout = M.TrainReply.from_record(replies[NODES[0]]).layout
+    assert all("/" in key for key in layout)  # the site reported its rule's parts, not its vector
+    got = {}
+    for mode, kw in (("plain", {"aggregation": "plain"}), ("held", {"aggregation": "plain", "keep_pool": True}),
+                     ("secure", {"aggregation": "secure"})):
+        shutil.copytree(root, tmp_path / mode)
+        got[mode] = _aggregate(tmp_path / mode, tiny_base, replies, merge=name, **kw)
+    assert {m: type(a) for m, (a, _) in got.items()} == {"plain": PlainAggregator, "held": HeldAggregator,
+                                                         "secure": SecureAggregator}
+    plain, held, secure = (got[m][1] for m in ("plain", "held", "secure"))
+    expected = _merge_plain_of_sites(root, name, WEIGHTS, NODES)
+    for outcome in (plain, held, secure):
+        assert outcome.aggregate.keys() == expected.keys()
+        assert sorted(outcome.contributors) == NODES
+    scale = max(float(t.abs().max()) for t in expected.values())
+    # float32 sums in another order (and the part scales divided out): a few ulp, which RegMean's solve of a
+    # Gram matrix amplifies by its conditioning
+    atol = (1e-6 if name == "fisher" else 1e-4) * scale
+    for n, t in expected.items():
+        torch.testing.assert_close(plain.aggregate[n], t, rtol=1e-4, atol=atol)
+        torch.testing.assert_close(held.aggregate[n], t, rtol=1e-4, atol=atol)
+    # the trusted run recovers each site's own vector from its parts (cross-domain matrix, pool)
+    # (fisher: num / den, exact to float32; regmean: D G G^-1 with the ridge of `combine`, close)
+    held_aggregator = got["held"][0]
+    own, _ = _stored(root, 1)
+    recovered = held_aggregator.vectors[NODES[1]]
+    flat = torch.cat([t.float().reshape(-1) for _, t in sorted(own.items())])
+    error = torch.cat([(recovered[n] - t.float()).reshape(-1) for n, t in sorted(own.items())])
+    assert float(error.norm() / flat.norm()) <= (1e-5 if name == "fisher" else 2e-2)
+    details = secure.details
+    assert details["clipped_elements"] == {f"site-{i}": 0 for i in range(4)}  # every part fit the clip
+    assert got["secure"][0].aggregations == 1  # all the parts in ONE secure sum
+    bound = details["error_bound"]
+    assert details["ring_bits"] == 64  # parts scaled down to fit the clip keep their precision on the finer ring
+    flat_plain = torch.cat([t.reshape(-1) for _, t in sorted(plain.aggregate.items())])
+    flat_secure = torch.cat([t.reshape(-1) for _, t in sorted(secure.aggregate.items())])
+    assert float((flat_secure - flat_plain).norm() / flat_plain.norm()) <= 1e-4
+    if name == "fisher":
+        tolerance = fisher_tolerance(root, WEIGHTS, NODES, bound, FisherMerge().cap + FisherMerge().floor)
+        for n, t in plain.aggregate.items():
+            assert ((secure.aggregate[n] - t).abs() <= tolerance[n] + 1e-6 * t.abs() + 1e-9).all(), n
+    else:  # a linear solve per layer: the relative error of the Gram sums times its conditioning; checked loosely
+        for n, t in plain.aggregate.items():
+            torch.testing.assert_close(secure.aggregate[n], t, rtol=1e-2, atol=1e-3 * scale)
+
+
+# --- a hostile server against the real ClientApp handlers ---
+
+@pytest.fixture
+def fisher_sites(run7, tmp_path, tiny_base):  # noqa: F811
+    """The three deployed sites of test_hostile_server, trained again in run 8 for the fisher rule (secure)."""
+    shutil.copytree(run7, tmp_path / "sites")
+    sites = Sites(tmp_path / "sites", tiny_base)
+    sites.train(8, merge="fisher")  # within the autouse task identity
+    return sites
+
+
+def test_hostile_server_cannot_pick_a_rules_parts_nor_sum_them_twice(fisher_sites, tiny_base):
+    from feddem.client.merge_parts import upload_layout
+
+    sites = fisher_sites
+
+    layout = upload_layout(sites.context(0), 8)
+    assert {key.split("/")[0] for key in layout} == {NUMERATOR, DENOMINATOR}
+    base_shapes = _shapes(tiny_base)
+    shapes = upload_shapes(FisherMerge(), layout, base_shapes)
+    # the denominator alone (the sites' Fisher, a statistic of their data), then the bare vector of a weighted sum
+    den_only = [k for k in layout if k.startswith(DENOMINATOR)]
+    for claim, cfg, said in ((den_only, {"merge": "fisher"}, "is not exactly the fisher upload"),
+                             (sorted({k.split("/", 1)[1] for k in layout}), {"merge": "weighted-sum"},
+                              "trained for the 'fisher' merge rule")):
+        claim_shapes = {k: shapes.get(k, base_shapes.get(k.split("/", 1)[-1])) for k in claim}
+        with pytest.raises(FeddemError, match="stage 'keys'") as refused:
+            secure_sum(sites.grid(8), hostile_cfg(sites.base, **cfg), _base(sites.base), HOSTILE_WEIGHTS, claim,
+                       claim_shapes)
+        assert str(refused.value).count(said) == len(HOSTILE_NODES)  # every site refused, before any key left it
+    # the whole declared layout: one secure sum, within the budget
+
+    result = secure_sum(sites.grid(8), hostile_cfg(sites.base, merge="fisher"), _base(sites.base), HOSTILE_WEIGHTS,
+                        layout, shapes)
+    assert sorted(result.survivors) == sorted(HOSTILE_NODES) and set(result.aggregate) == set(layout)
+    # a second sum of the same parts with other weights (differencing) is refused by every site
+    with pytest.raises(FeddemError, match="already aggregated"):
+        secure_sum(sites.grid(8), hostile_cfg(sites.base, merge="fisher"), _base(sites.base),
+                   dict(HOSTILE_WEIGHTS) | {HOSTILE_NODES[0]: 0.6}, layout, shapes)
+    # and a plain upload of the vector trained for fisher, asked as weighted-sum: refused
+    reason = _refusal(_ask_plain(sites.grid(8), sites.base, HOSTILE_NODES[0], aggregation="plain",
+                                 merge="weighted-sum"))
+    assert "fisher" in reason
+
+
+# --- end to end ---
+
+@pytest.mark.slow
+def test_simulate_with_fisher_and_secure_aggregation_gives_merge_plain_of_the_sites(tmp_path, tiny_base):
+    out = tmp_path / "fisher"
+    report, _ = simulate_cli(out, "--sites", "3", "--model", str(tiny_base), "--merge", "fisher")
+    merge = report["merge"]
+    assert merge["rule"] == "fisher" and merge["parameters"] == FisherMerge().parameters()
+    assert merge["upload_size_relative"] == {f"site-{i}": 2.0 for i in range(3)}
+    details = report["secure_aggregation"]
+    assert details["clipped_elements"] == {f"site-{i}": 0 for i in range(3)} and details["dropped"] == {}
+    # the sites' stored vectors and statistics (in the run's own home, or in the test's)
+    files = sorted(glob.glob(str(tmp_path / "**" / "site-*" / "runs" / "*" / "vector.safetensors"), recursive=True))
+    assert len(files) == 3, files
+    vectors = [load_vector(f) for f in files]
+    stats = [load_vector(Path(f).with_name("merge-stats.safetensors")) for f in files]
+    weights = [report["weights"][Path(f).parents[2].name] for f in files]
+    expected = merge_plain(FisherMerge(), vectors, stats, weights)
+    aggregate = load_file(out / "aggregate.safetensors")
+    assert aggregate.keys() == expected.keys()
+    bound, s = details["error_bound"], sum(weights)
+    cap_plus_floor = FisherMerge().cap + FisherMerge().floor
+    e = bound * cap_plus_floor
+    den = {}
+    num = {}
+    for vector, site_stats, w in zip(vectors, stats, weights):
+        parts = FisherMerge().site_parts(dict(vector), dict(site_stats), w)
+        for n in vector:
+            num[n] = num.get(n, 0) + parts[NUMERATOR][n]
+            den[n] = den.get(n, 0) + parts[DENOMINATOR][n]
+    for n, t in expected.items():
+        tolerance = s * (e / (den[n] - e) + num[n].abs() * e / (den[n] * (den[n] - e))) + 1e-6 * t.abs() + 1e-9
+        assert ((aggregate[n] - t).abs() <= tolerance).all(), n
+    for domain in ("arithmetic", "records", "prose"):
+        assert report["eval"]["merged"][domain]["loss"] < report["eval"]["base"][domain]["loss"], domain
+    assert json.loads(json.dumps(report["merge"])) == merge
+
+
+def test_a_lora_site_computes_its_statistics_on_its_dense_weights(tmp_path, tiny_base):
+    from feddem.client.merge_parts import stats_path, upload_layout, upload_vector
+
+    cfg = _cfg(tiny_base, merge="regmean", lora=True)
+    [reply] = Stage(FakeGrid(tmp_path, NODES), cfg, _base_record(tiny_base)).run(
+        "train", M.TRAIN, {NODES[0]: M.TrainRequest().to_record()}).values()
+    site = SiteContext(0, "site-0", tmp_path / "site-0")
+    vector, stats = dict(load_vector(site.vector_path(RUN_ID)).items()), dict(load_vector(stats_path(site, RUN_ID)).items())
+    assert set(stats) == set(vector)  # every adapted layer's dense update has its layer's input Gram
+    for name, delta in vector.items():
+        assert tuple(stats[name].shape) == (delta.shape[1], delta.shape[1]), name
+        assert torch.allclose(stats[name], stats[name].T, atol=1e-5) and (torch.diagonal(stats[name]) >= 0).all()
+    layout = M.TrainReply.from_record(reply).layout
+    assert layout == upload_layout(site, RUN_ID) == sorted(f"{part}/{n}" for n in vector for part in ("gram", "gram-delta"))
+    parts = upload_vector(site, RUN_ID)
+    expected = site_upload(RegMeanMerge(), vector, stats)
+    assert parts.keys() == expected.keys() and all(torch.equal(parts[k], expected[k]) for k in parts)
+
+
+def test_the_torch_free_rule_names_are_the_rules():
+    from feddem.common.merging import RULE_NAMES
+    from feddem.common.merging.rules import RULES
+
+    assert tuple(RULES) == RULE_NAMES
+
+
+def test_the_merge_setting_is_optional_for_an_older_server_and_checked_at_the_site():
+    record = M.SiteSettings.from_run_config(_cfg("tiny", merge="fisher")).to_record()
+    assert M.SiteSettings.from_record(record).merge == "fisher"
+    del record["merge"]  # a protocol 1.0 server does not send it: the site assumes the weighted sum
+    assert M.SiteSettings.from_record(record).merge == "weighted-sum"
+    record["merge"] = "median"
+    with pytest.raises(FeddemError, match="merge='median'"):
+        M.SiteSettings.from_record(record)
+    with pytest.raises(FeddemError, match="unknown merge rule 'median'"):
+        _cfg("tiny", merge="median").validate()
