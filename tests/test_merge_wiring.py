@@ -23,10 +23,11 @@ from feddem.common.merging.rules import (
 from feddem.common.site_context import SiteContext
 from feddem.common.vector_io import load_vector
 from feddem.server.secure_aggregation import secure_sum
-from feddem.server.aggregation import HeldAggregator, PlainAggregator, SecureAggregator, configure_aggregator
+from feddem.server.aggregation import HeldAggregator, PlainAggregator, SecureAggregator
 from feddem.server.workflow import Stage
 from tests.conftest import simulate_cli
 from tests.fakegrid import RUN_ID, FakeGrid
+from tests.test_aggregation import _aggregate
 from tests.test_hostile_server import NODES as HOSTILE_NODES
 from tests.test_hostile_server import WEIGHTS as HOSTILE_WEIGHTS
 from tests.test_hostile_server import Sites, _ask_plain, _base, _refusal
@@ -131,15 +132,6 @@ def _stored(root, index, run_id=RUN_ID):
 def _merge_plain_of_sites(root, name, weights, nodes):
     stored = [_stored(root, NODES.index(n)) for n in nodes]
     return merge_plain(rule(name), [v for v, _ in stored], [s for _, s in stored], [weights[n] for n in nodes])
-
-
-def _aggregate(root, tiny_base, replies, **cfg_kw):
-    cfg = _cfg(tiny_base, **cfg_kw)
-    grid = FakeGrid(root, NODES)
-    stage = Stage(grid, cfg, _base_record(tiny_base))
-    sites = {n: {"site": f"site-{i}", "domain": f"domain-{i}"} for i, n in enumerate(NODES)}
-    aggregator = configure_aggregator(grid, cfg, stage, replies, sites, NODES, _shapes(tiny_base))
-    return aggregator, aggregator.aggregate(WEIGHTS)
 
 
 def fisher_tolerance(root, weights, nodes, bound, cap_plus_floor):
