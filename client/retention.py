@@ -1,7 +1,7 @@
 """Retention of a site's stored vectors: keep the newest N runs' vectors, delete older vector files, keep the guard.
 
 Each run leaves one full vector per site under `<work-dir>/runs/<run-id>/vector.safetensors`. A site's node config
-`keep-runs = N` prunes after each training (the current run's vector is never pruned); `feddem sites prune --keep N`
+`keep-runs = N` prunes after each training (the current run's vector is never pruned); `feddem-site prune --keep N`
 does it by hand for every site folder under `$FEDDEM_HOME/sites` (or the given work dirs). Pruning deletes vector
 files only: the guard's record (`client.ledger`) keeps every entry about them and gets a `pruned` entry each, so a
 pruned vector that a new run recreated bit for bit is still refused as already aggregated. A site whose record
@@ -104,11 +104,8 @@ def site_dirs(work_dirs: list[str]) -> list[SiteContext]:
 
 
 def add_parser(sub) -> None:
-    """Register `feddem sites prune` on the CLI's subparsers."""
-    sites = sub.add_parser("sites", help="manage the sites' stored vectors on this machine",
-                           description="Manage the vectors sites keep on this machine.")
-    action = sites.add_subparsers(dest="sites_command", required=True)
-    p = action.add_parser(
+    """Register `prune` on `feddem-site`'s subparsers (`client.cli`)."""
+    p = sub.add_parser(
         "prune", help="delete old stored vectors, keep the guard's records",
         description="Delete the stored vectors of all but the newest --keep runs of each site (every folder under "
         "$FEDDEM_HOME/sites, or each --work-dir). The privacy guard's record (guard-record.json, site.json) is "

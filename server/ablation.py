@@ -14,8 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from feddem.common.errors import FeddemError
+from feddem.server.manifest import POOL_DIR
 
-POOL = "pool"  # folder of a trusted run: one safetensors vector per site
+POOL = POOL_DIR  # folder of a trusted run: one safetensors vector per site (named in `server.manifest`)
 
 
 def parse_candidates(spec: str, names: list[str], min_size: int = 1) -> list[tuple[str, ...]]:

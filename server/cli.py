@@ -1,7 +1,6 @@
 """`feddem`: the command line. `feddem simulate` runs a whole federated DEM run on this machine; `feddem certs`
 writes a deployment's certificates and site keys (`server.certs`); `feddem server` serves the run store over the
-admin API (`server.admin.serve`); `feddem sites prune` deletes old stored vectors of this machine's sites
-(`client.retention`).
+admin API (`server.admin.serve`). A site operator's commands are `feddem-site`'s (`client.cli`: `feddem-site prune`).
 
 Exit codes (README, "Exit codes"): 0 the command succeeded; 1 a run started and failed; 2 bad usage (a bad option or
 input, named before anything starts); 3 the run diverged (a site's training loss became inf or nan: lower --lr);
@@ -13,7 +12,6 @@ import sys
 from dataclasses import fields
 
 import feddem
-from feddem.client import retention
 from feddem.common.config import AGGREGATIONS, VECTOR_DTYPES, RunConfig
 from feddem.common.devices import DEVICES
 from feddem.common.errors import FeddemError
@@ -74,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "which otherwise go only to run.log in the run folder")
     certs.add_parser(sub)
     serve.add_parser(sub)
-    retention.add_parser(sub)
+    sub.add_parser("sites", help="moved: a site operator's commands are `feddem-site` (feddem-site prune)",
+                   add_help=False, prefix_chars="\0").add_argument("rest", nargs=argparse.REMAINDER)
     abl = sub.add_parser(
         "ablate",
         help="rank candidate data mixtures (subsets of sites) by merging a trusted run's pool of vectors",
@@ -105,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "server":
             serve.run(args)
         elif args.command == "sites":
-            retention.run(args)
+            raise FeddemError("`feddem sites ...` moved to `feddem-site`: run `feddem-site "
+                              f"{' '.join(args.rest) or 'prune --help'}`")
         elif args.command == "ablate":
             from feddem.server.ablation import ablate_pool
             from feddem.server.console import display_for

@@ -7,13 +7,12 @@ it (a run recorded later, the admin server's remerge)."""
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from feddem.server.ablation import POOL
-
 MODEL = "model"  # the merged model's folder (Hugging Face layout, with its card)
 AGGREGATE = "aggregate.safetensors"  # the merge's vector (the sum of the rounds' aggregates)
 REPORT_JSON, REPORT_PNG = "report.json", "report.png"
 ABLATION_JSON, ABLATION_PNG = "ablation.json", "ablation.png"
-POOL_DIR = POOL  # a trusted run's per-site vectors (`--keep-pool`)
+POOL_DIR = "pool"  # a trusted run's per-site vectors (`--keep-pool`): one safetensors vector per site
+RUN_ENTRIES = frozenset({MODEL, POOL_DIR, REPORT_JSON, REPORT_PNG, AGGREGATE, ABLATION_JSON, ABLATION_PNG})
 
 # store kinds: what the recorder records each output as ("" = not recorded)
 KIND_MODEL, KIND_AGGREGATE, KIND_REPORT, KIND_SITE_VECTOR = "model", "aggregate", "report", "site-vector"

@@ -13,10 +13,8 @@ from pathlib import Path
 
 from feddem.common.errors import FeddemError
 from feddem.common.paths import feddem_home
+from feddem.server.manifest import RUN_ENTRIES  # what a run (and `feddem ablate` into the run folder) writes there
 
-RUN_ENTRIES = frozenset({  # what a run (and `feddem ablate` into the run folder) writes there
-    "model", "pool", "report.json", "report.png", "aggregate.safetensors", "ablation.json", "ablation.png",
-})
 
 
 def check_run_folder(out: str, overwrite: bool = False) -> Path:

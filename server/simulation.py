@@ -42,6 +42,9 @@ PROGRESS_DIR = ".progress"
 INTERRUPTED = "INTERRUPTED"
 EVENTS_FD_VAR = "FEDDEM_EVENTS_FD"
 STOP_GRACE = 3.0  # seconds the run's processes get to end after SIGTERM, before SIGKILL
+# The sites' ClientApp, by the same reference as pyproject.toml's [tool.flwr.app.components] clientapp: the
+# simulation composes the two apps as Flower's engine does (`flwr run`), so server code never imports client code.
+CLIENT_APP = "feddem.client.app:app"
 
 
 def loopback_environment() -> None:
@@ -416,11 +419,12 @@ def _child() -> int:
         cfg = RunConfig.from_record(json.loads(sys.stdin.read()))
         loopback_environment()
         from flwr.simulation import run_simulation
+        from flwr.supercore.object_ref import load_app
 
-        from feddem.client.app import app as client_app
         from feddem.server.app import build_server_app
 
         outcome: dict = {}
+        client_app = load_app(CLIENT_APP, FeddemError)  # by reference, as Flower's engine composes apps
         run_simulation(server_app=build_server_app(cfg.to_record(), outcome), client_app=client_app,
                        num_supernodes=cfg.sites, backend_config=backend_config(cfg))
     except FeddemError as exc:

@@ -24,7 +24,7 @@ from feddem.common.modeling import load_model, model_checksum
 from feddem.common.synthetic import make_domain
 from feddem.common.vector_io import load_vector
 from feddem.common.vectors import parameters_of
-from feddem.server import cli
+from feddem.client import cli as site_cli
 from feddem.server.messaging import site_message
 from feddem.server.secure_aggregation import secure_sum
 from feddem.server.workflow import Stage
@@ -324,7 +324,7 @@ def test_prune_keeps_the_records_and_a_pruned_vector_is_never_aggregated_again(s
     kept_bytes = sites.context(0).vector_path(7).read_bytes()
     sites.train(8)
     before = {i: len(ledger.entries(sites.context(i))) for i in range(3)}
-    assert cli.main(["sites", "prune", "--keep", "1",
+    assert site_cli.main(["prune", "--keep", "1",
                      *[arg for i in range(3) for arg in ("--work-dir", str(sites.root / f"site-{i}"))]]) == 0
     out = capsys.readouterr().out
     assert out.count("deleted 1 vector(s)") == 3, out

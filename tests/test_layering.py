@@ -15,19 +15,10 @@ FORBIDDEN = {  # importer layer -> layers it must not import
     "feddem.server": ("feddem.client",),
 }
 
-# The composition roots: code that puts a site and a server together on purpose, not server logic that reaches
-# into a site. (importing module, imported module, why).
-COMPOSITION_ROOTS = {
-    ("feddem.server.cli", "feddem.client.retention", "the `feddem` command also has the site operators' "
-                                                     "`feddem sites prune`"),
-    ("feddem.server.simulation", "feddem.client.app", "the simulation runs the ClientApp in its own process"),
-}
-
-# Violations that other branches remove: each entry is (importing module, imported module). The coordinator empties
-# this list once those branches are merged; an entry that no longer occurs fails the test, so the list cannot go
-# stale.
-KNOWN_VIOLATIONS: set[tuple[str, str]] = set()
-ALLOWED = KNOWN_VIOLATIONS | {(module, target) for module, target, _ in COMPOSITION_ROOTS}
+# No exceptions: the simulation loads the ClientApp by its component reference (as Flower's engine does, checked
+# below against pyproject.toml), and a site operator's commands are `feddem-site`'s (client/cli.py). An entry added
+# here must name why; one that no longer occurs fails the test, so the list cannot go stale.
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:
@@ -97,7 +88,7 @@ def test_layers_import_only_downwards():
     assert not new, "layering violations (common must not import client/server; server must not import client):\n" \
         + "\n".join(new)
     gone = sorted(ALLOWED - set(violations))
-    assert not gone, f"allowed imports that no longer occur; remove them from KNOWN_VIOLATIONS/COMPOSITION_ROOTS: {gone}"
+    assert not gone, f"allowed imports that no longer occur; remove them from ALLOWED: {gone}"
 
 
 def _import_time_calls(tree: ast.Module):
@@ -134,3 +125,12 @@ def test_no_logging_configuration_at_import_time(package):
     offenders = [f"{path.relative_to(ROOT)}:{line}" for module, path in _modules().items()
                  if _layer(module) == f"feddem.{package}" for line in _configures_logging(path.read_text())]
     assert not offenders, f"logging.basicConfig at import time: {offenders}"
+
+
+def test_the_simulation_loads_the_client_app_that_flwr_run_loads():
+    import tomllib
+
+    from feddem.server.simulation import CLIENT_APP
+
+    components = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    assert CLIENT_APP == components["clientapp"]

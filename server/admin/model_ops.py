@@ -13,6 +13,7 @@ from pathlib import Path
 from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
 from feddem.server.admin.recorder import LocalRecorder, record_outputs
+from feddem.server.manifest import AGGREGATE, MODEL
 from feddem.server.store import Store
 from feddem.server.store.errors import FailedPrecondition, InvalidArgument, StoreError
 from feddem.server.store.validate import quote
@@ -132,10 +133,10 @@ def remerge(store: Store, run_id: str, weights: dict[str, float]) -> str:
     try:
         with tempfile.TemporaryDirectory(prefix="feddem-remerge-") as tmp:
             out = Path(tmp)
-            export_model(run["base_ref"], aggregate, out / "model", cfg.max_shard_bytes)
-            tokenizer.save_pretrained(out / "model")  # the run's own tokenizer, as stored
-            write_model_card(out / "model", report)
-            save_vector(aggregate, out / "aggregate.safetensors", metadata={"weights": str(full)})
+            export_model(run["base_ref"], aggregate, out / MODEL, cfg.max_shard_bytes)
+            tokenizer.save_pretrained(out / MODEL)  # the run's own tokenizer, as stored
+            write_model_card(out / MODEL, report)
+            save_vector(aggregate, out / AGGREGATE, metadata={"weights": str(full)})
             record_outputs(recorder, new, out, report)
     except BaseException as exc:
         recorder.fail(new, f"remerge failed: {exc}")

@@ -1,0 +1,39 @@
+"""`feddem-site`: a site operator's commands on this machine. Today `feddem-site prune` deletes old stored vectors
+of this machine's sites and keeps the privacy guard's records (`client.retention`).
+
+Exit codes: 0 done; 2 bad usage or a site whose guard record cannot be trusted (named); 130 interrupted."""
+
+import argparse
+import logging
+import sys
+
+import feddem
+from feddem.client import retention
+from feddem.common.errors import FeddemError
+
+EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="feddem-site", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"feddem {feddem.__version__}")
+    retention.add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        retention.run(args)
+    except FeddemError as exc:
+        print(f"feddem-site: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("feddem-site: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
