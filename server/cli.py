@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_parser(sub)
     serve.add_parser(sub)
     sub.add_parser("sites", help="moved: a site operator's commands are `feddem-site` (feddem-site prune)",
-                   add_help=False, prefix_chars="\0").add_argument("rest", nargs=argparse.REMAINDER)
+                   add_help=False, prefix_chars="\0").add_argument(
+        "rest", nargs=argparse.REMAINDER, help="what followed `feddem sites` (repeated in the error's hint)")
     abl = sub.add_parser(
         "ablate",
         help="rank candidate data mixtures (subsets of sites) by merging a trusted run's pool of vectors",

@@ -233,8 +233,11 @@ def _all_parsers(parser: argparse.ArgumentParser):
 
 
 def test_every_option_has_help_text():
-    parsers = list(_all_parsers(cli.build_parser()))
-    assert {p.prog for p in parsers} >= {"feddem simulate", "feddem ablate", "feddem certs", "feddem server"}
+    from feddem.client import cli as site_cli
+
+    parsers = list(_all_parsers(cli.build_parser())) + list(_all_parsers(site_cli.build_parser()))
+    assert {p.prog for p in parsers} >= {"feddem simulate", "feddem ablate", "feddem certs", "feddem server",
+                                         "feddem-site prune"}
     for parser in parsers:
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
@@ -284,3 +287,8 @@ def test_a_hub_dataset_spec_is_not_taken_for_a_missing_folder():
     assert _check_data_spec("hf:org/name", "data") is None
     with pytest.raises(FeddemError, match="does not exist"):
         _check_data_spec("no/such/folder", "data")
+
+
+def test_feddem_sites_names_the_site_operators_command(capsys):
+    assert cli.main(["sites", "prune", "--keep", "2"]) == cli.EXIT_USAGE
+    assert "run `feddem-site prune --keep 2`" in capsys.readouterr().err
