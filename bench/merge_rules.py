@@ -52,16 +52,10 @@ def train_sites(cfg, ref: str, work: Path):
 
 def site_statistics(merge_rule, base, dense, data, examples: int):
     """Each site's statistics for `merge_rule` on its own train blocks, computed with its own fine-tuned model."""
-    from feddem.common.merging.statistics import diagonal_fisher, input_grams
-
     stats = []
     for vector, d in zip(dense, data):
         model = _merged(base, [vector], [1.0])
-        blocks = d["train"]
-        if merge_rule.name == "fisher":
-            stats.append(diagonal_fisher(model, blocks, list(vector), examples=examples))
-        else:
-            stats.append(input_grams(model, blocks, list(vector), examples=examples))
+        stats.append(merge_rule.compute_statistics(model, d["train"], list(vector), examples, CPU))
     return stats
 
 

@@ -37,7 +37,6 @@ def compute_statistics(cfg, site: SiteContext, model, train_data, names: list[st
     import time
 
     from feddem.common.merging.parts import rule_of
-    from feddem.common.merging.statistics import diagonal_fisher, input_grams
     from feddem.common.vector_io import save_vector
 
     merge_rule, path = rule_of(cfg), stats_path(site, run_id)
@@ -47,10 +46,8 @@ def compute_statistics(cfg, site: SiteContext, model, train_data, names: list[st
     started = time.perf_counter()
     if hasattr(model, "merge_and_unload"):  # LoRA: the dense weights the vector changes
         model = model.merge_and_unload()
-    if merge_rule.statistics == "fisher":
-        stats = diagonal_fisher(model, train_data, names, FISHER_EXAMPLES, device)
-    else:
-        stats = input_grams(model, train_data, names, GRAM_EXAMPLES, device=device)
+    examples = GRAM_EXAMPLES if merge_rule.statistics == "gram" else FISHER_EXAMPLES
+    stats = merge_rule.compute_statistics(model, train_data, names, examples, device)
     save_vector(stats, path, metadata={"rule": merge_rule.name, "parameters": json.dumps(merge_rule.parameters())})
     seconds = time.perf_counter() - started
     log.info("%s: %s statistics of %d tensor(s) in %.1f s", site.name, merge_rule.statistics, len(stats), seconds)
@@ -88,25 +85,15 @@ def check_declared(site: SiteContext, run_id: int, merge: str):
 def upload_layout(site: SiteContext, run_id: int) -> list[str]:
     """The sorted tensor names of the declared rule's upload (for weighted-sum, the vector's names), read from the
     files' headers, not their data."""
-    names = sorted(read_header(vector_file(site, run_id))[0])
-    merge_rule = declared_rule(site, run_id)
-    if merge_rule.statistics is None:
-        return names
-    from feddem.common.merging.parts import SEP
-    from feddem.common.merging.rules import GRAM, GRAM_TIMES_DELTA, WEIGHTED
+    from feddem.common.merging.parts import layout
 
+    merge_rule = declared_rule(site, run_id)
     header = read_header(vector_file(site, run_id))[0]
-    stats = read_header(stats_path(site, run_id))[0]
-    if merge_rule.statistics == "fisher":
-        return sorted(f"{part}{SEP}{name}" for part in merge_rule.parts_names for name in names)
-    layout = []
-    for name in names:
-        shape, gram = header[name]["shape"], stats.get(name, {}).get("shape")
-        if len(shape) == 2 and gram == [shape[1], shape[1]]:  # as RegMeanMerge.site_parts decides
-            layout += [f"{GRAM}{SEP}{name}", f"{GRAM_TIMES_DELTA}{SEP}{name}"]
-        else:
-            layout.append(f"{WEIGHTED}{SEP}{name}")
-    return sorted(layout)
+    shapes = {name: tuple(spec["shape"]) for name, spec in header.items()}
+    if merge_rule.statistics is None:
+        return layout(merge_rule, shapes, {})
+    stats = {key: tuple(spec["shape"]) for key, spec in read_header(stats_path(site, run_id))[0].items()}
+    return layout(merge_rule, shapes, stats)
 
 
 def upload_vector(site: SiteContext, run_id: int, lazy_numpy: bool = False):

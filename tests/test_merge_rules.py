@@ -154,3 +154,47 @@ def test_input_grams_skip_padding_and_are_per_token(tiny_model_and_data):
     for n, g in grams.items():
         torch.testing.assert_close(g, (sums[n] / 32).float(), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(g, g.T)
+
+
+def test_regmean_merges_the_other_tensors_by_their_fisher():
+    """Under regmean the tensors that are not linear weights take the Fisher rule over them alone (rest="fisher"),
+    or the weighted sum (rest="weighted", or no Fisher for them); the linear weights are RegMean's either way."""
+    from feddem.common.merging.rules import FISHER_KEY
+
+    torch.manual_seed(5)
+    x = [torch.randn(30, 4) for _ in range(2)]
+    vectors = [{"l.weight": torch.randn(3, 4), "norm.weight": torch.randn(4)} for _ in range(2)]
+    first = torch.arange(4) < 2
+    fishers = [first.float() + 1e-9, (~first).float() + 1e-9]  # site 0 learned the norm's first half only
+    stats = [{"l.weight": xi.T @ xi / 30, FISHER_KEY + "norm.weight": f} for xi, f in zip(x, fishers)]
+    merged = merge_plain(RegMeanMerge(), vectors, stats, [0.5, 0.5])
+    norm = merged["norm.weight"]
+    torch.testing.assert_close(norm[first], vectors[0]["norm.weight"][first], atol=2e-2, rtol=0)  # floor 0.01
+    torch.testing.assert_close(norm[~first], vectors[1]["norm.weight"][~first], atol=2e-2, rtol=0)
+    only_linear = [{"l.weight": s["l.weight"]} for s in stats]
+    torch.testing.assert_close(merged["l.weight"], merge_plain(RegMeanMerge(), vectors, only_linear,
+                                                               [0.5, 0.5])["l.weight"])
+    weighted = merge_plain(RegMeanMerge(rest="weighted"), vectors, stats, [0.5, 0.5])["norm.weight"]
+    torch.testing.assert_close(weighted, 0.5 * (vectors[0]["norm.weight"] + vectors[1]["norm.weight"]))
+    with pytest.raises(FeddemError, match="rest"):
+        RegMeanMerge(rest="ties")
+
+
+@pytest.mark.parametrize("name", ["weighted-sum", "fisher", "regmean"])
+def test_layout_from_shapes_is_the_uploads_names(name, tiny_model_and_data):
+    """The upload's layout, worked out from the files' shapes alone, names exactly the tensors `site_upload` forms;
+    for regmean: Grams for the linear weights, Fisher parts for the embedding and the norms."""
+    from feddem.common.merging.parts import layout, site_upload
+
+    model, data = tiny_model_and_data
+    names = [n for n, _ in model.named_parameters()][:8]
+    merge_rule = rule(name)
+    stats = merge_rule.compute_statistics(model, data, names, 2, "cpu")
+    vector = {n: torch.randn(p.shape) * 1e-3 for n, p in model.named_parameters() if n in names}
+    keys = layout(merge_rule, {n: tuple(t.shape) for n, t in vector.items()},
+                  {k: tuple(t.shape) for k, t in stats.items()})
+    assert keys == sorted(site_upload(merge_rule, vector, stats))
+    if name == "regmean":
+        parts = {key.split("/", 1)[0] for key in keys}
+        assert parts == {"gram", "gram-delta", "fisher-num", "fisher-den"}
+        assert f"fisher-num/{names[0]}" in keys  # the embedding: not a linear layer's weight

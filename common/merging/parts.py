@@ -54,6 +54,15 @@ def site_upload(merge_rule, vector: Vector, stats: Mapping[str, torch.Tensor] | 
             for part, tensors in parts.items() for name, t in tensors.items()}
 
 
+def layout(merge_rule, vector_shapes: Mapping[str, tuple], stats_shapes: Mapping[str, tuple]) -> list[str]:
+    """The sorted tensor names of a site's upload (`site_upload`), from the shapes of its vector and statistics alone
+    (the files' headers): each tensor under every part the rule's `parts_of` sends it to."""
+    if plain_rule(merge_rule):
+        return sorted(vector_shapes)
+    return sorted(f"{part}{SEP}{name}" for name, shape in vector_shapes.items()
+                  for part in merge_rule.parts_of(name, tuple(shape), stats_shapes))
+
+
 def split_name(merge_rule, key: str) -> tuple[str, str]:
     """(part, parameter name) of one tensor name of an upload; a FeddemError for a part the rule does not have."""
     if plain_rule(merge_rule):
