@@ -270,12 +270,12 @@ RULE_NAMES = ("fisher", "regmean")  # the merge rules from sums (common.merging.
 
 def statistics_examples(cfg, merge_rule) -> int:
     """The train examples a site computes the rule's statistics on: the run config's `merge_examples` where it has
-    one, else the ClientApp's own counts (`client.merge_parts`)."""
+    one, else the ClientApp's own counts (`client.merge_parts`'s constants, where the config has no such key)."""
+    examples = getattr(cfg, "merge_examples", None)
+    if examples is not None:
+        return int(examples)
     from feddem.client.merge_parts import FISHER_EXAMPLES, GRAM_EXAMPLES
 
-    examples = getattr(cfg, "merge_examples", None)
-    if examples:
-        return int(examples)
     return FISHER_EXAMPLES if merge_rule.statistics == "fisher" else GRAM_EXAMPLES
 
 

@@ -93,13 +93,19 @@ def test_the_merge_rules_table():
 def test_statistics_examples_follow_the_site():
     from types import SimpleNamespace
 
-    from feddem.client.merge_parts import FISHER_EXAMPLES, GRAM_EXAMPLES
+    from feddem.common.config import RunConfig
     from feddem.common.merging.rules import rule
 
-    plain = SimpleNamespace()
-    assert quality.statistics_examples(plain, rule("fisher")) == FISHER_EXAMPLES
-    assert quality.statistics_examples(plain, rule("regmean")) == GRAM_EXAMPLES
     assert quality.statistics_examples(SimpleNamespace(merge_examples=5), rule("regmean")) == 5
+    assert quality.statistics_examples(SimpleNamespace(merge_examples=7), rule("fisher")) == 7
+    cfg = RunConfig()
+    if hasattr(cfg, "merge_examples"):  # the run config's key, where it has one
+        assert quality.statistics_examples(cfg, rule("fisher")) == cfg.merge_examples
+    else:  # else the ClientApp's constants
+        from feddem.client.merge_parts import FISHER_EXAMPLES, GRAM_EXAMPLES
+
+        assert quality.statistics_examples(cfg, rule("fisher")) == FISHER_EXAMPLES
+        assert quality.statistics_examples(cfg, rule("regmean")) == GRAM_EXAMPLES
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +122,7 @@ def two_sites(tiny_base):
 
     def blocks(seed):
         torch.manual_seed(seed)
-        return TokenBatch.from_blocks(torch.randint(3, 250, (4, 16)))
+        return TokenBatch.from_blocks(torch.randint(3, 250, (2, 16)))
     data = [{"domain": f"d{i}", "train": blocks(10 + i), "validation": blocks(20 + i), "test": blocks(30 + i)}
             for i in range(2)]
     return base, vectors, data
