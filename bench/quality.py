@@ -664,7 +664,7 @@ def main(argv=None) -> int:
                                                               device))
     for name, value in merges.items():
         loss[f"merge/{name}"] = value
-    merge_rules = {}
+    weights, merge_rules = dict(weights), {}  # (a copy: the rules' weights join it, not the stage's record)
     for rule_name in args.merge_rules:
         rule_losses, rule_weights, costs = timed(
             f"merges+{rule_name}", lambda rule_name=rule_name: rule_merges(cfg, base, data, site_vectors(), rule_name,
