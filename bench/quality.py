@@ -500,7 +500,7 @@ def rules_table(results: dict) -> str:
             if row not in mean:
                 continue
             costs = ("1.00 | |" if info is None else f"{info['upload_x']:.2f} | {info['stats_seconds_per_site']:.1f}"
-                     f" | {info['combine_seconds']:.2f}")
+                     f" | {info['combine_seconds']:.3f}")
             lines.append(f"| {name} | {weights} | {mean[row]:.4f} | {worst_kept(results, row)} | {costs} |")
     return "\n".join(lines) + "\n"
 
