@@ -414,10 +414,12 @@ def plot(results: dict, rounds: list[int], path: Path) -> None:
     ax.plot(rounds, [mean["merge/uniform"]] + [mean[f"feddem/{r}"] for r in rounds if r > 1], "s-",
             label="feddem (uniform)")
     ticks = set(rounds)
+    colours = iter(("tab:red", "tab:purple", "tab:brown"))  # (green: the best one-round merge's line)
     for name in results.get("merge_rules", {}):  # feddem under each merge rule: R = 1 from the merges, then its runs
         points = {1: mean[f"merge/uniform+{name}"]} | {
             rounds_of(k): v for k, v in mean.items() if k.startswith("feddem/") and k.endswith(f"+{name}")}
-        ax.plot(sorted(points), [points[r] for r in sorted(points)], "^--", label=f"feddem (uniform, {name})")
+        ax.plot(sorted(points), [points[r] for r in sorted(points)], "^--", color=next(colours, None),
+                label=f"feddem (uniform, {name})")
         ticks |= set(points)
     best = best_one_round_merge(mean)
     ax.axhline(mean[best], color="tab:green", ls="--", label=f"best one-round merge ({best})")
