@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import _losses, _merged, site_data  # noqa: E402  (the quality bench's own helpers)
+from quality import _losses, _merged, site_data, site_statistics  # noqa: E402  (the quality bench's helpers)
 
 log = logging.getLogger("feddem.bench")
 SPARSIFY = ("none", "dare:0.5", "dare:0.9", "topk:0.2")
@@ -48,15 +48,6 @@ def train_sites(cfg, ref: str, work: Path):
         fine_tune(cfg, site, ref, "", run_id=1)
         vectors.append({k: v.clone() for k, v in load_vector(site.vector_path(1)).items()})
     return vectors
-
-
-def site_statistics(merge_rule, base, dense, data, examples: int):
-    """Each site's statistics for `merge_rule` on its own train blocks, computed with its own fine-tuned model."""
-    stats = []
-    for vector, d in zip(dense, data):
-        model = _merged(base, [vector], [1.0])
-        stats.append(merge_rule.compute_statistics(model, d["train"], list(vector), examples, CPU))
-    return stats
 
 
 def rule_rows(args, cfg, base, dense, data, tokenizer, score, mean_validation) -> dict:
