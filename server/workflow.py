@@ -305,15 +305,7 @@ def merge_section(cfg: RunConfig, round_: TrainedRound, base_shapes: dict) -> di
         except FeddemError as exc:  # a layout the base does not fit: the aggregation said so already
             log.warning("merge: upload size of %s not known: %s", round_.sites[n]["site"], exc)
     return {"rule": merge_rule.name, "parameters": merge_rule.parameters(), "upload_size_relative": sizes,
-            "reveals": REVEALS[merge_rule.name]}
-
-
-REVEALS = {  # what the server learns of the sites' vectors under each rule (README, "Merge rules")
-    "weighted-sum": "sum_i w_i d_i",
-    "fisher": "sum_i w_i F_i d_i and sum_i w_i F_i (F_i: the site's normalised diagonal Fisher)",
-    "regmean": "per linear layer sum_i w_i G_i and sum_i w_i d_i G_i (G_i: the site's input Gram matrix), and "
-               "sum_i w_i d_i of the other tensors",
-}
+            "reveals": merge_rule.reveals()}
 
 
 class Timings:

@@ -82,6 +82,10 @@ class WeightedSum:
     def parameters(self) -> dict:
         return {}
 
+    def reveals(self) -> str:
+        """What the server learns of the sites' vectors under the rule (the report's `merge.reveals`)."""
+        return "sum_i w_i d_i"
+
     def part_scale(self, part: str) -> float:
         return 1.0
 
@@ -120,6 +124,9 @@ class FisherMerge:
 
     def parameters(self) -> dict:
         return {"floor": self.floor, "cap": self.cap}
+
+    def reveals(self) -> str:
+        return "sum_i w_i F_i d_i and sum_i w_i F_i (F_i: the site's normalised diagonal Fisher)"
 
     def part_scale(self, part: str) -> float:
         """Both parts are divided by the largest value a site's Fisher can take (cap + floor) before the sum."""
@@ -184,6 +191,11 @@ class RegMeanMerge:
 
     def parameters(self) -> dict:
         return {"alpha": self.alpha, "cap": self.cap, "rest": self.rest}
+
+    def reveals(self) -> str:
+        rest = ("sum_i w_i F_i d_i and sum_i w_i F_i of the other tensors (F_i: the site's normalised diagonal "
+                "Fisher of them)" if self.rest == "fisher" else "sum_i w_i d_i of the other tensors")
+        return f"per linear layer sum_i w_i G_i and sum_i w_i d_i G_i (G_i: the site's input Gram matrix), and {rest}"
 
     def part_scale(self, part: str) -> float:
         """The Gram parts are divided by the cap on a Gram's diagonal before the sum, the Fisher parts as the Fisher
