@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from feddem.common import messages as M
+from feddem.common.config import RunConfig
 from feddem.common.errors import FeddemError
 from feddem.common.merging.parts import combine_upload, site_upload, split_name, upload_shapes, upload_size
 from feddem.common.merging.rules import (
@@ -298,6 +299,49 @@ def test_a_lora_site_computes_its_statistics_on_its_dense_weights(tmp_path, tiny
     assert parts.keys() == expected.keys() and all(torch.equal(parts[k], expected[k]) for k in parts)
 
 
+def _site_statistics_reference(cfg, site: SiteContext, tiny_base, examples: int):
+    """What the rule's statistics are on the first `examples` of the site's train blocks, recomputed here from the
+    site's stored vector (base + vector: its fine-tuned model) and the train blocks of its first run's seed."""
+    from feddem.client.site import _train_blocks, load_site_shard
+    from feddem.common.merging.statistics import diagonal_fisher, input_grams
+    from feddem.common.modeling import load_model, load_tokenizer
+    from feddem.common.training import TrainSettings
+    from feddem.common.vectors import apply_vector
+
+    vector = load_vector(site.vector_path(RUN_ID))
+    model = load_model(str(tiny_base))
+    apply_vector(model, vector)
+    seed = cfg.seed + site.index  # a fresh site's first run (`client.guard.training_seed`)
+    rows = _train_blocks(cfg, load_site_shard(cfg, site), load_tokenizer(str(tiny_base)),
+                         TrainSettings.from_run_config(cfg, seed=seed), seed)
+    compute = diagonal_fisher if cfg.merge == "fisher" else input_grams
+    return compute(model, rows, list(vector), examples), len(rows)
+
+
+@pytest.mark.parametrize("name, examples", [("fisher", 3), ("regmean", 3), ("regmean", 10_000)])
+def test_a_site_computes_its_statistics_on_merge_examples_of_its_train_rows(tmp_path, tiny_base, name, examples):
+    from feddem.client.merge_parts import stats_path
+    from feddem.common.stored_tensors import read_header
+
+    cfg = _cfg(tiny_base, merge=name, merge_examples=examples)
+    [reply] = Stage(FakeGrid(tmp_path, NODES), cfg, _base_record(tiny_base)).run(
+        "train", M.TRAIN, {NODES[0]: M.TrainRequest().to_record()}).values()
+    site = SiteContext(0, "site-0", tmp_path / "site-0")
+    stats = dict(load_vector(stats_path(site, RUN_ID)).items())
+    expected, rows = _site_statistics_reference(cfg, site, tiny_base, examples)
+    used = min(examples, rows)
+    assert 1 < used < examples or examples < rows  # a cap that binds, and one beyond the site's rows
+    assert stats.keys() == expected.keys()
+    scale = max(float(t.abs().max()) for t in expected.values())
+    for n, t in expected.items():  # base + vector is the fine-tuned model to float32 rounding
+        torch.testing.assert_close(stats[n], t, rtol=1e-3, atol=1e-6 * scale)
+    # one example gives other statistics: the count is the one the site used
+    one, _ = _site_statistics_reference(cfg, site, tiny_base, 1)
+    assert any(not torch.allclose(stats[n], one[n], rtol=1e-2) for n in one)
+    assert read_header(stats_path(site, RUN_ID))[2]["examples"] == str(used)
+    assert M.TrainReply.from_record(reply).result["merge_stats_examples"] == used
+
+
 def test_the_torch_free_rule_names_are_the_rules():
     from feddem.common.merging import RULE_NAMES
     from feddem.common.merging.rules import RULES
@@ -306,10 +350,17 @@ def test_the_torch_free_rule_names_are_the_rules():
 
 
 def test_the_merge_setting_is_optional_for_an_older_server_and_checked_at_the_site():
-    record = M.SiteSettings.from_run_config(_cfg("tiny", merge="fisher")).to_record()
-    assert M.SiteSettings.from_record(record).merge == "fisher"
+    record = M.SiteSettings.from_run_config(_cfg("tiny", merge="fisher", merge_examples=5)).to_record()
+    assert (M.SiteSettings.from_record(record).merge, M.SiteSettings.from_record(record).merge_examples) == (
+        "fisher", 5)
+    del record["merge-examples"]  # a protocol 1.1 server does not send it: the run config's default
+    assert M.SiteSettings.from_record(record).merge_examples == RunConfig().merge_examples
     del record["merge"]  # a protocol 1.0 server does not send it: the site assumes the weighted sum
     assert M.SiteSettings.from_record(record).merge == "weighted-sum"
+    record["merge-examples"] = 0
+    with pytest.raises(FeddemError, match="merge-examples=0: expected at least 1"):
+        M.SiteSettings.from_record(record)
+    record["merge-examples"] = 1
     record["merge"] = "median"
     with pytest.raises(FeddemError, match="merge='median'"):
         M.SiteSettings.from_record(record)
