@@ -18,7 +18,7 @@ every token of text data, the assistant tokens of instruction/chat data), with t
   sums (`common.merging.rules`) on the same site vectors, with uniform weights and with the search's (scored on the
   validation split, as for the weighted sum). Each site's statistics are computed as the site computes them
   (`client.merge_parts`): with its own fine-tuned dense model (the base plus its vector) on its own train data, on
-  the ClientApp's example counts (the run config's `merge_examples` where it has one). Per rule the bench also
+  the ClientApp's example count (the run config's `merge_examples`). Per rule the bench also
   records the upload as a multiple of the vector, the statistics' seconds per site and the server's combine
   seconds (quality.json "merge_rules", the second table of quality.md);
 - `feddem/R`: `feddem simulate --rounds R` (uniform weights), steps/R local steps per round;
@@ -268,17 +268,6 @@ def strategy_merges(cfg, base, data, tokenizer, vectors, report, device) -> tupl
 RULE_NAMES = ("fisher", "regmean")  # the merge rules from sums (common.merging.rules) besides the weighted sum
 
 
-def statistics_examples(cfg, merge_rule) -> int:
-    """The train examples a site computes the rule's statistics on: the run config's `merge_examples` where it has
-    one, else the ClientApp's own counts (`client.merge_parts`'s constants, where the config has no such key)."""
-    examples = getattr(cfg, "merge_examples", None)
-    if examples is not None:
-        return int(examples)
-    from feddem.client.merge_parts import FISHER_EXAMPLES, GRAM_EXAMPLES
-
-    return FISHER_EXAMPLES if merge_rule.statistics == "fisher" else GRAM_EXAMPLES
-
-
 def site_statistics(merge_rule, base, vectors, data, examples: int, device=torch.device("cpu")) -> list[dict]:
     """Each site's statistics for `merge_rule` on its own train blocks, computed as the site does
     (`client.merge_parts.compute_statistics`) with its own fine-tuned dense model: the base plus its vector (for a
@@ -300,7 +289,7 @@ def rule_merges(cfg, base, data, vectors, name: str, device) -> tuple[dict, dict
     from feddem.common.merging.rules import add_parts, merge_plain, rule
 
     merge_rule, n = rule(name), len(vectors)
-    examples = statistics_examples(cfg, merge_rule)
+    examples = cfg.merge_examples  # as the site (`client.merge_parts`)
     start = time.perf_counter()
     stats = site_statistics(merge_rule, base, vectors, data, examples, device)
     stats_seconds = (time.perf_counter() - start) / n

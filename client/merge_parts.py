@@ -2,11 +2,12 @@
 
 After training, when the run's merge rule needs statistics (`fisher`: the diagonal Fisher, `regmean`: the input
 Gram matrices), `compute_statistics` forms them on the site's own train data with its fine-tuned DENSE model (a
-LoRA model with its adapters merged in) and stores them beside the vector (`merge-stats.safetensors`, whose
-metadata names the rule and its parameters). That file is the site's declaration of the rule for this vector: every
-upload of it is then exactly the rule's parts (`upload_layout`, `upload_vector`), and the privacy guard refuses
-a request for any other layout (a subset of the parts, or the bare vector of a weighted sum), so the server learns
-only the sums the rule names. No file: the vector was trained for a weighted sum, and its upload is the vector.
+LoRA model with its adapters merged in), on the first `merge-examples` rows of its train blocks, and stores them
+beside the vector (`merge-stats.safetensors`, whose metadata names the rule, its parameters and the number of
+examples used). That file is the site's declaration of the rule for this vector: every upload of it is then exactly
+the rule's parts (`upload_layout`, `upload_vector`), and the privacy guard refuses a request for any other layout
+(a subset of the parts, or the bare vector of a weighted sum), so the server learns only the sums the rule names.
+No file: the vector was trained for a weighted sum, and its upload is the vector.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from feddem.common.stored_tensors import float32_arrays, read_header
 log = logging.getLogger("feddem.site")
 
 STATS_NAME = "merge-stats.safetensors"
-FISHER_EXAMPLES = 16  # per-example gradients: the Fisher's cost is one backward pass per example
-GRAM_EXAMPLES = 64  # forward passes only
 
 
 def stats_path(site: SiteContext, run_id: int) -> Path:
@@ -32,8 +31,10 @@ def stats_path(site: SiteContext, run_id: int) -> Path:
 
 def compute_statistics(cfg, site: SiteContext, model, train_data, names: list[str], run_id: int, device) -> dict:
     """The rule's statistics of the trained `model` (a PeftModel is merged into its dense weights, in place) on the
-    site's train data, stored beside the vector; returns what the site's result reports of them (nothing for
-    weighted-sum, whose stale statistics of an earlier try of this run are removed)."""
+    first `cfg.merge_examples` rows of the site's train data (all of them when it has fewer), stored beside the
+    vector with that count in their metadata; returns what the site's result reports of them
+    (`merge_stats_seconds`, `merge_stats_examples`; nothing for weighted-sum, whose stale statistics of an earlier
+    try of this run are removed)."""
     import time
 
     from feddem.common.merging.parts import rule_of
@@ -46,12 +47,14 @@ def compute_statistics(cfg, site: SiteContext, model, train_data, names: list[st
     started = time.perf_counter()
     if hasattr(model, "merge_and_unload"):  # LoRA: the dense weights the vector changes
         model = model.merge_and_unload()
-    examples = GRAM_EXAMPLES if merge_rule.statistics == "gram" else FISHER_EXAMPLES
-    stats = merge_rule.compute_statistics(model, train_data, names, examples, device)
-    save_vector(stats, path, metadata={"rule": merge_rule.name, "parameters": json.dumps(merge_rule.parameters())})
+    examples = min(cfg.merge_examples, len(train_data))  # as `common.merging.statistics` takes the rows
+    stats = merge_rule.compute_statistics(model, train_data, names, cfg.merge_examples, device)
+    save_vector(stats, path, metadata={"rule": merge_rule.name, "parameters": json.dumps(merge_rule.parameters()),
+                                       "examples": str(examples)})
     seconds = time.perf_counter() - started
-    log.info("%s: %s statistics of %d tensor(s) in %.1f s", site.name, merge_rule.statistics, len(stats), seconds)
-    return {"merge_stats_seconds": seconds}
+    log.info("%s: %s statistics of %d tensor(s) on %d example(s) in %.1f s", site.name, merge_rule.statistics,
+             len(stats), examples, seconds)
+    return {"merge_stats_seconds": seconds, "merge_stats_examples": examples}
 
 
 def declared_rule(site: SiteContext, run_id: int):

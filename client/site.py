@@ -157,8 +157,9 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     held-out split, truncation), `setup_seconds` (base, tokenizer, data), `train_seconds`, `eval_seconds` (the
     base's and the local model's held-out loss and generation) and `seconds` (all of it), for chat data the
     generation metric of the base and the local model (`base_gen_exact_match`, `base_gen_rouge_l`, `base_samples`,
-    and the same with `local_`; `common.evaluation.generation_metrics`), and `merge_stats_seconds` when the run's
-    merge rule needs statistics (`client.merge_parts`: computed after training, stored beside the vector)."""
+    and the same with `local_`; `common.evaluation.generation_metrics`), and `merge_stats_seconds` and
+    `merge_stats_examples` (the train examples they used, at most `merge-examples`) when the run's merge rule needs
+    statistics (`client.merge_parts`: computed after training, stored beside the vector)."""
     start = time.perf_counter()
     device = site.resolve_device(cfg)
     model = load_verified_base(model_ref, checksum)

@@ -90,6 +90,9 @@ class RunConfig:
                       "(DEM: sum_i w_i d_i), 'fisher' (Fisher-weighted averaging: the sites also sum w_i F_i d_i "
                       "and w_i F_i, 2x the upload) or 'regmean' (RegMean for linear layers: the sites also sum "
                       "their input Gram matrices; about 2.2x the upload on the embedded model)")
+    merge_examples: int = _opt(32, "fisher and regmean: how many of each site's train examples (rows of its train "
+                               "blocks; all of them when it has fewer) the rule's statistics are computed on: one "
+                               "backward pass per example for the Fisher, forward passes for the Gram matrices")
     vector_dtype: str = _opt("float32", "dtype of the sites' stored vectors and of their uploads: float32, "
                              "bfloat16 or float16 (half the bytes on disk and on the wire; sums are formed in "
                              "float32). In secure runs a 16-bit ring is used where its error, at most n/2^16 of "
@@ -142,7 +145,7 @@ class RunConfig:
 
         self._validate_types()
         for name in ("sites", "steps", "batch_size", "grad_accum", "train_examples", "eval_examples", "lora_r",
-                     "lora_alpha"):
+                     "lora_alpha", "merge_examples"):
             if getattr(self, name) < 1:
                 raise FeddemError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.tokens_per_step < 0:

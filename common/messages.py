@@ -79,7 +79,7 @@ class Version:
         return f"{self.major}.{self.minor}"
 
 
-VERSION = Version(1, 1)  # this code's protocol: bump the minor for an optional addition, the major for a break
+VERSION = Version(1, 2)  # this code's protocol: bump the minor for an optional addition, the major for a break
 
 _told: set = set()  # (peer, what) already logged: skew is logged once per process, not once per message
 
@@ -192,6 +192,7 @@ class SiteSettings:
     noise: float
     aggregation_budget: int
     merge: str = "weighted-sum"  # 1.1: the run's merge rule (common.merging): which statistics a site computes
+    merge_examples: int = 32  # 1.2: how many of its train examples a site computes those statistics on
 
     @classmethod
     def from_run_config(cls, cfg) -> "SiteSettings":
@@ -247,6 +248,7 @@ class SiteSettings:
              and self.weight_min <= self.weight_max, "finite and at most weight-max"),
             ("noise", math.isfinite(self.noise) and self.noise >= 0, "a finite number >= 0"),
             ("aggregation-budget", self.aggregation_budget >= 1, "at least 1"),
+            ("merge-examples", self.merge_examples >= 1, "at least 1"),
         ]
         for key, ok, expected in checks:
             if not ok:

@@ -294,8 +294,9 @@ def _cross_domain(cfg: RunConfig, stage: Stage, aggregator: Aggregator, nodes: l
 
 
 def merge_section(cfg: RunConfig, round_: TrainedRound, base_shapes: dict) -> dict:
-    """The report's `merge` section: the rule, its parameters, and each site's upload size relative to its vector
-    (from the layouts the sites reported: their tensor names, not their values)."""
+    """The report's `merge` section: the rule, its parameters, each site's upload size relative to its vector
+    (from the layouts the sites reported: their tensor names, not their values) and, for a rule with statistics,
+    how many train examples each site computed them on (`merge-examples`, or all of a smaller site's)."""
     merge_rule = rule_of(cfg)
     sizes = {}
     for n in round_.order:
@@ -304,8 +305,12 @@ def merge_section(cfg: RunConfig, round_: TrainedRound, base_shapes: dict) -> di
             sizes[round_.sites[n]["site"]] = round(upload_size(merge_rule, layout, base_shapes), 4)
         except FeddemError as exc:  # a layout the base does not fit: the aggregation said so already
             log.warning("merge: upload size of %s not known: %s", round_.sites[n]["site"], exc)
-    return {"rule": merge_rule.name, "parameters": merge_rule.parameters(), "upload_size_relative": sizes,
-            "reveals": merge_rule.reveals()}
+    section = {"rule": merge_rule.name, "parameters": merge_rule.parameters(), "upload_size_relative": sizes,
+               "reveals": merge_rule.reveals()}
+    if merge_rule.statistics is not None:
+        section["statistics_examples"] = {round_.sites[n]["site"]: int(round_.sites[n]["merge_stats_examples"])
+                                          for n in round_.order if "merge_stats_examples" in round_.sites[n]}
+    return section
 
 
 class Timings:

@@ -90,24 +90,6 @@ def test_the_merge_rules_table():
                      ["fisher", "search", "1.8500", "60%", "2.00", "1.3", "0.031"]]
 
 
-def test_statistics_examples_follow_the_site():
-    from types import SimpleNamespace
-
-    from feddem.common.config import RunConfig
-    from feddem.common.merging.rules import rule
-
-    assert quality.statistics_examples(SimpleNamespace(merge_examples=5), rule("regmean")) == 5
-    assert quality.statistics_examples(SimpleNamespace(merge_examples=7), rule("fisher")) == 7
-    cfg = RunConfig()
-    if hasattr(cfg, "merge_examples"):  # the run config's key, where it has one
-        assert quality.statistics_examples(cfg, rule("fisher")) == cfg.merge_examples
-    else:  # else the ClientApp's constants
-        from feddem.client.merge_parts import FISHER_EXAMPLES, GRAM_EXAMPLES
-
-        assert quality.statistics_examples(cfg, rule("fisher")) == FISHER_EXAMPLES
-        assert quality.statistics_examples(cfg, rule("regmean")) == GRAM_EXAMPLES
-
-
 @pytest.fixture(scope="module")
 def two_sites(tiny_base):
     """The tiny base, two site vectors on the last layer's down projection only (so the inputs of that layer, hence
@@ -146,7 +128,7 @@ def test_rule_merges_on_two_sites(two_sites):
     assert losses["search"] == pytest.approx(quality.MergeScores(base, data, cpu, lambda w: weighted_sum(
         vectors, w)).losses(weights["search"]), rel=1e-5)
     assert costs["upload_x"] == pytest.approx(1 + 384 / 128)  # per site: [in, in] Gram + [out, in] product
-    assert costs["examples"] == quality.statistics_examples(cfg, rule("regmean"))
+    assert costs["examples"] == cfg.merge_examples
     assert costs["stats_seconds_per_site"] > 0 and costs["combine_seconds"] > 0
     # each site's own data: the Gram matrices differ, and so does the merge
     losses, _, _ = quality.rule_merges(cfg, base, data, vectors, "regmean", cpu)

@@ -108,6 +108,8 @@ QUICK = {
     "seq-len 0": (lambda t: ["--seq-len", "0"], "seq-len must be at least 8, got 0"),
     "negative batch size": (lambda t: ["--batch-size", "-1"], "batch-size must be at least 1, got -1"),
     "lora-alpha 0": (lambda t: ["--lora-alpha", "0"], "lora-alpha must be at least 1, got 0"),
+    "merge-examples 0": (lambda t: ["--merge", "fisher", "--merge-examples", "0"],
+                         "merge-examples must be at least 1, got 0"),
     "negative seed": (lambda t: ["--seed", "-1"], r"seed must be between 0 and 2\^32 - 1, got -1"),
     "duplicate weights": (lambda t: ["--weights", "site-0=0.5,site-0=0.5"], "weights: site-0 is given twice"),
     "infinite weight": (lambda t: ["--weights", "site-0=inf,site-1=0.5"],
@@ -246,6 +248,7 @@ def test_every_option_has_help_text():
     out = subprocess.run([sys.executable, "-m", "feddem.server.cli", "simulate", "--help"], capture_output=True,
                          text=True, timeout=120).stdout
     assert "{float32,bfloat16,float16}" in out and "--overwrite" in out
+    assert "--merge-examples MERGE_EXAMPLES" in out and "rule's statistics are computed on" in " ".join(out.split())
 
 
 def test_a_refused_run_clears_nothing(tmp_path, feddem_home):

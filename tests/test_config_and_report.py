@@ -50,6 +50,8 @@ def test_record_round_trip_and_coercion():
     ({"timeout": 1e9}, "timeout must be more than 0 and at most 2592000 seconds"),
     ({"seed": 2**32}, "seed must be between 0 and 2\\^32 - 1"),
     ({"lora-alpha": 0}, "lora-alpha must be at least 1, got 0"),
+    ({"merge-examples": 0}, "merge-examples must be at least 1, got 0"),
+    ({"merge-examples": 1.5}, "'merge-examples' must be a int"),
     ({"weights": "a=0.5,b=1.5"}, "weights {'b': 1.5} are outside \\[weight-min, weight-max\\] = \\[0.0, 1.0\\]"),
 ])
 def test_malformed_config_is_named(record, message):

@@ -51,7 +51,8 @@ def _same_vector(record, expected) -> bool:
 
 
 SETTINGS = M.SiteSettings.from_run_config(RunConfig(steps=7, lr=1e-3, lora=True, noise=0.5, aggregation_budget=2,
-                                                    aggregation="plain", sparsify="dare:0.5"))
+                                                    aggregation="plain", sparsify="dare:0.5", merge="fisher",
+                                                    merge_examples=5))
 PARAMS = SecAggParams.create([0, 1, 2], 40, 1.0)
 
 ROUND_TRIPS = [
@@ -206,6 +207,28 @@ def test_a_site_completes_a_round_with_a_newer_server(tmp_path, tiny_base, caplo
         assert (result.aggregate[name].double() - exact).abs().max() <= result.error_bound
     assert caplog.text.count("future-setting") == 1  # ignored, and said once for the whole round
     assert caplog.text.count("newer than this site's") == 1
+
+
+def test_a_site_completes_a_train_request_of_the_previous_minor_with_the_default_merge_examples(tmp_path, tiny_base):
+    """A 1.1 server sends no `merge-examples` (1.2): the site computes its merge statistics on the default count
+    of its train examples, and says how many it used."""
+    from feddem.client.merge_parts import stats_path
+    from feddem.common.site_context import SiteContext
+    from feddem.common.stored_tensors import read_header
+
+    def older_server(content: RecordDict) -> None:
+        content.config_records[M.PROTOCOL][M.PROTOCOL_KEY] = "1.1"
+        del content.config_records[M.SETTINGS]["merge-examples"]
+
+    # more train blocks (24 x 2 steps) than the default count, and a run config whose own count never arrives
+    cfg = _cfg(tiny_base, merge="regmean", merge_examples=3, train_examples=300, batch_size=24)
+    stage = Stage(_rewriting(FakeGrid(tmp_path, NODES[:1]), older_server), cfg, _base(tiny_base))
+    [reply] = stage.run("train", M.TRAIN, {NODES[0]: M.TrainRequest().to_record()}).values()
+    assert not stage.failures
+    default = RunConfig().merge_examples
+    assert M.TrainReply.from_record(reply).result["merge_stats_examples"] == default
+    site = SiteContext(0, "site-0", tmp_path / "site-0")
+    assert read_header(stats_path(site, RUN_ID))[2]["examples"] == str(default)
 
 
 def test_a_site_refuses_another_major_naming_both_versions(tmp_path, tiny_base):
