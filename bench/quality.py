@@ -664,11 +664,11 @@ def main(argv=None) -> int:
         loss[f"fedavg/{r}"] = timed(f"fedavg/{r}", lambda r=r: fedavg(cfg, base, data, tokenizer, r, device))
         if r > 1:
             loss[f"feddem/{r}"] = timed(f"feddem/{r}", lambda r=r: merged_losses(feddem_run(cfg, r)[0]))
-    for rule_name in args.merge_rules:
+    loss["data_mixing"] = timed("data_mixing", lambda: data_mixing(cfg, base, data, tokenizer, device))
+    for rule_name in args.merge_rules:  # in the order given: the first rule's rounds first
         for r in args.rule_rounds:
             loss[f"feddem/{r}+{rule_name}"] = timed(f"feddem/{r}+{rule_name}", lambda r=r, rule_name=rule_name:
                                                     merged_losses(feddem_run(replace(cfg, merge=rule_name), r)[0]))
-    loss["data_mixing"] = timed("data_mixing", lambda: data_mixing(cfg, base, data, tokenizer, device))
     timings["total"] = round(time.perf_counter() - started, 1)
 
     mean = {k: sum(v.values()) / len(v) for k, v in loss.items() if not k.startswith("local/")}
