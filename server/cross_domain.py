@@ -28,6 +28,8 @@ BY_SIMULATION = ("simulation driver, outside the federation (one user owns every
                  "machine; a deployed secure run withholds this matrix)")
 
 
+STATS_NAME = "merge-stats.safetensors"  # client.merge_parts.STATS_NAME (the server does not import the client)
+
 NOT_HELD_REASON = ("withheld: needs each site's vector, and in this plain run each site sent its vector once, "
                    "into the sum (a site's guard sends a vector in the clear at most once): --keep-pool, --ablate "
                    "or --weighting search make the server hold each vector, and the matrix is formed from those")
@@ -57,6 +59,41 @@ def local_model_vector(start: Mapping | None, vector: Mapping) -> dict:
     for name, t in vector.items():
         out[name] = out[name] + t.float() if name in out else t.float().clone()
     return out
+
+
+def merge_rule_of(report: dict):
+    """The merge rule the report's `merge` section names, with its parameters (weighted-sum when it names none)."""
+    from feddem.common.merging.rules import rule
+
+    section = report.get("merge") or {}
+    return rule(str(section.get("rule", "weighted-sum")), **(section.get("parameters") or {}))
+
+
+def last_round_start(report: dict, aggregate: Mapping, vectors: Mapping[str, Mapping],
+                     stats: Mapping[str, Mapping]) -> dict:
+    """Where a multi-round run's last round started from, as a vector on the base: the run's aggregate (the sum of
+    every round's merge) minus the last round's merge, which is the run's merge rule (`merge_rule_of`) applied to
+    the sites' stored vectors, statistics (`stats[site]`: its merge-stats file, none for weighted-sum) and the last
+    round's weights (`common.merging.rules.merge_plain`: the rule's own arithmetic, summed in the clear)."""
+    from feddem.common.merging.rules import merge_plain
+
+    merge_rule = merge_rule_of(report)
+    weights = report["rounds"][-1]["weights"]
+    missing = sorted(set(weights) - set(vectors))
+    if missing:
+        raise FeddemError(f"the last round merged {', '.join(missing)}, whose stored vector was not found")
+    if merge_rule.statistics is not None:
+        without = sorted(name for name in weights if name not in stats)
+        if without:
+            raise FeddemError(f"the run's '{merge_rule.name}' merge needs each site's statistics ({STATS_NAME}); "
+                              f"not found for {', '.join(without)}")
+    names = sorted(weights)
+    last = merge_plain(merge_rule, [{k: t.float() for k, t in vectors[n].items()} for n in names],
+                       [stats.get(n) for n in names], [float(weights[n]) for n in names])
+    start = {name: t.float().clone() for name, t in aggregate.items()}
+    for key, t in last.items():
+        start[key] = start[key] - t.float() if key in start else -t.float()
+    return start
 
 
 def federated_matrix(names: dict[int, str], vector_of: Callable[[int], Mapping],
@@ -93,8 +130,8 @@ def complete_in_simulation(cfg, result):
 def simulation_matrix(cfg, report: dict, out_dir, work_dirs: dict | None = None) -> dict:
     """The matrix from the simulated sites' stored vectors (FEDDEM_HOME/sites/<site>/runs/<run-id>/, or under
     `work_dirs[site]`), on this machine. In a multi-round run the last round's start is recovered as the run's
-    aggregate minus the last round's weighted sum of the stored vectors (exact up to secure aggregation's
-    quantization error and noise)."""
+    aggregate minus the last round's merge of the stored vectors (`last_round_start`; exact up to secure
+    aggregation's quantization error and noise)."""
     import torch
 
     from feddem.common.site_context import SiteContext, vector_file
@@ -106,13 +143,14 @@ def simulation_matrix(cfg, report: dict, out_dir, work_dirs: dict | None = None)
     if "flower_run_id" not in report:
         raise FeddemError("the report has no flower_run_id: cannot find the sites' stored vectors")
     sites = {s["site"]: s["domain"] for s in report["sites"]}
-    vectors = {}
+    vectors, stats_files = {}, {}
     for index in range(cfg.sites):
         site = SiteContext.from_node_config({"partition-id": index})
         if work_dirs and site.name in work_dirs:
             site.work_dir = Path(work_dirs[site.name])
         if site.name in sites:
             vectors[site.name] = load_vector(vector_file(site, int(report["flower_run_id"])))
+            stats_files[site.name] = site.vector_path(int(report["flower_run_id"])).with_name(STATS_NAME)
     ref, checksum = report["base_model"]["ref"], report["base_model"]["checksum"]
     base = load_model(ref)
     if model_checksum(base) != checksum:
@@ -121,12 +159,11 @@ def simulation_matrix(cfg, report: dict, out_dir, work_dirs: dict | None = None)
     tests = test_sets(cfg, tokenizer, sorted(set(sites.values())))
     start, note = None, ""
     if len(report.get("rounds", [])) > 1:
-        start = {name: t.float().clone() for name, t in load_vector(Path(out_dir) / "aggregate.safetensors").items()}
-        for name, weight in report["rounds"][-1]["weights"].items():
-            for key, t in vectors[name].items():
-                start[key] -= weight * t.float()
+        stats = {name: load_vector(path) for name, path in stats_files.items() if path.is_file()}
+        start = last_round_start(report, load_vector(Path(out_dir) / "aggregate.safetensors"), vectors, stats)
         note = ("multi-round run: each local model is the last round's start (the run's aggregate minus the last "
-                "round's weighted sum of the stored vectors) plus the site's own vector")
+                f"round's merge of the stored vectors by the run's '{merge_rule_of(report).name}' rule, with the "
+                "sites' stored statistics) plus the site's own vector")
     from feddem.server.ablation import pool_merge_loss
 
     device = resolve_device(cfg.device)
