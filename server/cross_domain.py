@@ -41,14 +41,38 @@ def withheld(reason: str = WITHHELD_REASON) -> dict:
     return {"status": "withheld", "reason": reason}
 
 
-def section(loss: dict[str, dict[str, float]], computed_by: str, note: str = "") -> dict:
+def section(loss: dict[str, dict[str, float]], computed_by: str, note: str = "", diagonal: str = "") -> dict:
     """The report's `cross_domain` section: loss[site][domain] of site's local model; per domain, which site's
-    model scores best (the diagonal is the site's own domain)."""
+    model scores best (the diagonal is the site's own domain); `diagonal` says where the diagonal came from."""
     domains = sorted({d for row in loss.values() for d in row})
     best = {d: min((s for s in loss if d in loss[s]), key=lambda s: loss[s][d]) for d in domains}
     return {"status": "computed", "computed_by": computed_by, "unit": "nats per token (held-out test loss)",
             "rows": "each site's local model (base + its own vector, from the last round's start)",
-            "loss": loss, "best_on_domain": best} | ({"note": note} if note else {})
+            "loss": loss, "best_on_domain": best} | ({"note": note} if note else {}) | (
+                {"diagonal": diagonal} if diagonal else {})
+
+
+DIAGONAL_REUSED = ("each site's own evaluation of its local model on its test split during training (the report's "
+                   "eval.local), not evaluated again: the same model, split and evaluation")
+
+
+def own_loss_differs(cfg, exact_start: bool) -> str:
+    """Why a site's own evaluation of its local model (after training, on its test split: the report's eval.local)
+    is not the matrix's diagonal, whose model is base + start + the STORED vector; "" when it is the same quantity
+    (the stored vector is the trained model's exact float32 delta, and `exact_start`: the start is the one the
+    site trained from), and the diagonal is then taken from it instead of being evaluated again."""
+    from feddem.common.sparsify import parse_sparsify
+
+    if parse_sparsify(cfg.sparsify)[0] != "none":
+        return f"evaluated again: the stored vector is sparsified ({cfg.sparsify}), the site evaluated its dense model"
+    if cfg.vector_dtype != "float32":
+        return f"evaluated again: the stored vector is {cfg.vector_dtype}, the site evaluated its float32 delta"
+    if cfg.lora:
+        return "evaluated again: the site evaluated its LoRA adapters unmerged, the matrix the dense update"
+    if not exact_start:
+        return ("evaluated again: the last round's start is recovered from the aggregate (up to secure "
+                "aggregation's quantization error and noise), not the start the sites trained from")
+    return ""
 
 
 def local_model_vector(start: Mapping | None, vector: Mapping) -> dict:
@@ -97,14 +121,23 @@ def last_round_start(report: dict, aggregate: Mapping, vectors: Mapping[str, Map
 
 
 def federated_matrix(names: dict[int, str], vector_of: Callable[[int], Mapping],
-                     evaluate: Callable[[Mapping], dict[int, tuple[str, float]]], start: Mapping | None = None) -> dict:
+                     evaluate: Callable[[Mapping, list[int]], dict[int, tuple[str, float]]],
+                     start: Mapping | None = None, own: Mapping[int, tuple[str, float]] | None = None,
+                     diagonal: str = "") -> dict:
     """The matrix formed by the ServerApp of a plain run, one site's vector at a time: `vector_of(node)` gives d_j,
-    `evaluate(vector)` asks every site to evaluate base + vector and gives node -> (domain, loss)."""
+    `evaluate(vector, nodes)` asks those sites to evaluate base + vector and gives node -> (domain, loss). `own`
+    (node -> (domain, loss)): the sites' own evaluations of their local models, which are the diagonal when given
+    (`own_loss_differs` says when they are the same quantity): site j is then not asked about its own model again;
+    `diagonal` says where the diagonal came from."""
     loss = {}
+    nodes = sorted(names)
     for node, name in sorted(names.items(), key=lambda item: item[1]):
-        results = evaluate(local_model_vector(start, vector_of(node)))
+        ask = [n for n in nodes if not (own and n == node and n in own)]
+        results = dict(evaluate(local_model_vector(start, vector_of(node)), ask)) if ask else {}
+        if own and node in own:
+            results[node] = own[node]
         loss[name] = {domain: value for domain, value in sorted(results.values())}
-    return section(loss, BY_FEDERATION)
+    return section(loss, BY_FEDERATION, diagonal=diagonal or (DIAGONAL_REUSED if own else ""))
 
 
 def complete_in_simulation(cfg, result):
@@ -167,10 +200,25 @@ def simulation_matrix(cfg, report: dict, out_dir, work_dirs: dict | None = None)
     from feddem.server.ablation import pool_merge_loss
 
     device = resolve_device(cfg.device)
+    differs = own_loss_differs(cfg, exact_start=start is None)
+    own = {} if differs else own_losses(report)
     loss = {}
     for name in sorted(vectors):
         local = {"local": local_model_vector(start, vectors[name])}
+        sets = {d: blocks for d, blocks in tests.items() if not (name in own and d == sites[name])}
         with torch.no_grad():
-            loss[name] = pool_merge_loss(base, local, tests, tokenizer.pad_token_id, device)({"local": 1.0})
+            loss[name] = pool_merge_loss(base, local, sets, tokenizer.pad_token_id, device)({"local": 1.0})
+        if name in own:
+            loss[name][sites[name]] = own[name]
+        loss[name] = dict(sorted(loss[name].items()))
     log.info("cross-domain matrix formed by the simulation driver: %d site(s) x %d domain(s)", len(loss), len(tests))
-    return section(loss, BY_SIMULATION, note)
+    return section(loss, BY_SIMULATION, note, DIAGONAL_REUSED if own else differs)
+
+
+def own_losses(report: dict) -> dict[str, float]:
+    """Each site's own evaluation of its local model on its domain (the report's eval.local), by site; only the
+    sites whose domain is no other site's (eval.local is by domain)."""
+    domains = [s["domain"] for s in report["sites"]]
+    local = (report.get("eval") or {}).get("local") or {}
+    return {s["site"]: float(local[s["domain"]]["loss"]) for s in report["sites"]
+            if domains.count(s["domain"]) == 1 and s["domain"] in local}

@@ -1,6 +1,7 @@
-"""The simulation driver's cross-domain matrix of a multi-round run: the last round's start is recovered with the
-run's own merge rule (fisher, regmean: not the weighted sum), checked on run folders built by hand with a known
-start, vectors, statistics and aggregate."""
+"""The cross-domain matrix: the simulation driver's recovery of a multi-round run's last-round start with the run's
+own merge rule (fisher, regmean: not the weighted sum), checked on run folders built by hand with a known start,
+vectors, statistics and aggregate; and its diagonal taken from the sites' own evaluations (eval.local) where they
+are the same quantity, not evaluated again."""
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ from feddem.common.data import list_shards
 from feddem.common.merging.rules import GRAM, merge_plain, rule
 from feddem.common.site_context import SiteContext
 from feddem.common.vector_io import save_vector
-from feddem.server.cross_domain import STATS_NAME, last_round_start, simulation_matrix
+from feddem.server.cross_domain import (
+    DIAGONAL_REUSED, STATS_NAME, federated_matrix, last_round_start, own_loss_differs, simulation_matrix,
+)
 
 RUN = 5
 
@@ -95,8 +98,10 @@ def test_simulation_matrix_of_a_two_round_fisher_run_starts_each_local_model_at_
     report = _report("fisher", rule("fisher").parameters(), weights, names, domains,
                      base_model={"ref": str(tiny_base), "checksum": model_checksum(base)})
 
+    # the sites' own evaluations, as markers: a recovered start is not theirs, so the diagonal is evaluated again
+    report["eval"] = {"local": {d: {"loss": 100.0 + i} for i, d in enumerate(domains)}}
     cross = simulation_matrix(cfg, report, out, work)
-    assert "'fisher' rule" in cross["note"]
+    assert "'fisher' rule" in cross["note"] and cross["diagonal"].startswith("evaluated again: the last round's")
     tests = test_sets(cfg, load_tokenizer(str(tiny_base)), domains)
     pad = load_tokenizer(str(tiny_base)).pad_token_id
     for n in names:
@@ -108,3 +113,43 @@ def test_simulation_matrix_of_a_two_round_fisher_run_starts_each_local_model_at_
              for k in tensors}
     off = pool_merge_loss(base, {"local": wrong}, tests, pad, torch.device("cpu"))({"local": 1.0})
     assert max(abs(off[d] - cross["loss"]["site-1"][d]) for d in domains) > 1e-3
+
+    # the same folder as a one-round run (start 0): the diagonal is the sites' own evaluation, the rest evaluated
+    one = report | {"rounds": report["rounds"][:1]}
+    cross = simulation_matrix(cfg, one, out, work)
+    assert cross["diagonal"] == DIAGONAL_REUSED and "note" not in cross
+    for i, n in enumerate(names):
+        want = pool_merge_loss(base, {"local": vectors[n]}, tests, pad, torch.device("cpu"))({"local": 1.0})
+        assert cross["loss"][n] == pytest.approx(want | {domains[i]: 100.0 + i}, rel=1e-5)
+
+
+def test_federated_matrix_asks_no_site_about_its_own_local_model_when_its_own_loss_is_given():
+    asked = []
+
+    def evaluate(vector, ask):
+        asked.append((float(vector["w"][0]), sorted(ask)))
+        return {n: (f"d{n}", float(vector["w"][0]) * 10 + n) for n in ask}
+
+    names = {1: "site-0", 2: "site-1", 3: "site-2"}
+    vector_of = lambda node: {"w": torch.ones(1) * node}  # noqa: E731
+    full = federated_matrix(names, vector_of, evaluate)
+    assert asked == [(1.0, [1, 2, 3]), (2.0, [1, 2, 3]), (3.0, [1, 2, 3])] and "diagonal" not in full
+    asked.clear()
+    own = {n: (f"d{n}", 11.0 * n) for n in names}  # what each site measured of its own model: the diagonal
+    reused = federated_matrix(names, vector_of, evaluate, own=own)
+    assert asked == [(1.0, [2, 3]), (2.0, [1, 3]), (3.0, [1, 2])]  # 6 evaluations instead of 9
+    assert reused["diagonal"] == DIAGONAL_REUSED
+    for node, name in names.items():
+        assert reused["loss"][name] == full["loss"][name] | {f"d{node}": 11.0 * node}
+
+
+@pytest.mark.parametrize("settings, exact, reason", [
+    ({}, True, ""),
+    ({"sparsify": "dare:0.5"}, True, "sparsified"),
+    ({"vector_dtype": "bfloat16"}, True, "bfloat16"),
+    ({"lora": True}, True, "LoRA"),
+    ({}, False, "recovered"),
+])
+def test_own_loss_is_the_diagonal_only_where_it_is_the_same_quantity(settings, exact, reason):
+    got = own_loss_differs(RunConfig(**settings), exact_start=exact)
+    assert (got == "") if not reason else (reason in got and got.startswith("evaluated again"))

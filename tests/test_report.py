@@ -69,7 +69,8 @@ def test_report_json_png_and_closing_table_with_rounds_generation_and_matrix(tmp
     samples = json.dumps([{"prompt": "2+2?", "reference": "4", "answer": "4"}])
     records = {"site-0": {"gen_exact_match": 0.5, "gen_rouge_l": 0.7, "samples": samples}}
     cross = federated_matrix({1: "site-0", 2: "site-1"}, lambda node: {"w": torch.ones(1) * node},
-                             lambda v: {1: ("code", 0.9 + float(v["w"][0]) / 10), 2: ("prose", 1.5)})
+                             lambda v, ask: {n: r for n, r in {1: ("code", 0.9 + float(v["w"][0]) / 10),
+                                                               2: ("prose", 1.5)}.items() if n in ask})
     # the base's generation figures come with the training reply, under base_*
     sites = [_site("site-0", "code", 1.2, 0.9) | {"base_gen_exact_match": 0.25, "base_gen_rouge_l": 0.5,
                                                    "base_samples": json.dumps([{"prompt": "2+2?", "reference": "4",
