@@ -70,8 +70,8 @@ def own_loss_differs(cfg, exact_start: bool) -> str:
     if cfg.lora:
         return "evaluated again: the site evaluated its LoRA adapters unmerged, the matrix the dense update"
     if not exact_start:
-        return ("evaluated again: the last round's start is recovered from the aggregate (up to secure "
-                "aggregation's quantization error and noise), not the start the sites trained from")
+        return ("evaluated again: the last round's start is recovered from the aggregate (in a secure run up to "
+                "its quantization error and noise), not the start the sites trained from")
     return ""
 
 
