@@ -144,6 +144,42 @@ def _warnings(shard: Shard, truncated: int, cfg: RunConfig) -> str:
     return "\n".join(warnings)
 
 
+BASE_EVAL_NAME = "base-eval.json"  # beside the run's vector: the base's evaluation, done once per run
+
+
+def evaluate_base(model, tokenizer, heldout: TokenBatch, prompts: list, cfg: RunConfig, device) -> tuple[dict, dict]:
+    """The base model's held-out loss (`evaluate_loss`) and, for chat data, its generation figures under base_*."""
+    return evaluate_loss(model, heldout, None, device), _generation(model, tokenizer, prompts, cfg, device, "base_")
+
+
+def base_evaluation(cfg: RunConfig, site: SiteContext, run_id: int, checksum: str, data: str, model, tokenizer,
+                    heldout: TokenBatch, prompts: list, device) -> tuple[dict, dict]:
+    """`evaluate_base` once per run: the base does not change between the rounds of a run, so round 1's figures
+    are kept beside the run's vector (`BASE_EVAL_NAME`) and a later round of the same run (same base checksum,
+    run config, data digest and device) reads them back instead of evaluating the base again."""
+    import json
+    from dataclasses import fields
+
+    from feddem.common.atomic import write_atomic
+
+    if not checksum:  # no checksum to tie the kept figures to this base
+        return evaluate_base(model, tokenizer, heldout, prompts, cfg, device)
+    path = site.vector_path(run_id).with_name(BASE_EVAL_NAME)
+    key = {"checksum": checksum, "settings": {f.name: getattr(cfg, f.name) for f in fields(cfg)}, "data": data,
+           "device": str(device), "data_path": site.data_path, "domain": site.domain}
+    try:
+        kept = json.loads(path.read_text())
+        if kept.get("key") == json.loads(json.dumps(key)):
+            log.info("%s: the base's evaluation of this run's round 1 (%s), not evaluated again", site.name, path)
+            return kept["loss"], kept["extra"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    loss, extra = evaluate_base(model, tokenizer, heldout, prompts, cfg, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps({"key": key, "loss": loss, "extra": extra}))
+    return loss, extra
+
+
 def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, run_id: int,
               start_from: Vector | None = None, target: Vector | None = None, embed: bool = False) -> dict:
     """Fine-tune on the site's train split, save the vector locally, return the metadata the server may see.
@@ -176,8 +212,7 @@ def fine_tune(cfg: RunConfig, site: SiteContext, model_ref: str, checksum: str, 
     heldout = heldout_blocks(shard, tokenizer, cfg)
     prompts = generation_sample(shard, cfg)
     setup_seconds = time.perf_counter() - start
-    base_eval = evaluate_loss(model, heldout, None, device)
-    extra = _generation(model, tokenizer, prompts, cfg, device, "base_")
+    base_eval, extra = base_evaluation(cfg, site, run_id, checksum, data, model, tokenizer, heldout, prompts, device)
     base_eval_seconds = time.perf_counter() - start - setup_seconds
     if embed:
         extra["embedding"] = domain_embedding(model, train_data, tokenizer.pad_token_id, device)

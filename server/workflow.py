@@ -30,7 +30,7 @@ from feddem.common.weighting import ALIGNMENT, EMBEDDING, SiteReport, compute_we
 from feddem.common.weighting.weights import clamp, outside_range
 from feddem.server.base_ref import resolve_base_ref
 from feddem.server.messaging import failure_reason, pull_one_at_a_time, push_each
-from feddem.server.cross_domain import NOT_HELD_REASON, federated_matrix, withheld
+from feddem.server.cross_domain import NOT_HELD_REASON, federated_matrix, own_loss_differs, withheld
 from feddem.server.export import export_model
 from feddem.server.model_card import write_model_card
 from feddem.server.report import build_report, write_report
@@ -267,11 +267,13 @@ def _record_round_merge(entry: dict, losses: dict[int, float], sites: dict) -> N
 
 
 def _cross_domain(cfg: RunConfig, stage: Stage, aggregator: Aggregator, nodes: list[int],
-                  start: Vector | None) -> dict:
+                  start: Vector | None, sites: dict | None = None) -> dict:
     """The report's cross-domain matrix (`server.cross_domain`). A secure run withholds it: the server never asks
     for a site's vector. A plain run that holds the sites' vectors (search, pool, ablation) forms each site's local
-    model from its vector and has every site evaluate it; one that streamed them into the sum withholds it too
-    (asking a second time would be refused: a site sends a vector in the clear once)."""
+    model from its vector (from `start`, where the last round started) and has every site evaluate it, but for the
+    diagonal, which is each site's own evaluation of its local model in `sites` (the last round's records) where
+    that is the same quantity (`own_loss_differs`); one that streamed them into the sum withholds it too (asking a
+    second time would be refused: a site sends a vector in the clear once)."""
     if cfg.aggregation == "secure":
         return withheld()
     if aggregator.vectors is None:
@@ -282,12 +284,16 @@ def _cross_domain(cfg: RunConfig, stage: Stage, aggregator: Aggregator, nodes: l
             raise FeddemError(f"{aggregator.names[node]}'s vector did not reach the server")
         return aggregator.vectors[node]
 
-    def evaluate(vector: Vector) -> dict[int, tuple[str, float]]:
-        records = evaluate_records(stage, nodes, vector, "test", "cross-domain evaluation")
+    def evaluate(vector: Vector, ask: list[int]) -> dict[int, tuple[str, float]]:
+        records = evaluate_records(stage, ask, vector, "test", "cross-domain evaluation")
         return {n: (str(r["domain"]), float(r["merged_loss"])) for n, r in records.items()}
 
+    differs = own_loss_differs(cfg, exact_start=True)  # `start`: the merge the sites' last round was sent
+    own = {} if differs or not sites else {n: (str(sites[n]["domain"]), float(sites[n]["local_loss"]))
+                                           for n in nodes if n in sites}
     try:
-        return federated_matrix({n: aggregator.names[n] for n in nodes}, vector_of, evaluate, start)
+        return federated_matrix({n: aggregator.names[n] for n in nodes}, vector_of, evaluate, start, own,
+                                differs if differs else "")
     except FeddemError as exc:
         log.warning("cross-domain matrix not formed: %s", exc)
         return {"status": "failed", "reason": str(exc)}
@@ -363,6 +369,7 @@ class DemRun:
         self.state: dict = {}  # the weighting strategy's memory across rounds (DGA's moving average)
         self.rounds: list[dict] = []  # the report's entry of each round
         self.first_sites: dict = {}  # round 1's site records (their base loss is the base's)
+        self.last_start: Vector | None = None  # the merge the last round started from (rounds > 1, plain, held)
 
     def start(self) -> RunResult:
         """The whole run; returns its folder, report and manifest."""
@@ -415,6 +422,9 @@ class DemRun:
                                           self.base.shapes)
         self.last = merged = merge_round(cfg, trained, aggregator, self.state)
         self.timings.lap("aggregate")
+        if r == cfg.rounds and r > 1 and aggregator.vectors is not None and cfg.aggregation != "secure":
+            # the cross-domain matrix's start: exactly the merge this round's sites started from (`extras`)
+            self.last_start = {name: t.clone() for name, t in self.merged.items()}
         if self.merged is None:
             self.merged = merged.outcome.aggregate
         else:
@@ -450,11 +460,9 @@ class DemRun:
     def extras(self) -> dict:
         """The cross-domain matrix, and a trusted run's pool and ablation."""
         cfg, aggregator, sites = self.cfg, self.last.aggregator, self.trained.sites
-        start = None  # where the last round started from: the merge so far without the last round's aggregate
-        if cfg.rounds > 1:
-            aggregate = self.last.outcome.aggregate
-            start = {name: t - aggregate[name] if name in aggregate else t for name, t in self.merged.items()}
-        extra = {"cross_domain": _cross_domain(cfg, self.stage, aggregator, self.nodes, start)}
+        start = self.last_start  # where the last round started from (kept in `run_round` where the matrix needs it)
+        self.last_start = None
+        extra = {"cross_domain": _cross_domain(cfg, self.stage, aggregator, self.nodes, start, sites)}
         del start
         self.timings.lap("cross_domain")
         if aggregator.vectors is not None and cfg.keep_pool:  # a trusted run keeps the last round's vectors

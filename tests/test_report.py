@@ -69,7 +69,8 @@ def test_report_json_png_and_closing_table_with_rounds_generation_and_matrix(tmp
     samples = json.dumps([{"prompt": "2+2?", "reference": "4", "answer": "4"}])
     records = {"site-0": {"gen_exact_match": 0.5, "gen_rouge_l": 0.7, "samples": samples}}
     cross = federated_matrix({1: "site-0", 2: "site-1"}, lambda node: {"w": torch.ones(1) * node},
-                             lambda v: {1: ("code", 0.9 + float(v["w"][0]) / 10), 2: ("prose", 1.5)})
+                             lambda v, ask: {n: r for n, r in {1: ("code", 0.9 + float(v["w"][0]) / 10),
+                                                               2: ("prose", 1.5)}.items() if n in ask})
     # the base's generation figures come with the training reply, under base_*
     sites = [_site("site-0", "code", 1.2, 0.9) | {"base_gen_exact_match": 0.25, "base_gen_rouge_l": 0.5,
                                                    "base_samples": json.dumps([{"prompt": "2+2?", "reference": "4",
@@ -239,10 +240,33 @@ def test_a_secure_run_withholds_the_matrix_without_asking_the_sites_anything():
 
 
 @pytest.mark.slow  # an in-process secure two-round run (about a minute on 2 busy cores)
-def test_secure_two_round_run_withholds_the_matrix_and_the_simulation_driver_recovers_it(grid_run, tmp_path):
+def test_secure_two_round_run_withholds_the_matrix_and_the_simulation_driver_recovers_it(grid_run, tmp_path,
+                                                                                       monkeypatch):
+    from feddem.client import site as site_module
     from feddem.server.cross_domain import BY_SIMULATION, simulation_matrix
 
+    evaluated, evaluate_base = [], site_module.evaluate_base
+
+    def counted(model, tokenizer, heldout, *args):  # the base's evaluations at the sites, with what they found
+        loss, extra = evaluate_base(model, tokenizer, heldout, *args)
+        evaluated.append(loss["loss"])
+        return loss, extra
+
+    replied, fine_tune = {}, site_module.fine_tune
+
+    def recorded(*args, **kwargs):  # each training reply's base loss, by site
+        result = fine_tune(*args, **kwargs)
+        replied.setdefault(result["site"], []).append(result["base_loss"])
+        return result
+
+    monkeypatch.setattr(site_module, "evaluate_base", counted)
+    monkeypatch.setattr(site_module, "fine_tune", recorded)
     grid, report = grid_run(rounds=2)
+    # each site evaluated the base once in two rounds of training: round 2 replied with round 1's figures, which
+    # are the report's base losses
+    assert grid.sent.count(M.TRAIN) == 2 * 3 and len(evaluated) == 3
+    assert all(len(losses) == 2 and losses[0] == losses[1] for losses in replied.values()) and len(replied) == 3
+    assert sorted(report["eval"]["base"][s["domain"]]["loss"] for s in report["sites"]) == sorted(evaluated)
     assert report["aggregation"] == "secure" and report["cross_domain"]["status"] == "withheld"
     assert M.UPLOAD not in grid.sent and grid.sent.count(M.EVALUATE) == 2 * 3  # each round's merge, nothing more
     assert [r["round"] for r in report["rounds"]] == [1, 2] and all(r["mean_merged_loss"] for r in report["rounds"])
