@@ -22,11 +22,10 @@ from feddem.common.stored_tensors import float32_arrays, read_header
 
 log = logging.getLogger("feddem.site")
 
-STATS_NAME = "merge-stats.safetensors"
 
 
 def stats_path(site: SiteContext, run_id: int) -> Path:
-    return site.vector_path(run_id).with_name(STATS_NAME)
+    return site.stats_path(run_id)
 
 
 def compute_statistics(cfg, site: SiteContext, model, train_data, names: list[str], run_id: int, device) -> dict:

@@ -12,6 +12,9 @@ from feddem.common.errors import FeddemError
 from feddem.common.paths import feddem_home
 
 
+STATS_NAME = "merge-stats.safetensors"  # a site's merge-rule statistics, beside its vector of a run
+
+
 @dataclass
 class SiteContext:
     """Who the site is, where it keeps its files, and what its own node config says about its data and device.
@@ -53,6 +56,10 @@ class SiteContext:
 
     def vector_path(self, run_id: int) -> Path:
         return self.work_dir / "runs" / str(run_id) / "vector.safetensors"
+
+    def stats_path(self, run_id: int) -> Path:
+        """The merge rule's statistics beside the run's vector (`client.merge_parts`)."""
+        return self.vector_path(run_id).with_name(STATS_NAME)
 
 
 def vector_file(site: SiteContext, run_id: int) -> Path:

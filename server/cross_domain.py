@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from feddem.common.errors import FeddemError
+from feddem.common.site_context import STATS_NAME
 
 log = logging.getLogger("feddem.server")
 
@@ -26,10 +27,6 @@ WITHHELD_REASON = ("withheld: needs each site's vector, and under secure aggrega
 BY_FEDERATION = "ServerApp, in the federation (plain aggregation: the server sees each site's vector)"
 BY_SIMULATION = ("simulation driver, outside the federation (one user owns every site's vector and data on this "
                  "machine; a deployed secure run withholds this matrix)")
-
-
-STATS_NAME = "merge-stats.safetensors"  # client.merge_parts.STATS_NAME (the server does not import the client)
-
 NOT_HELD_REASON = ("withheld: needs each site's vector, and in this plain run each site sent its vector once, "
                    "into the sum (a site's guard sends a vector in the clear at most once): --keep-pool, --ablate "
                    "or --weighting search make the server hold each vector, and the matrix is formed from those")
@@ -183,7 +180,7 @@ def simulation_matrix(cfg, report: dict, out_dir, work_dirs: dict | None = None)
             site.work_dir = Path(work_dirs[site.name])
         if site.name in sites:
             vectors[site.name] = load_vector(vector_file(site, int(report["flower_run_id"])))
-            stats_files[site.name] = site.vector_path(int(report["flower_run_id"])).with_name(STATS_NAME)
+            stats_files[site.name] = site.stats_path(int(report["flower_run_id"]))
     ref, checksum = report["base_model"]["ref"], report["base_model"]["checksum"]
     base = load_model(ref)
     if model_checksum(base) != checksum:

@@ -12,7 +12,7 @@ from feddem.common.merging.rules import GRAM, merge_plain, rule
 from feddem.common.site_context import SiteContext
 from feddem.common.vector_io import save_vector
 from feddem.server.cross_domain import (
-    DIAGONAL_REUSED, STATS_NAME, federated_matrix, last_round_start, own_loss_differs, simulation_matrix,
+    DIAGONAL_REUSED, federated_matrix, last_round_start, own_loss_differs, simulation_matrix,
 )
 
 RUN = 5
@@ -22,12 +22,6 @@ def _report(rule_name: str, parameters: dict, weights: dict, sites: list[str], d
     return {"flower_run_id": RUN, "sites": [{"site": s, "domain": d} for s, d in zip(sites, domains)],
             "merge": {"rule": rule_name, "parameters": parameters},
             "rounds": [{"round": 1, "weights": weights}, {"round": 2, "weights": weights}]} | more
-
-
-def test_the_stats_file_name_is_the_sites_own():
-    from feddem.client.merge_parts import STATS_NAME as sites_name
-
-    assert STATS_NAME == sites_name
 
 
 @pytest.mark.parametrize("rule_name", ["weighted-sum", "fisher", "regmean"])
@@ -90,7 +84,7 @@ def test_simulation_matrix_of_a_two_round_fisher_run_starts_each_local_model_at_
         site = SiteContext.from_node_config({"partition-id": i, "work-dir": str(tmp_path / n)})
         work[n] = site.work_dir
         save_vector(vectors[n], site.vector_path(RUN))
-        save_vector(stats[n], site.vector_path(RUN).with_name(STATS_NAME))
+        save_vector(stats[n], site.stats_path(RUN))
     out = tmp_path / "run"
     out.mkdir()
     save_vector({k: start[k] + last[k] for k in tensors}, out / "aggregate.safetensors")

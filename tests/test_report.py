@@ -13,7 +13,7 @@ from rich.console import Console
 
 from feddem.common import messages as M
 from feddem.common.config import RunConfig
-from feddem.server.cross_domain import BY_FEDERATION, federated_matrix, local_model_vector
+from feddem.server.cross_domain import BY_FEDERATION, DIAGONAL_REUSED, federated_matrix, local_model_vector
 from feddem.server.export import export_model
 from feddem.server.model_card import model_card, write_model_card
 from feddem.server.report import (
@@ -216,10 +216,11 @@ def test_plain_two_round_run_computes_the_matrix_and_judges_every_round(grid_run
     assert cross["status"] == "computed" and cross["computed_by"] == BY_FEDERATION
     domains = [s["domain"] for s in report["sites"]]
     assert set(cross["loss"]) == {"site-0", "site-1"}
-    for s in report["sites"]:  # each local model (start + d_j) on its own domain is what the site measured
+    # each local model (start + d_j) on its own domain is what the site measured in training: taken from there
+    assert cross["diagonal"] == DIAGONAL_REUSED
+    for s in report["sites"]:
         assert set(cross["loss"][s["site"]]) == set(domains)
-        assert cross["loss"][s["site"]][s["domain"]] == pytest.approx(
-            report["eval"]["local"][s["domain"]]["loss"], rel=1e-4)
+        assert cross["loss"][s["site"]][s["domain"]] == report["eval"]["local"][s["domain"]]["loss"]
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     for r in report["rounds"]:
         assert set(r["merged_loss"]) == set(domains)
@@ -293,9 +294,11 @@ def test_simulate_reports_kept_share_and_the_drivers_matrix_and_exports_a_card(t
         assert row["kept_share"] == pytest.approx((base - merged) / (base - local))
     cross = report["cross_domain"]
     assert cross["status"] == "computed" and cross["computed_by"].startswith("simulation driver, outside")
-    for s in report["sites"]:  # the driver's diagonal is what each site measured of its own model
-        assert cross["loss"][s["site"]][s["domain"]] == pytest.approx(report["eval"]["local"][s["domain"]]["loss"],
-                                                                      rel=1e-4)
+    assert cross["diagonal"] == DIAGONAL_REUSED  # what each site measured of its own model, not evaluated again
+    for s in report["sites"]:
+        row = cross["loss"][s["site"]]
+        assert row[s["domain"]] == report["eval"]["local"][s["domain"]]["loss"]
+        assert len(row) == 3 and all(v > 0 for v in row.values())  # and the other domains evaluated
     card = (out / "model" / "README.md").read_text()
     assert "tags:\n- feddem\n- merge" in card and report["base_model"]["checksum"] in card
     modes = {stat.S_IMODE(p.stat().st_mode) for p in (out / "model").iterdir()}
