@@ -3,7 +3,8 @@
 Each run leaves one full vector per site under `<work-dir>/runs/<run-id>/vector.safetensors`. A site's node config
 `keep-runs = N` prunes after each training (the current run's vector is never pruned); `feddem-site prune --keep N`
 does it by hand for every site folder under `$FEDDEM_HOME/sites` (or the given work dirs). Pruning deletes vector
-files only: the guard's record (`client.ledger`) keeps every entry about them and gets a `pruned` entry each, so a
+files (and what lies beside each: its merge statistics and the base's evaluation of that run, so the run's folder
+goes): the guard's record (`client.ledger`) keeps every entry about them and gets a `pruned` entry each, so a
 pruned vector that a new run recreated bit for bit is still refused as already aggregated. A site whose record
 cannot be trusted is not pruned (its vectors are the only evidence left of what it trained).
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from feddem.client import ledger
-from feddem.common.site_context import SiteContext
+from feddem.common.site_context import BESIDE_VECTOR, SiteContext
 from feddem.common.errors import FeddemError
 from feddem.common.paths import feddem_home
 from feddem.common.digests import stored_digest
@@ -63,6 +64,10 @@ def prune(site: SiteContext, keep: int, protect: tuple = (), dry_run: bool = Fal
         out.freed += p.stat().st_size
         p.unlink()
         out.deleted.append(p)
+        for beside in (p.with_name(name) for name in BESIDE_VECTOR):  # derived from that run's vector and data
+            if beside.is_file():
+                out.freed += beside.stat().st_size
+                beside.unlink()
         if not any(p.parent.iterdir()):
             p.parent.rmdir()
     out.records = len(ledger.entries(site))

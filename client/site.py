@@ -27,7 +27,7 @@ from feddem.client.merge_parts import compute_statistics
 from feddem.client.guard import data_digest, record_trained, training_seed
 from feddem.client.signals import domain_embedding
 from feddem.common.weighting.dga import alignment
-from feddem.common.site_context import SiteContext
+from feddem.common.site_context import BASE_EVAL_NAME, SiteContext
 from feddem.common.vector_io import save_vector
 from feddem.common.vectors import LazyVector, Vector, apply_vector, cast, extract_lora_vector, extract_vector, merged
 
@@ -142,9 +142,6 @@ def _warnings(shard: Shard, truncated: int, cfg: RunConfig) -> str:
     if truncated:
         warnings.append(f"{shard.name}: {truncated} example(s) longer than seq-len {cfg.seq_len} were truncated")
     return "\n".join(warnings)
-
-
-BASE_EVAL_NAME = "base-eval.json"  # beside the run's vector: the base's evaluation, done once per run
 
 
 def evaluate_base(model, tokenizer, heldout: TokenBatch, prompts: list, cfg: RunConfig, device) -> tuple[dict, dict]:

@@ -13,6 +13,8 @@ from feddem.common.paths import feddem_home
 
 
 STATS_NAME = "merge-stats.safetensors"  # a site's merge-rule statistics, beside its vector of a run
+BASE_EVAL_NAME = "base-eval.json"  # the base's evaluation in a run, beside its vector (done once per run)
+BESIDE_VECTOR = (STATS_NAME, BASE_EVAL_NAME)  # what a run's folder holds besides the vector, derived from it
 
 
 @dataclass
