@@ -9,9 +9,7 @@ import sys
 
 import feddem
 from feddem.client import retention
-from feddem.common.errors import FeddemError
-
-EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+from feddem.common.errors import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,15 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        retention.run(args)
-    except FeddemError as exc:
-        print(f"feddem-site: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("feddem-site: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return EXIT_OK
+    return run_command("feddem-site", lambda: retention.run(args))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ from dataclasses import fields
 import feddem
 from feddem.common.config import AGGREGATIONS, VECTOR_DTYPES, RunConfig
 from feddem.common.devices import DEVICES
-from feddem.common.errors import FeddemError
+from feddem.common.errors import (  # noqa: F401 (EXIT_INTERRUPTED, EXIT_USAGE: this program's codes too)
+    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, FeddemError, run_command,
+)
 from feddem.common.merging import RULE_NAMES
 from feddem.common.weighting import WEIGHTINGS
 from feddem.server import certs
@@ -22,7 +24,7 @@ from feddem.server.admin import serve
 from feddem.server.precheck import check_shards_fill_a_block, check_simulation_inputs
 from feddem.server.run_folder import check_run_folder, clear_run_folder
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_FAILED, EXIT_DIVERGED = 1, 3  # and common.errors' EXIT_OK 0, EXIT_USAGE 2, EXIT_INTERRUPTED 130
 DIVERGED = "training diverged"  # how common.training words a site's inf/nan loss (kept in the run's error)
 
 RENAMED = {"out_dir": "out"}  # option names that differ from the run-config key
@@ -97,31 +99,29 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command not in ("simulate", "ablate"):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.command == "simulate":
-            return run_simulate(args)
-        elif args.command == "certs":
-            certs.run(args)
-        elif args.command == "server":
-            serve.run(args)
-        elif args.command == "sites":
-            raise FeddemError("`feddem sites ...` moved to `feddem-site`: run `feddem-site "
-                              f"{' '.join(args.rest) or 'prune --help'}`")
-        elif args.command == "ablate":
-            from feddem.server.ablation import ablate_pool
-            from feddem.server.console import display_for
+    return run_command("feddem", lambda: dispatch(args))
 
-            with display_for(0, 0, args.verbose) as display:
-                rows = ablate_pool(args.run, args.candidates, args.data,
-                                   [d.strip() for d in args.domains.split(",") if d.strip()] or None, args.out or None)
-                display.ranking(rows)
-    except FeddemError as exc:
-        print(f"feddem: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("feddem: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return EXIT_OK
+
+def dispatch(args) -> int | None:
+    """The chosen command; its exit code (None: done)."""
+    if args.command == "simulate":
+        return run_simulate(args)
+    if args.command == "certs":
+        certs.run(args)
+    elif args.command == "server":
+        serve.run(args)
+    elif args.command == "sites":
+        raise FeddemError("`feddem sites ...` moved to `feddem-site`: run `feddem-site "
+                          f"{' '.join(args.rest) or 'prune --help'}`")
+    elif args.command == "ablate":
+        from feddem.server.ablation import ablate_pool
+        from feddem.server.console import display_for
+
+        with display_for(0, 0, args.verbose) as display:
+            rows = ablate_pool(args.run, args.candidates, args.data,
+                               [d.strip() for d in args.domains.split(",") if d.strip()] or None, args.out or None)
+            display.ranking(rows)
+    return None
 
 
 def run_simulate(args: argparse.Namespace) -> int:
